@@ -1,0 +1,146 @@
+//! gopulse: watches Go processes' GC and stop-the-world pauses from outside,
+//! with uprobes on the Go runtime, and serves Prometheus metrics.
+
+use std::{
+    net::SocketAddr,
+    os::fd::AsFd as _,
+    process::ExitCode,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::io::{Interest, unix::AsyncFd};
+
+use gopulse_agent::{bpf, collector::Collector, metrics, server, server::App};
+
+/// Watches Go processes with eBPF uprobes and serves their GC and
+/// stop-the-world pause metrics. Needs root (or CAP_BPF + CAP_PERFMON).
+#[derive(Debug, Parser)]
+#[command(name = "gopulse", version, about, long_about = None)]
+struct Args {
+    /// Process id of a Go program to watch (Go 1.21 to 1.27, linux/amd64).
+    /// Repeat for several. A pid that cannot be watched is logged and skipped.
+    #[arg(long = "pid", value_name = "PID", required = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pids: Vec<u32>,
+
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+    listen: SocketAddr,
+
+    /// How often, in milliseconds, to fold kernel counters into the metrics
+    /// and check that watched processes still run.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(50..=60_000))]
+    poll_interval_ms: u64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // Bind first: a busy port should fail before anything is attached.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let (bpf, ring) = bpf::Bpf::load()?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("gopulse");
+    let metrics = metrics::Metrics::new(&mut registry);
+    let mut collector = Collector::new(bpf, ring, metrics);
+    for &pid in &args.pids {
+        if let Err(e) = collector.add_process(pid) {
+            tracing::error!(pid, "pid {pid}: cannot watch: {e:#}");
+        }
+    }
+    let ring_fd = collector
+        .ring()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the ring buffer fd")?;
+    let app = Arc::new(App {
+        collector: Mutex::new(collector),
+        registry,
+    });
+
+    // Drain events as they arrive (epoll on a duplicate of the ring's fd).
+    let ring_app = app.clone();
+    // SAFETY: the AsyncFd owns the duplicated fd, which stays open and the
+    // same for its whole life.
+    let ring_ready = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring_ready.readable().await else {
+                break;
+            };
+            ring_app.with_collector(|c| c.drain());
+            guard.clear_ready();
+        }
+    });
+
+    // Housekeeping: kernel counters, exited processes, and any event a
+    // readiness race left behind.
+    let house_app = app.clone();
+    let period = Duration::from_millis(args.poll_interval_ms);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            house_app.with_collector(|c| {
+                c.drain();
+                c.sync();
+                c.reap();
+            });
+        }
+    });
+
+    let local = listener.local_addr().context("listener address")?;
+    tracing::info!("serving http://{local}/metrics");
+    axum::serve(listener, server::router(app))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("HTTP server")?;
+    tracing::info!("shutting down; detaching probes");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

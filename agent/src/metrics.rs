@@ -1,0 +1,174 @@
+//! The metrics gopulse exports. Names, labels and units are part of the
+//! product: change them only with the docs and dashboards.
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+/// Labels every series carries.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcLabels {
+    pub pid: String,
+    pub exe: String,
+    pub go_version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    #[prometheus(flatten)]
+    pub proc: ProcLabels,
+    /// `sweep_termination` or `mark_termination`.
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    #[prometheus(flatten)]
+    pub proc: ProcLabels,
+    pub reason: String,
+}
+
+pub const PHASE_SWEEP: &str = "sweep_termination";
+pub const PHASE_MARK: &str = "mark_termination";
+
+/// Pause buckets in seconds: 1-2.5-5 steps from 1 µs to 10 s, so 10 µs is
+/// told from 50 µs and 100 ms from 1 s.
+pub const PAUSE_BUCKETS: [f64; 22] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+    5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+fn pause_histogram() -> Histogram {
+    Histogram::new(PAUSE_BUCKETS)
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Handles to every metric family.
+pub struct Metrics {
+    pub gc_cycles: Family<ProcLabels, Counter>,
+    pub gc_pause: HistogramFamily<PhaseLabels>,
+    pub stw_pause: HistogramFamily<ReasonLabels>,
+    pub stw_pause_max: Family<ReasonLabels, Gauge<f64, AtomicU64>>,
+    pub events_lost: Family<ProcLabels, Counter>,
+    pub probes_attached: Family<ProcLabels, Gauge>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            gc_cycles: Family::default(),
+            gc_pause: Family::new_with_constructor(pause_histogram as fn() -> Histogram),
+            stw_pause: Family::new_with_constructor(pause_histogram as fn() -> Histogram),
+            stw_pause_max: Family::default(),
+            events_lost: Family::default(),
+            probes_attached: Family::default(),
+        };
+        registry.register(
+            "gc_cycles",
+            "Completed GC cycles (runtime.gcMarkTermination) since the agent attached",
+            m.gc_cycles.clone(),
+        );
+        registry.register_with_unit(
+            "gc_pause",
+            "GC stop-the-world pauses by phase, from the stop request until the world runs \
+             again; one per phase per cycle (an abandoned mark-termination stop is added to \
+             its cycle's mark_termination pause)",
+            Unit::Seconds,
+            m.gc_pause.clone(),
+        );
+        registry.register_with_unit(
+            "stw_pause",
+            "Every stop-the-world pause by Go's stop reason",
+            Unit::Seconds,
+            m.stw_pause.clone(),
+        );
+        registry.register_with_unit(
+            "stw_pause_max",
+            "Longest stop-the-world pause by reason since the agent attached",
+            Unit::Seconds,
+            m.stw_pause_max.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Events the kernel dropped because the ring buffer was full",
+            m.events_lost.clone(),
+        );
+        registry.register(
+            "probes_attached",
+            "Uprobes attached to the process",
+            m.probes_attached.clone(),
+        );
+        m
+    }
+
+    /// Drops every series of a process that went away.
+    pub fn remove_process(&self, labels: &ProcLabels, reasons: &[String]) {
+        self.gc_cycles.remove(labels);
+        self.events_lost.remove(labels);
+        self.probes_attached.remove(labels);
+        for phase in [PHASE_SWEEP, PHASE_MARK] {
+            self.gc_pause.remove(&PhaseLabels {
+                proc: labels.clone(),
+                phase,
+            });
+        }
+        for reason in reasons {
+            let l = ReasonLabels {
+                proc: labels.clone(),
+                reason: reason.clone(),
+            };
+            self.stw_pause.remove(&l);
+            self.stw_pause_max.remove(&l);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_separate_the_ranges_users_care_about() {
+        let b = PAUSE_BUCKETS;
+        assert!(b.windows(2).all(|w| w[0] < w[1]));
+        let between = |lo: f64, hi: f64| b.iter().any(|&x| x >= lo && x < hi);
+        assert!(between(10e-6, 50e-6));
+        assert!(between(100e-3, 1.0));
+        assert!((b[0] - 1e-6).abs() < 1e-12);
+        assert_eq!(*b.last().unwrap(), 10.0);
+    }
+
+    #[test]
+    fn names_and_units() {
+        let mut registry = Registry::with_prefix("gopulse");
+        let m = Metrics::new(&mut registry);
+        let proc = ProcLabels {
+            pid: "1".into(),
+            exe: "x".into(),
+            go_version: "go1.27.3".into(),
+        };
+        m.gc_cycles.get_or_create(&proc).inc();
+        m.gc_pause
+            .get_or_create(&PhaseLabels {
+                proc: proc.clone(),
+                phase: PHASE_MARK,
+            })
+            .observe(20e-6);
+        let _ = m.events_lost.get_or_create(&proc);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(
+            out.contains(r#"gopulse_gc_cycles_total{pid="1",exe="x",go_version="go1.27.3"} 1"#)
+        );
+        assert!(out.contains(r#"gopulse_gc_pause_seconds_count{pid="1",exe="x",go_version="go1.27.3",phase="mark_termination"} 1"#));
+        assert!(out.contains("gopulse_events_lost_total{"));
+        m.remove_process(&proc, &[]);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(!out.contains("pid=\"1\""));
+    }
+}

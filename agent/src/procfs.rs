@@ -1,0 +1,64 @@
+//! The little the agent reads from /proc about a target process.
+use std::{fs, io, path::PathBuf};
+
+/// The process's executable through /proc (works across mount namespaces
+/// and after the file was replaced on disk).
+pub fn exe_path(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/exe"))
+}
+
+/// The executable's file name, for the `exe` label.
+pub fn exe_name(pid: u32) -> io::Result<String> {
+    let target = fs::read_link(exe_path(pid))?;
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(name.trim_end_matches(" (deleted)").to_owned())
+}
+
+/// Start time (field 22 of /proc/PID/stat, in clock ticks since boot): with
+/// the pid it identifies a process, so pid reuse is noticed.
+pub fn start_time(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    parse_start_time(&stat).ok_or_else(|| io::Error::other("unparsable /proc/PID/stat"))
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may contain spaces.
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // Field 3 is the first after the name; starttime is field 22.
+    after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// Why a process cannot be watched, from an error reading its /proc entry.
+pub fn describe(err: &io::Error) -> String {
+    match err.kind() {
+        io::ErrorKind::NotFound => "no such process".to_owned(),
+        io::ErrorKind::PermissionDenied => {
+            "permission denied reading /proc (run the agent as root)".to_owned()
+        }
+        _ => err.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_command_names() {
+        let stat = "4242 (my) (weird) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn own_process() {
+        let me = std::process::id();
+        assert!(start_time(me).unwrap() > 0);
+        assert!(!exe_name(me).unwrap().is_empty());
+        let err = start_time(u32::MAX).unwrap_err();
+        assert_eq!(describe(&err), "no such process");
+    }
+}

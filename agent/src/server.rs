@@ -1,0 +1,79 @@
+//! HTTP endpoints: /metrics (OpenMetrics text), /healthz, /readyz.
+use std::sync::{Arc, Mutex};
+
+use axum::{
+    Router,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use prometheus_client::registry::Registry;
+
+use crate::collector::Collector;
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub struct App {
+    pub collector: Mutex<Collector>,
+    pub registry: Registry,
+}
+
+impl App {
+    /// Runs `f` on the collector; a panic elsewhere must not wedge the agent.
+    pub fn with_collector<T>(&self, f: impl FnOnce(&mut Collector) -> T) -> T {
+        let mut guard = self
+            .collector
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+
+    fn render(&self) -> Result<String, std::fmt::Error> {
+        // Fold in what the kernel has before answering, so a scrape right
+        // after an event sees it.
+        self.with_collector(|c| {
+            c.drain();
+            c.sync();
+        });
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/", get(index))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    match app.render() {
+        Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.with_collector(|c| c.ready()) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: some requested processes have no probes attached (see the agent log)\n",
+        )
+            .into_response()
+    }
+}
+
+async fn index() -> &'static str {
+    "gopulse: /metrics /healthz /readyz\n"
+}

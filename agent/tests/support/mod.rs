@@ -1,0 +1,406 @@
+//! Shared plumbing for the integration tests: Go toolchains, fixture builds,
+//! target processes, the agent, and scraping its metrics.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::{
+    collections::BTreeMap,
+    env,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    thread,
+    time::{Duration, Instant},
+};
+
+/// The Go releases the tests cover (kept in step with `cargo xtask setup`).
+pub const GO_VERSIONS: &[&str] = &[
+    "1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3",
+];
+
+/// Set by `cargo xtask test`: a test that cannot run must fail, not skip.
+fn required() -> bool {
+    env::var_os("GOPULSE_REQUIRE_BPF").is_some_and(|v| v == "1")
+}
+
+/// Stops the test when a prerequisite is missing: a failure under
+/// `cargo xtask test`, a visible skip under plain `cargo test`.
+#[must_use]
+pub fn prerequisite(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if required() {
+        panic!("{what} (GOPULSE_REQUIRE_BPF=1: this test must run)");
+    }
+    eprintln!("SKIPPED: {what}; `cargo xtask test` runs it");
+    false
+}
+
+/// Root is needed to load BPF programs and attach uprobes.
+#[must_use]
+pub fn have_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    prerequisite(root, "needs root to load BPF programs and attach uprobes")
+}
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = env::var_os("GOPULSE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("gopulse");
+    }
+    PathBuf::from(env::var_os("HOME").expect("HOME")).join(".cache/gopulse")
+}
+
+/// The `go` binary of a test toolchain, if installed.
+pub fn go_tool(version: &str) -> Option<PathBuf> {
+    let go = cache_dir().join("go").join(version).join("go/bin/go");
+    go.exists().then_some(go)
+}
+
+/// Debian's Go (1.19 on Debian 12): a release gopulse must refuse.
+pub fn debian_go() -> Option<PathBuf> {
+    let go = PathBuf::from("/usr/bin/go");
+    go.exists().then_some(go)
+}
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// Builds `tests/fixtures/<name>` with the given `go`, once per test binary.
+pub fn build_fixture(name: &str, go: &Path, tag: &str, extra_args: &[&str]) -> PathBuf {
+    static LOCKS: OnceLock<Mutex<BTreeMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
+    let key = format!("{name}-{tag}");
+    let lock = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap()
+        .entry(key.clone())
+        .or_default()
+        .clone();
+    let _guard = lock.lock().unwrap();
+    let out_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fixtures");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let out = out_dir.join(&key);
+    // Each test binary builds to its own temporary name, then renames: other
+    // test binaries may be running the previous copy.
+    let tmp = out_dir.join(format!("{key}.tmp{}", std::process::id()));
+    let cache = cache_dir();
+    let status = Command::new(go)
+        .current_dir(fixture_dir(name))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOCACHE", cache.join("gocache"))
+        .env("GOPATH", cache.join("gopath"))
+        .env("GOFLAGS", "-mod=mod")
+        .args(["build", "-o"])
+        .arg(&tmp)
+        .args(extra_args)
+        .arg(".")
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", go.display()));
+    assert!(
+        status.success(),
+        "building fixture {name} with {}",
+        go.display()
+    );
+    std::fs::rename(&tmp, &out).unwrap();
+    out
+}
+
+/// A running fixture speaking the line protocol (`ready <pid>` first).
+pub struct Target {
+    pub child: Child,
+    pub pid: u32,
+    stdin: Option<ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Target {
+    pub fn spawn(bin: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(bin)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let stdout: ChildStdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let mut t = Self {
+            child,
+            pid: 0,
+            stdin,
+            lines: rx,
+        };
+        let ready = t.read_line(Duration::from_secs(30));
+        let pid = ready
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("fixture said {ready:?}, expected `ready <pid>`"));
+        assert_eq!(pid, t.child.id());
+        t.pid = pid;
+        t
+    }
+
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    pub fn read_line(&mut self, timeout: Duration) -> String {
+        self.lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("fixture {} printed nothing in {timeout:?}: {e}", self.pid))
+    }
+
+    /// Closes stdin and waits for a clean exit.
+    pub fn finish(mut self) {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "fixture exited with {status}");
+                return;
+            }
+            assert!(Instant::now() < deadline, "fixture did not exit");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Child,
+    pub addr: String,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    pub fn spawn(pids: &[u32]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_gopulse"));
+        for pid in pids {
+            cmd.arg("--pid").arg(pid.to_string());
+        }
+        let mut child = cmd
+            .args(["--listen", "127.0.0.1:0", "--poll-interval-ms", "200"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting gopulse");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[gopulse] {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Self {
+            child,
+            addr: String::new(),
+            log,
+        };
+        let line = agent.wait_log("serving http://", Duration::from_secs(30));
+        let addr = line
+            .split("serving http://")
+            .nth(1)
+            .and_then(|rest| rest.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        agent.addr = addr.to_owned();
+        agent
+    }
+
+    /// The first log line containing `needle`, waiting up to `timeout`.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("gopulse exited ({status}) before logging {needle:?}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gopulse did not log {needle:?} within {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(&self.addr, path)
+    }
+
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.get("/readyz").0 != 200 {
+            assert!(
+                Instant::now() < deadline,
+                "gopulse not ready within {timeout:?}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        let (status, body) = self.get("/metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {body}");
+        Metrics::parse(&body)
+    }
+
+    /// Scrapes until `done` holds, then returns that scrape.
+    pub fn scrape_until(&self, timeout: Duration, done: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.scrape();
+            if done(&m) || Instant::now() >= deadline {
+                return m;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and expect a clean exit.
+    pub fn stop(mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "gopulse exited with {status} on SIGTERM");
+                return;
+            }
+            assert!(Instant::now() < deadline, "gopulse ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.0 GET (the agent's endpoints are all small).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad HTTP response {resp:?}"));
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// One sample of the exposition: name, labels, value.
+#[derive(Clone, Debug)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed scrape.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+    pub text: String,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.starts_with('#') || line.is_empty() {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').expect("sample line");
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').expect("label");
+                    (k.to_owned(), v.trim_matches('"').to_owned())
+                })
+                .collect();
+            samples.push(Sample {
+                name: name.to_owned(),
+                labels,
+                value: value.parse().expect("sample value"),
+            });
+        }
+        Self {
+            samples,
+            text: text.to_owned(),
+        }
+    }
+
+    /// The value of the one series matching `name` and every `labels` pair;
+    /// 0 when absent (counters that never moved).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .collect();
+        assert!(
+            matching.len() <= 1,
+            "{name} {labels:?} matches {} series",
+            matching.len()
+        );
+        matching.first().map_or(0.0, |s| s.value)
+    }
+
+    /// Whether any series of `name` carries `labels`.
+    pub fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.samples.iter().any(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+}

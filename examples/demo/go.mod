@@ -1,0 +1,3 @@
+module example.com/gopulse-demo
+
+go 1.21

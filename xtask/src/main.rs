@@ -1,0 +1,83 @@
+//! gopulse's developer tasks, run as `cargo xtask <command>`.
+mod demo;
+mod histogram;
+mod http;
+mod openmetrics;
+mod project;
+mod setup;
+mod signal;
+mod summary;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "gopulse's developer tasks",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what builds and tests need (idempotent): the pinned nightly,
+    /// bpf-linker, Debian packages, Go toolchains.
+    Setup,
+    /// Setup, then fmt, clippy and every test including the real-BPF
+    /// integration tests (root). Args after `--` go to `cargo test`.
+    Test {
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run the agent on a bundled Go workload and print a live summary (root).
+    Demo {
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
+        /// Address the agent serves /metrics on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
+        listen: String,
+        /// Go release to build the workload with.
+        #[arg(long, value_name = "VERSION", default_value = "1.27.3")]
+        go: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Cmd) -> Result<()> {
+    let cache = project::cache_dir()?;
+    match command {
+        Cmd::Setup => setup::setup(&cache),
+        Cmd::Test { cargo_test_args } => test::test(&cache, &cargo_test_args),
+        Cmd::Demo {
+            duration,
+            listen,
+            go,
+        } => demo::demo(
+            &cache,
+            &demo::DemoArgs {
+                duration,
+                listen,
+                go,
+            },
+        ),
+    }
+}

