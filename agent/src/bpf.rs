@@ -9,7 +9,7 @@ use aya::{
 };
 use gopulse_common::{PendingStw, ProcConfig, ProcStats, START_ARGS_NONE, START_ARGS_WORLDSTOP};
 
-use crate::inspect::GoBinary;
+use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets};
 
 pub const STOP_FN: &str = "runtime.stopTheWorldWithSema";
 pub const START_FN: &str = "runtime.startTheWorldWithSema";
@@ -17,11 +17,55 @@ pub const MARK_TERM_FN: &str = "runtime.gcMarkTermination";
 /// Functions the probes need in every supported release.
 pub const REQUIRED_FUNCTIONS: &[&str] = &[STOP_FN, START_FN, MARK_TERM_FN];
 
+/// Map growth: the runtime function and the program that watches it.
+pub const CLASSIC_GROWTH: &[(&str, &str)] = &[("runtime.hashGrow", PROG_GROW_CLASSIC)];
+pub const SWISS_GROWTH: &[(&str, &str)] = &[
+    ("internal/runtime/maps.(*Map).growToSmall", PROG_GROW_SMALL),
+    (
+        "internal/runtime/maps.(*Map).growToTable",
+        PROG_GROW_TO_TABLE,
+    ),
+    ("internal/runtime/maps.(*table).grow", PROG_GROW_TABLE),
+    ("internal/runtime/maps.(*table).split", PROG_SPLIT_TABLE),
+];
+/// Go 1.25+ prunes tombstones before growing a table.
+pub const SWISS_PRUNE_FN: &str = "internal/runtime/maps.(*table).pruneTombstones";
+
+/// Every function any release may need, for [`crate::inspect::inspect`].
+pub const WANTED_FUNCTIONS: &[&str] = &[
+    STOP_FN,
+    START_FN,
+    MARK_TERM_FN,
+    "runtime.hashGrow",
+    "internal/runtime/maps.(*Map).growToSmall",
+    "internal/runtime/maps.(*Map).growToTable",
+    "internal/runtime/maps.(*table).grow",
+    "internal/runtime/maps.(*table).split",
+    SWISS_PRUNE_FN,
+];
+
 const PROG_STOP: &str = "stw_stop";
 const PROG_START_ENTRY: &str = "stw_start_entry";
 const PROG_START_RET: &str = "stw_start_ret";
 const PROG_MARK_TERM: &str = "gc_mark_termination";
-const PROGRAMS: &[&str] = &[PROG_STOP, PROG_START_ENTRY, PROG_START_RET, PROG_MARK_TERM];
+const PROG_GROW_CLASSIC: &str = "grow_classic";
+const PROG_GROW_SMALL: &str = "grow_small";
+const PROG_GROW_TO_TABLE: &str = "grow_to_table";
+const PROG_GROW_TABLE: &str = "grow_table";
+const PROG_SPLIT_TABLE: &str = "split_table";
+const PROG_PRUNE_TABLE: &str = "prune_table";
+const PROGRAMS: &[&str] = &[
+    PROG_STOP,
+    PROG_START_ENTRY,
+    PROG_START_RET,
+    PROG_MARK_TERM,
+    PROG_GROW_CLASSIC,
+    PROG_GROW_SMALL,
+    PROG_GROW_TO_TABLE,
+    PROG_GROW_TABLE,
+    PROG_SPLIT_TABLE,
+    PROG_PRUNE_TABLE,
+];
 
 /// The links attached to one process.
 #[derive(Debug, Default)]
@@ -43,8 +87,24 @@ pub struct ProbeSite {
     pub file_offset: u64,
 }
 
+/// Where an entry probe goes: on the `JBE` of the function's stack check.
+/// The kernel emulates that instruction (about 0.8 µs a hit here) where the
+/// first one, a CMP, is single-stepped (5-7 µs); the argument registers are
+/// the same at both, and the CMP's flags tell the probe whether the function
+/// is about to restart through `morestack` (so each call counts once).
+pub fn entry_offset(f: &Function) -> anyhow::Result<u64> {
+    f.stack_check_jump_offset().with_context(|| {
+        format!(
+            "{} has no stack check at its entry; refusing to place a probe that could count \
+             a call twice",
+            f.name
+        )
+    })
+}
+
 /// Where each program goes in this binary, and the per-process config.
-pub fn plan(bin: &GoBinary) -> anyhow::Result<(Vec<ProbeSite>, ProcConfig)> {
+/// `load_bias` turns the binary's addresses into the process's (PIE).
+pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<(Vec<ProbeSite>, ProcConfig)> {
     let stop = bin.function(STOP_FN)?;
     let start = bin.function(START_FN)?;
     let mark = bin.function(MARK_TERM_FN)?;
@@ -58,21 +118,20 @@ pub fn plan(bin: &GoBinary) -> anyhow::Result<(Vec<ProbeSite>, ProcConfig)> {
         ProbeSite {
             program: PROG_MARK_TERM,
             function: MARK_TERM_FN,
-            file_offset: mark.file_offset,
+            file_offset: entry_offset(mark)?,
         },
         ProbeSite {
             program: PROG_STOP,
             function: STOP_FN,
-            file_offset: stop.file_offset,
+            file_offset: entry_offset(stop)?,
         },
     ];
-    if start_args == START_ARGS_WORLDSTOP {
-        sites.push(ProbeSite {
-            program: PROG_START_ENTRY,
-            function: START_FN,
-            file_offset: start.file_offset,
-        });
-    }
+    // 1.22+: Go's own stop time and reason; 1.21: when the restart began.
+    sites.push(ProbeSite {
+        program: PROG_START_ENTRY,
+        function: START_FN,
+        file_offset: entry_offset(start)?,
+    });
     for &ret in &start.ret_offsets {
         sites.push(ProbeSite {
             program: PROG_START_RET,
@@ -80,10 +139,67 @@ pub fn plan(bin: &GoBinary) -> anyhow::Result<(Vec<ProbeSite>, ProcConfig)> {
             file_offset: ret,
         });
     }
-    let config = ProcConfig {
+    let mut config = ProcConfig {
         start_args,
-        _pad: [0; 7],
+        ..ProcConfig::default()
     };
+    if let Some(clock) = bin.pause_clock {
+        config.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
+        config.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);
+    }
+    // Map growth: always attached (rare next to inserts).
+    let growth: Vec<(&'static str, &'static str)> = match bin.map_impl {
+        MapImpl::Classic => CLASSIC_GROWTH.to_vec(),
+        MapImpl::Swiss => {
+            let mut g = SWISS_GROWTH.to_vec();
+            if bin.functions.contains_key(SWISS_PRUNE_FN) {
+                g.push((SWISS_PRUNE_FN, PROG_PRUNE_TABLE));
+            }
+            g
+        }
+    };
+    for (function, program) in growth {
+        let f = bin.function(function)?;
+        sites.push(ProbeSite {
+            program,
+            function,
+            file_offset: entry_offset(f)?,
+        });
+    }
+    match bin.offsets.map {
+        MapOffsets::Classic {
+            count,
+            flags,
+            b,
+            noverflow,
+            buckets,
+            ..
+        } => {
+            config.hmap_count = count;
+            config.hmap_flags = flags;
+            config.hmap_b = b;
+            config.hmap_noverflow = noverflow;
+            config.hmap_buckets = buckets;
+        }
+        MapOffsets::Swiss {
+            map_used,
+            map_dir_len,
+            map_global_depth,
+            table_used,
+            table_capacity,
+            table_growth_left,
+            table_local_depth,
+            ..
+        } => {
+            config.map_used = map_used;
+            config.map_dir_len = map_dir_len;
+            config.map_global_depth = map_global_depth;
+            config.table_used = table_used;
+            config.table_capacity = table_capacity;
+            config.table_growth_left = table_growth_left;
+            config.table_local_depth = table_local_depth;
+        }
+    }
     Ok((sites, config))
 }
 
@@ -93,8 +209,9 @@ pub struct Bpf {
 }
 
 impl Bpf {
-    /// Loads and verifies every program; returns the STW event ring buffer.
-    pub fn load() -> anyhow::Result<(Self, RingBuf<MapData>)> {
+    /// Loads and verifies every program; returns the STW and map growth
+    /// event ring buffers.
+    pub fn load() -> anyhow::Result<(Self, RingBuf<MapData>, RingBuf<MapData>)> {
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
             env!("OUT_DIR"),
@@ -116,11 +233,15 @@ impl Bpf {
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
         }
-        let ring = RingBuf::try_from(
-            ebpf.take_map("STW_EVENTS")
-                .context("map STW_EVENTS missing from the eBPF object")?,
-        )?;
-        Ok((Self { ebpf }, ring))
+        let mut ring = |name: &str| -> anyhow::Result<RingBuf<MapData>> {
+            let map = ebpf
+                .take_map(name)
+                .with_context(|| format!("map {name} missing from the eBPF object"))?;
+            Ok(RingBuf::try_from(map)?)
+        };
+        let stw = ring("STW_EVENTS")?;
+        let growth = ring("GROWTH_EVENTS")?;
+        Ok((Self { ebpf }, stw, growth))
     }
 
     fn hash_map<V: aya::Pod>(
@@ -216,6 +337,8 @@ impl Bpf {
             sum.gc_cycles += s.gc_cycles;
             sum.events_lost += s.events_lost;
             sum.stw_unmatched += s.stw_unmatched;
+            sum.map_growths += s.map_growths;
+            sum.growth_refires += s.growth_refires;
             sum
         }))
     }

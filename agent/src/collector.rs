@@ -3,15 +3,25 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use gopulse_common::{ProcStats, STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent};
+use gopulse_common::{
+    GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
+    GROW_SWISS_TO_TABLE, GrowthEvent, ProcStats, STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent,
+};
 
 use crate::{
     bpf::{self, Attachment, Bpf},
-    inspect,
-    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProcLabels, ReasonLabels},
+    inspect::{self, Symbolizer},
+    metrics::{
+        GrowthLabels, Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProcLabels, ReasonLabels,
+        SiteLabels,
+    },
     procfs,
+    storm::{StormRule, StormTracker},
     stw::{self, Reason},
 };
+
+/// Site label for growths past the per-process site limit.
+pub const OTHER_SITE: &str = "other";
 
 /// A process whose probes are attached.
 struct Proc {
@@ -25,30 +35,81 @@ struct Proc {
     synced: ProcStats,
     attachment: Attachment,
     start_time: u64,
+    /// PC → Go function, for growth sites.
+    symbolizer: Symbolizer,
+    /// Runtime address minus link-time address (PIE load bias).
+    load_bias: u64,
+    /// Classic maps' loadFactorNum (loadFactorDen is 2): 12 on Go 1.21, 13 after.
+    load_factor_num: u64,
+    /// (site, kind) pairs with series, to remove them with the process.
+    growth_series: BTreeSet<(String, &'static str)>,
+    sites: BTreeSet<String>,
+    storms: BTreeMap<String, StormTracker>,
+}
+
+impl Proc {
+    /// The first Go function outside the runtime among the return addresses.
+    fn site(&self, pcs: &[u64]) -> String {
+        let mut innermost = None;
+        for &pc in pcs {
+            // A return address points after the call; step back into it.
+            let Some(name) = self
+                .symbolizer
+                .function_at(pc.wrapping_sub(self.load_bias).wrapping_sub(1))
+            else {
+                continue;
+            };
+            innermost.get_or_insert(name);
+            if !name.starts_with("runtime.") && !name.starts_with("internal/runtime/") {
+                return name.to_owned();
+            }
+        }
+        // Growth inside the runtime itself, or a stack we could not walk.
+        innermost.unwrap_or("unknown").to_owned()
+    }
+
+    /// Classic `overLoadFactor(count, B)`.
+    fn over_load_factor(&self, count: u64, b: u8) -> bool {
+        let buckets = 1u64.checked_shl(u32::from(b)).unwrap_or(u64::MAX);
+        count > 8 && count > self.load_factor_num.saturating_mul(buckets / 2)
+    }
 }
 
 pub struct Collector {
     bpf: Bpf,
     ring: RingBuf<MapData>,
+    growth_ring: RingBuf<MapData>,
     metrics: Metrics,
     procs: BTreeMap<u32, Proc>,
     requested: BTreeSet<u32>,
+    max_sites: usize,
+    storm_rule: StormRule,
 }
 
 impl Collector {
-    pub fn new(bpf: Bpf, ring: RingBuf<MapData>, metrics: Metrics) -> Self {
+    pub fn new(
+        bpf: Bpf,
+        ring: RingBuf<MapData>,
+        growth_ring: RingBuf<MapData>,
+        metrics: Metrics,
+        max_sites: usize,
+        storm_rule: StormRule,
+    ) -> Self {
         Self {
             bpf,
             ring,
+            growth_ring,
             metrics,
             procs: BTreeMap::new(),
             requested: BTreeSet::new(),
+            max_sites,
+            storm_rule,
         }
     }
 
-    /// The ring buffer, for readiness polling.
-    pub fn ring(&self) -> &RingBuf<MapData> {
-        &self.ring
+    /// The ring buffers, for readiness polling.
+    pub fn rings(&self) -> [&RingBuf<MapData>; 2] {
+        [&self.ring, &self.growth_ring]
     }
 
     /// Starts watching `pid`. The error says why it cannot be watched.
@@ -60,10 +121,13 @@ impl Collector {
         let start_time =
             procfs::start_time(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
         let exe = procfs::exe_name(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-        let bin = inspect::inspect(&procfs::exe_path(pid), bpf::REQUIRED_FUNCTIONS)
+        let bin = inspect::inspect(&procfs::exe_path(pid), bpf::WANTED_FUNCTIONS)
             .with_context(|| exe.clone())?;
+        let load_bias = procfs::exe_mapping_start(pid)
+            .map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?
+            .wrapping_sub(bin.image_base);
         let (sites, config) =
-            bpf::plan(&bin).with_context(|| format!("{exe} ({})", bin.version))?;
+            bpf::plan(&bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
         let attachment = self.bpf.attach(pid, &sites, config)?;
         let labels = ProcLabels {
             pid: pid.to_string(),
@@ -74,6 +138,7 @@ impl Collector {
         // Create the series now, so they read 0 rather than being absent.
         let _ = self.metrics.gc_cycles.get_or_create(&labels);
         let _ = self.metrics.events_lost.get_or_create(&labels);
+        let _ = self.metrics.map_sites_dropped.get_or_create(&labels);
         self.metrics
             .probes_attached
             .get_or_create(&labels)
@@ -90,6 +155,9 @@ impl Collector {
             go_version = %bin.version,
             build_mode = bin.build.settings.get("-buildmode").map_or("exe", String::as_str),
             cgo = bin.build.settings.get("CGO_ENABLED").map_or("?", String::as_str),
+            pie = bin.pie,
+            stripped = bin.stripped,
+            maps = ?bin.map_impl,
             probes,
             "watching process"
         );
@@ -103,6 +171,12 @@ impl Collector {
                 synced: ProcStats::default(),
                 attachment,
                 start_time,
+                load_factor_num: if bin.version.at_least(22) { 13 } else { 12 },
+                symbolizer: bin.symbolizer,
+                load_bias,
+                growth_series: BTreeSet::new(),
+                sites: BTreeSet::new(),
+                storms: BTreeMap::new(),
             },
         );
         Ok(probes)
@@ -115,8 +189,95 @@ impl Collector {
             .all(|pid| self.procs.contains_key(pid))
     }
 
-    /// Reads every pending event from the ring buffer.
+    /// Reads every pending event from the ring buffers.
     pub fn drain(&mut self) {
+        self.drain_stw();
+        let mut growths = Vec::new();
+        while let Some(item) = self.growth_ring.next() {
+            if item.len() < size_of::<GrowthEvent>() {
+                tracing::warn!(len = item.len(), "short growth event in the ring buffer");
+                continue;
+            }
+            // SAFETY: a whole GrowthEvent (checked length), read unaligned.
+            growths.push(unsafe { item.as_ptr().cast::<GrowthEvent>().read_unaligned() });
+        }
+        for ev in growths {
+            self.on_growth(ev);
+        }
+    }
+
+    fn on_growth(&mut self, ev: GrowthEvent) {
+        let Some(p) = self.procs.get_mut(&ev.pid) else {
+            return;
+        };
+        let kind = match ev.kind {
+            // hashGrow doubles unless the map is under its load factor (then
+            // it grew for too many overflow buckets): the runtime's own test.
+            GROW_CLASSIC if p.over_load_factor(ev.count.saturating_add(1), ev.b_or_depth) => {
+                "double"
+            }
+            GROW_CLASSIC => "same_size",
+            GROW_SWISS_SMALL => "small",
+            GROW_SWISS_TO_TABLE => "to_table",
+            GROW_SWISS_GROW => "grow",
+            GROW_SWISS_SPLIT => "split",
+            GROW_SWISS_PRUNE => "prune",
+            other => {
+                tracing::warn!(kind = other, "unknown growth kind");
+                return;
+            }
+        };
+        let frames = usize::from(ev.nframes).min(ev.pcs.len());
+        let mut site = p.site(&ev.pcs[..frames]);
+        if !p.sites.contains(&site) {
+            if p.sites.len() < self.max_sites {
+                p.sites.insert(site.clone());
+            } else {
+                self.metrics
+                    .map_sites_dropped
+                    .get_or_create(&p.labels)
+                    .inc();
+                site = OTHER_SITE.to_owned();
+            }
+        }
+        p.growth_series.insert((site.clone(), kind));
+        let storm = p
+            .storms
+            .entry(site.clone())
+            .or_default()
+            .record(std::time::Instant::now(), self.storm_rule);
+        if let Some(growths) = storm {
+            let rule = self.storm_rule;
+            tracing::warn!(
+                pid = ev.pid,
+                exe = %p.labels.exe,
+                site = %site,
+                growths,
+                window_ms = rule.window.as_millis() as u64,
+                "map growth storm: pid {} ({}) site {site}: {growths} growths within {:?}",
+                ev.pid,
+                p.labels.exe,
+                rule.window
+            );
+            self.metrics
+                .map_growth_storms
+                .get_or_create(&SiteLabels {
+                    proc: p.labels.clone(),
+                    site: site.clone(),
+                })
+                .inc();
+        }
+        self.metrics
+            .map_growths
+            .get_or_create(&GrowthLabels {
+                proc: p.labels.clone(),
+                site,
+                kind,
+            })
+            .inc();
+    }
+
+    fn drain_stw(&mut self) {
         let mut events = Vec::new();
         while let Some(item) = self.ring.next() {
             if item.len() < size_of::<StwEvent>() {
@@ -224,7 +385,8 @@ impl Collector {
                 tracing::info!(pid, exe = %p.labels.exe, "process exited; detaching");
                 self.bpf.detach(pid, p.attachment);
                 let reasons: Vec<String> = p.seen_reasons.into_iter().collect();
-                self.metrics.remove_process(&p.labels, &reasons);
+                let growths: Vec<_> = p.growth_series.into_iter().collect();
+                self.metrics.remove_process(&p.labels, &reasons, &growths);
             }
         }
     }

@@ -30,6 +30,24 @@ struct Args {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
 
+    /// Most distinct map growth sites per process; growths at further sites
+    /// are counted under site="other" (and in gopulse_map_sites_dropped_total).
+    #[arg(long, value_name = "N", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_map_sites: u64,
+
+    /// A growth storm is more than this many map growths at one site within
+    /// --storm-window-ms; each storm increments gopulse_map_growth_storms_total
+    /// and logs one line.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    storm_growths: u64,
+
+    /// The window, in milliseconds, for --storm-growths.
+    #[arg(long, value_name = "MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    storm_window_ms: u64,
+
     /// How often, in milliseconds, to fold kernel counters into the metrics
     /// and check that watched processes still run.
     #[arg(long, value_name = "MS", default_value_t = 1000,
@@ -72,40 +90,52 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let (bpf, ring) = bpf::Bpf::load()?;
+    let (bpf, ring, growth_ring) = bpf::Bpf::load()?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("gopulse");
     let metrics = metrics::Metrics::new(&mut registry);
-    let mut collector = Collector::new(bpf, ring, metrics);
+    let mut collector = Collector::new(
+        bpf,
+        ring,
+        growth_ring,
+        metrics,
+        usize::try_from(args.max_map_sites).unwrap_or(usize::MAX),
+        gopulse_agent::storm::StormRule {
+            growths: usize::try_from(args.storm_growths).unwrap_or(usize::MAX),
+            window: Duration::from_millis(args.storm_window_ms),
+        },
+    );
     for &pid in &args.pids {
         if let Err(e) = collector.add_process(pid) {
             tracing::error!(pid, "pid {pid}: cannot watch: {e:#}");
         }
     }
-    let ring_fd = collector
-        .ring()
-        .as_fd()
-        .try_clone_to_owned()
-        .context("duplicating the ring buffer fd")?;
+    let ring_fds = collector.rings().map(|r| {
+        r.as_fd()
+            .try_clone_to_owned()
+            .context("duplicating a ring buffer fd")
+    });
     let app = Arc::new(App {
         collector: Mutex::new(collector),
         registry,
     });
 
-    // Drain events as they arrive (epoll on a duplicate of the ring's fd).
-    let ring_app = app.clone();
-    // SAFETY: the AsyncFd owns the duplicated fd, which stays open and the
-    // same for its whole life.
-    let ring_ready = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    tokio::spawn(async move {
-        loop {
-            let Ok(mut guard) = ring_ready.readable().await else {
-                break;
-            };
-            ring_app.with_collector(|c| c.drain());
-            guard.clear_ready();
-        }
-    });
+    // Drain events as they arrive (epoll on duplicates of the rings' fds).
+    for fd in ring_fds {
+        // SAFETY: the AsyncFd owns the duplicated fd, which stays open and the
+        // same for its whole life.
+        let ready = unsafe { AsyncFd::register_with_interest(fd?, Interest::READABLE) }
+            .map_err(|e| anyhow::anyhow!("polling a ring buffer: {e}"))?;
+        let ring_app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = ready.readable().await else {
+                    break;
+                };
+                ring_app.with_collector(|c| c.drain());
+                guard.clear_ready();
+            }
+        });
+    }
 
     // Housekeeping: kernel counters, exited processes, and any event a
     // readiness race left behind.

@@ -31,6 +31,24 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    #[prometheus(flatten)]
+    pub proc: ProcLabels,
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrowthLabels {
+    #[prometheus(flatten)]
+    pub proc: ProcLabels,
+    /// The Go function that caused the growth, as Go prints it.
+    pub site: String,
+    /// `double`, `same_size` (classic); `small`, `to_table`, `grow`,
+    /// `split`, `prune` (swiss).
+    pub kind: &'static str,
+}
+
 pub const PHASE_SWEEP: &str = "sweep_termination";
 pub const PHASE_MARK: &str = "mark_termination";
 
@@ -55,6 +73,9 @@ pub struct Metrics {
     pub stw_pause_max: Family<ReasonLabels, Gauge<f64, AtomicU64>>,
     pub events_lost: Family<ProcLabels, Counter>,
     pub probes_attached: Family<ProcLabels, Gauge>,
+    pub map_growths: Family<GrowthLabels, Counter>,
+    pub map_sites_dropped: Family<ProcLabels, Counter>,
+    pub map_growth_storms: Family<SiteLabels, Counter>,
 }
 
 impl Metrics {
@@ -66,6 +87,9 @@ impl Metrics {
             stw_pause_max: Family::default(),
             events_lost: Family::default(),
             probes_attached: Family::default(),
+            map_growths: Family::default(),
+            map_sites_dropped: Family::default(),
+            map_growth_storms: Family::default(),
         };
         registry.register(
             "gc_cycles",
@@ -102,12 +126,47 @@ impl Metrics {
             "Uprobes attached to the process",
             m.probes_attached.clone(),
         );
+        registry.register(
+            "map_growths",
+            "Map growths by the Go function that caused them (site) and kind: double or \
+             same_size (classic maps); small, to_table, grow, split or prune (swiss tables)",
+            m.map_growths.clone(),
+        );
+        registry.register(
+            "map_sites_dropped",
+            "Map growths counted under site=\"other\" because the process reached the \
+             --max-map-sites limit",
+            m.map_sites_dropped.clone(),
+        );
+        registry.register(
+            "map_growth_storms",
+            "Growth storms: episodes of more than --storm-growths map growths at one site \
+             within --storm-window-ms",
+            m.map_growth_storms.clone(),
+        );
         m
     }
 
     /// Drops every series of a process that went away.
-    pub fn remove_process(&self, labels: &ProcLabels, reasons: &[String]) {
+    pub fn remove_process(
+        &self,
+        labels: &ProcLabels,
+        reasons: &[String],
+        growths: &[(String, &'static str)],
+    ) {
         self.gc_cycles.remove(labels);
+        self.map_sites_dropped.remove(labels);
+        for (site, kind) in growths {
+            self.map_growths.remove(&GrowthLabels {
+                proc: labels.clone(),
+                site: site.clone(),
+                kind,
+            });
+            self.map_growth_storms.remove(&SiteLabels {
+                proc: labels.clone(),
+                site: site.clone(),
+            });
+        }
         self.events_lost.remove(labels);
         self.probes_attached.remove(labels);
         for phase in [PHASE_SWEEP, PHASE_MARK] {
@@ -166,7 +225,7 @@ mod tests {
         );
         assert!(out.contains(r#"gopulse_gc_pause_seconds_count{pid="1",exe="x",go_version="go1.27.3",phase="mark_termination"} 1"#));
         assert!(out.contains("gopulse_events_lost_total{"));
-        m.remove_process(&proc, &[]);
+        m.remove_process(&proc, &[], &[]);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(!out.contains("pid=\"1\""));

@@ -31,6 +31,35 @@ fn parse_start_time(stat: &str) -> Option<u64> {
     after_comm.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// Where the process mapped its executable's file offset 0, from
+/// /proc/PID/maps; minus the link-time address of offset 0 this is the load
+/// bias (0 for non-PIE executables).
+pub fn exe_mapping_start(pid: u32) -> io::Result<u64> {
+    let exe = fs::read_link(exe_path(pid))?;
+    let exe = exe.to_string_lossy();
+    let exe = exe.trim_end_matches(" (deleted)");
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    parse_mapping_start(&maps, exe)
+        .ok_or_else(|| io::Error::other(format!("{exe} is not mapped at offset 0")))
+}
+
+fn parse_mapping_start(maps: &str, exe: &str) -> Option<u64> {
+    maps.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let range = f.next()?;
+        let _perms = f.next()?;
+        let offset = f.next()?;
+        let _dev = f.next()?;
+        let _inode = f.next()?;
+        let path = f.collect::<Vec<_>>().join(" ");
+        let path = path.trim_end_matches(" (deleted)");
+        if path != exe || u64::from_str_radix(offset, 16).ok()? != 0 {
+            return None;
+        }
+        u64::from_str_radix(range.split('-').next()?, 16).ok()
+    })
+}
+
 /// Why a process cannot be watched, from an error reading its /proc entry.
 pub fn describe(err: &io::Error) -> String {
     match err.kind() {
@@ -54,10 +83,25 @@ mod tests {
     }
 
     #[test]
+    fn mapping_start() {
+        let maps = "\
+55d0c0000000-55d0c0100000 r--p 00000000 fd:00 1234 /usr/bin/app (deleted)
+55d0c0100000-55d0c0200000 r-xp 00100000 fd:00 1234 /usr/bin/app (deleted)
+7f0000000000-7f0000001000 r--p 00000000 fd:00 99 /lib/libc.so.6
+";
+        assert_eq!(
+            parse_mapping_start(maps, "/usr/bin/app"),
+            Some(0x55d0c0000000)
+        );
+        assert_eq!(parse_mapping_start(maps, "/usr/bin/other"), None);
+    }
+
+    #[test]
     fn own_process() {
         let me = std::process::id();
         assert!(start_time(me).unwrap() > 0);
         assert!(!exe_name(me).unwrap().is_empty());
+        assert!(exe_mapping_start(me).unwrap() > 0);
         let err = start_time(u32::MAX).unwrap_err();
         assert_eq!(describe(&err), "no such process");
     }

@@ -26,6 +26,11 @@ fn gc_pause(m: &Metrics, pid: &str, phase: &str, what: &str) -> f64 {
 }
 
 fn check_release(version: &str) {
+    check_build(version, "default", &[]);
+}
+
+/// The whole check on one build of the fixture (`args` go to `go build`).
+fn check_build(version: &str, kind: &str, args: &[&str]) {
     if !support::have_root() {
         return;
     }
@@ -39,7 +44,7 @@ fn check_release(version: &str) {
         );
         return;
     };
-    let bin = support::build_fixture("gcload", &go, version, &[]);
+    let bin = support::build_fixture("gcload", &go, &format!("{version}-{kind}"), args);
     let mut target = Target::spawn(&bin, &["5", "10"]);
     let agent = Agent::spawn(&[target.pid]);
     agent.wait_ready(Duration::from_secs(30));
@@ -112,12 +117,19 @@ fn check_release(version: &str) {
     let runtime_ns = truth.pause_total_ns as f64;
     let ratio = agent_ns / runtime_ns;
     eprintln!(
-        "RESULT go{version}: {} cycles; GC pause sum agent {:.0} ns, runtime PauseTotalNs {} ns, ratio {:.4}",
+        "RESULT go{version} {kind}: {} cycles; GC pause sum agent {:.0} ns, runtime PauseTotalNs {} ns, ratio {:.4}",
         truth.numgc, agent_ns, truth.pause_total_ns, ratio
     );
     assert!(
         (0.9..=1.1).contains(&ratio),
         "GC pause sum {agent_ns:.0} ns is not within 10% of the runtime's {runtime_ns} ns"
+    );
+    // Every build tested here gives the probes Go's own pause timestamps
+    // (registers from 1.22, work.pauseStart and memstats.last_gc_nanotime
+    // in 1.21 with symbols), so the sums agree to float rounding.
+    assert!(
+        (agent_ns - runtime_ns).abs() <= 1.0 + runtime_ns * 1e-9,
+        "GC pause sum {agent_ns:.0} ns differs from the runtime's {runtime_ns} ns"
     );
 
     target.send("exit");
@@ -139,6 +151,33 @@ macro_rules! releases {
             assert_eq!(&[$($version),*], support::GO_VERSIONS);
         }
     };
+}
+
+/// Stripped binaries have no symbols and no DWARF: probes come from pclntab.
+#[test]
+fn gc_go1_23_stripped_classic() {
+    check_build("1.23.9", "stripped", &["-ldflags=-s -w"]);
+}
+
+#[test]
+fn gc_go1_27_stripped_swiss() {
+    check_build("1.27.3", "stripped", &["-ldflags=-s -w"]);
+}
+
+/// The hardest layout: external linking (C code before Go's text), PIE
+/// (relocated tables), no symbols, and Go 1.26+'s zero pclntab textStart.
+#[test]
+fn gc_go1_27_cgo_pie_stripped() {
+    check_build(
+        "1.27.3",
+        "cgo-pie-stripped",
+        &["-tags=gopulse_cgo", "-buildmode=pie", "-ldflags=-s -w"],
+    );
+}
+
+#[test]
+fn gc_go1_21_pie() {
+    check_build("1.21.13", "pie", &["-buildmode=pie"]);
 }
 
 releases! {

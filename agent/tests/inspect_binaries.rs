@@ -1,15 +1,100 @@
 //! Binary inspection on real Go builds of every supported release.
 mod support;
 
-use std::process::Command;
+use std::{collections::BTreeMap, path::Path, process::Command};
 
 use gopulse_agent::{
     bpf,
-    inspect::{self, InspectError},
+    inspect::{self, InspectError, MapImpl},
 };
 
+/// `go tool nm -size` of a binary: name → (address, size) of text symbols.
+fn nm(go: &Path, bin: &Path) -> BTreeMap<String, (u64, u64)> {
+    let out = Command::new(go)
+        .args(["tool", "nm", "-size"])
+        .arg(bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "go tool nm {}", bin.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut c = l.split_whitespace();
+            let addr = u64::from_str_radix(c.next()?, 16).ok()?;
+            let size = c.next()?.parse().ok()?;
+            let kind = c.next()?;
+            let name = c.next()?;
+            (kind == "T" || kind == "t").then(|| (name.to_owned(), (addr, size)))
+        })
+        .collect()
+}
+
+/// Address of a data symbol from `go tool nm`.
+fn truth_data(go: &Path, bin: &Path, name: &str) -> u64 {
+    let out = Command::new(go)
+        .args(["tool", "nm"])
+        .arg(bin)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let mut c = l.split_whitespace();
+            let addr = u64::from_str_radix(c.next()?, 16).ok()?;
+            let kind = c.next()?;
+            (matches!(kind, "D" | "B" | "d" | "b") && c.next()? == name).then_some(addr)
+        })
+        .unwrap_or_else(|| panic!("nm has no {name}"))
+}
+
+fn regex_escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if ".()*+?[]{}|^$\\".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Addresses of the RET instructions `go tool objdump` shows in a function.
+fn objdump_rets(go: &Path, bin: &Path, func: &str) -> Vec<u64> {
+    let out = Command::new(go)
+        .args([
+            "tool",
+            "objdump",
+            "-s",
+            &format!("^{}$", regex_escape(func)),
+        ])
+        .arg(bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "go tool objdump {}", bin.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.split_whitespace().any(|w| w == "RET"))
+        .filter_map(|l| {
+            let hex = l.split_whitespace().nth(1)?.strip_prefix("0x")?;
+            u64::from_str_radix(hex, 16).ok()
+        })
+        .collect()
+}
+
+/// The four builds of the matrix: default, stripped, PIE, cgo.
+const BUILDS: &[(&str, &[&str])] = &[
+    ("default", &[]),
+    ("stripped", &["-ldflags=-s -w"]),
+    ("pie", &["-buildmode=pie"]),
+    ("cgo", &["-tags=gopulse_cgo"]),
+];
+
 #[test]
-fn build_info_and_probe_sites_of_every_release() {
+fn build_matrix_of_every_release() {
+    let mut checked = 0;
     for version in support::GO_VERSIONS {
         let Some(go) = support::go_tool(version) else {
             if !support::prerequisite(false, &format!("Go {version} is not installed")) {
@@ -17,55 +102,193 @@ fn build_info_and_probe_sites_of_every_release() {
             }
             unreachable!();
         };
-        let bin = support::build_fixture("gcload", &go, version, &[]);
-        let found = inspect::inspect(&bin, bpf::REQUIRED_FUNCTIONS).unwrap();
-        assert_eq!(found.version.raw, format!("go{version}"));
-        assert!(found.version.is_supported());
-        assert_eq!(
-            found.build.path.as_deref(),
-            Some("example.com/gopulse/gcload")
-        );
+        let mut default: Option<inspect::GoBinary> = None;
+        let mut default_nm = BTreeMap::new();
+        for &(kind, args) in BUILDS {
+            let bin = support::build_fixture("gcload", &go, &format!("{version}-{kind}"), args);
+            let found = inspect::inspect(&bin, bpf::WANTED_FUNCTIONS)
+                .unwrap_or_else(|e| panic!("go{version} {kind}: {e}"));
+            let what = format!("go{version} {kind}");
+            assert_eq!(found.version.raw, format!("go{version}"), "{what}");
+            assert_eq!(
+                found.build.path.as_deref(),
+                Some("example.com/gopulse/gcload"),
+                "{what}"
+            );
+            assert_eq!(found.stripped, kind == "stripped", "{what}");
+            assert_eq!(found.pie, kind == "pie", "{what}");
+            if kind == "cgo" {
+                assert_eq!(
+                    found.build.settings.get("CGO_ENABLED").map(String::as_str),
+                    Some("1")
+                );
+            }
+            // Build settings agree with the toolchain's own reading.
+            let out = Command::new(&go)
+                .args(["version", "-m"])
+                .arg(&bin)
+                .output()
+                .unwrap();
+            let text = String::from_utf8(out.stdout).unwrap();
+            for (k, v) in &found.build.settings {
+                assert!(
+                    text.contains(&format!("build\t{k}={v}")),
+                    "{what}: {k}={v} not in\n{text}"
+                );
+            }
+            // Functions: against nm of this build, or of the default build
+            // for the stripped one (same code, no symbols).
+            let truth = if kind == "stripped" {
+                default_nm.clone()
+            } else {
+                nm(&go, &bin)
+            };
+            assert_eq!(
+                truth.get("runtime.text").map(|t| t.0),
+                Some(found.text_start),
+                "{what}"
+            );
+            let growth = match found.map_impl {
+                MapImpl::Classic => bpf::CLASSIC_GROWTH,
+                MapImpl::Swiss => bpf::SWISS_GROWTH,
+            };
+            let mut probed: Vec<&str> = bpf::REQUIRED_FUNCTIONS.to_vec();
+            probed.extend(growth.iter().map(|(f, _)| *f));
+            if found.version.at_least(25) && found.map_impl == MapImpl::Swiss {
+                probed.push(bpf::SWISS_PRUNE_FN);
+            }
+            for name in &probed {
+                let f = found.function(name).unwrap();
+                // Placement: every entry probe sits on the stack check's
+                // jump, which the kernel emulates.
+                let jump = f.stack_check_jump_offset().expect("stack check");
+                assert_eq!(bpf::entry_offset(f).unwrap(), jump, "{what} {name}");
+                assert!(
+                    jump > f.file_offset && jump < f.file_offset + 16,
+                    "{what} {name}"
+                );
+                let (addr, size) = truth[*name];
+                assert_eq!(f.address, addr, "{what} {name}");
+                assert!(
+                    f.size >= size && f.size < size + 64,
+                    "{what} {name}: {} vs nm {size}",
+                    f.size
+                );
+                assert!(f.stack_check.is_some(), "{what} {name} has no stack check");
+                let rets: Vec<u64> = f
+                    .ret_offsets
+                    .iter()
+                    .map(|off| off - f.file_offset + f.address)
+                    .collect();
+                if kind == "stripped" {
+                    let d = default.as_ref().unwrap().function(name).unwrap();
+                    assert_eq!(f, d, "{what} {name} differs from the default build");
+                } else {
+                    assert_eq!(rets, objdump_rets(&go, &bin, name), "{what} {name} RETs");
+                }
+            }
+            // The map implementation, decided from the binary's own code.
+            let expected = if found.version.at_least(24) {
+                MapImpl::Swiss
+            } else {
+                MapImpl::Classic
+            };
+            assert_eq!(found.map_impl, expected, "{what}");
+            assert_eq!(found.offsets_from_dwarf, kind != "stripped", "{what}");
+            assert_eq!(
+                Some(found.offsets),
+                inspect::offsets::from_table(&found.version, found.map_impl),
+                "{what}: struct offsets"
+            );
+            // Go 1.21's own pause clock, found with symbols and DWARF.
+            assert_eq!(
+                found.pause_clock.is_some(),
+                found.version.minor == 21 && kind != "stripped",
+                "{what}: pause clock"
+            );
+            if let Some(clock) = found.pause_clock {
+                let work = truth_data(&go, &bin, "runtime.work");
+                let memstats = truth_data(&go, &bin, "runtime.memstats");
+                assert!(
+                    clock.pause_start > work && clock.pause_start < work + 4096,
+                    "{what}"
+                );
+                assert_eq!(
+                    clock.last_gc_nanotime,
+                    memstats + 7720,
+                    "{what}: design notes §4.3"
+                );
+            }
+            // PC -> function name, for call-site attribution.
+            let main = truth["runtime.main"].0;
+            assert_eq!(
+                found.symbolizer.function_at(main + 1),
+                Some("runtime.main"),
+                "{what}"
+            );
+            assert_eq!(
+                found.symbolizer.function_at(truth["main.main"].0),
+                Some("main.main"),
+                "{what}"
+            );
+            let (sites, config) = bpf::plan(&found, 0).unwrap();
+            assert_eq!(
+                config.start_args,
+                u8::from(found.version.at_least(22)),
+                "{what}"
+            );
+            assert!(sites.len() >= 3, "{what}");
+            if kind == "default" {
+                default_nm = truth;
+                default = Some(found);
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, support::GO_VERSIONS.len() * BUILDS.len());
+}
 
-        // Ground truth from the toolchain itself.
-        let out = Command::new(&go)
-            .args(["version", "-m"])
-            .arg(&bin)
-            .output()
-            .unwrap();
-        let text = String::from_utf8(out.stdout).unwrap();
-        for (k, v) in &found.build.settings {
+/// Go 1.24 and 1.25 can still be built with classic maps; the binary, not
+/// the version number, decides.
+#[test]
+fn noswissmap_builds_are_classic() {
+    for version in ["1.24.11", "1.25.5"] {
+        let Some(go) = support::go_tool(version) else {
+            if !support::prerequisite(false, &format!("Go {version} is not installed")) {
+                return;
+            }
+            unreachable!();
+        };
+        for (kind, args) in [
+            ("noswissmap", &[][..]),
+            ("noswissmap-stripped", &["-ldflags=-s -w"][..]),
+        ] {
+            let bin = support::build_fixture_env(
+                "gcload",
+                &go,
+                &format!("{version}-{kind}"),
+                args,
+                &[("GOEXPERIMENT", "noswissmap")],
+            );
+            let found = inspect::inspect(&bin, bpf::REQUIRED_FUNCTIONS).unwrap();
+            assert_eq!(
+                found.version.experiments,
+                vec!["noswissmap"],
+                "{version} {kind}"
+            );
+            assert_eq!(found.map_impl, MapImpl::Classic, "{version} {kind}");
+            assert_eq!(
+                Some(found.offsets),
+                inspect::offsets::from_table(&found.version, MapImpl::Classic)
+            );
+            assert!(found.symbolizer.entry_of("runtime.hashGrow").is_some());
             assert!(
-                text.contains(&format!("build\t{k}={v}")),
-                "{version}: {k}={v} not in\n{text}"
+                found
+                    .symbolizer
+                    .entry_of("internal/runtime/maps.(*table).grow")
+                    .is_none()
             );
         }
-        let nm = Command::new(&go)
-            .args(["tool", "nm", "-size"])
-            .arg(&bin)
-            .output()
-            .unwrap();
-        let nm = String::from_utf8(nm.stdout).unwrap();
-        for name in bpf::REQUIRED_FUNCTIONS {
-            let f = found.function(name).unwrap();
-            let line = nm
-                .lines()
-                .find(|l| l.ends_with(&format!(" T {name}")))
-                .unwrap_or_else(|| panic!("{version}: nm has no {name}"));
-            let mut cols = line.split_whitespace();
-            let addr = u64::from_str_radix(cols.next().unwrap(), 16).unwrap();
-            let size: u64 = cols.next().unwrap().parse().unwrap();
-            assert_eq!((f.address, f.size), (addr, size), "{version} {name}");
-            // Non-PIE amd64: text is mapped at 0x400000 from file offset 0.
-            assert_eq!(f.file_offset, addr - 0x400000, "{version} {name}");
-            assert!(!f.ret_offsets.is_empty());
-            for &ret in &f.ret_offsets {
-                assert!(ret > f.file_offset && ret < f.file_offset + f.size);
-            }
-        }
-        let (sites, config) = bpf::plan(&found).unwrap();
-        let expected_args = u8::from(found.version.at_least(22));
-        assert_eq!(config.start_args, expected_args, "{version}");
-        assert!(sites.len() >= 3);
     }
 }
 
@@ -97,6 +320,41 @@ fn bad_input_gets_the_right_error() {
         Err(InspectError::Io { .. })
     ));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn truncated_go_binaries_are_refused() {
+    let Some(go) = support::go_tool("1.27.3") else {
+        assert!(!support::prerequisite(false, "Go 1.27.3 is not installed"));
+        return;
+    };
+    for (kind, args) in [("default", &[][..]), ("stripped", &["-ldflags=-s -w"][..])] {
+        let bin = support::build_fixture("gcload", &go, &format!("1.27.3-{kind}"), args);
+        let data = std::fs::read(&bin).unwrap();
+        assert!(inspect::inspect_bytes(&data, bpf::REQUIRED_FUNCTIONS).is_ok());
+        let n = data.len();
+        for cut in [
+            1,
+            63,
+            64,
+            1024,
+            64 << 10,
+            n / 4,
+            n / 2,
+            3 * n / 4,
+            n - 4096,
+            n - 1,
+        ] {
+            let Err(e) = inspect::inspect_bytes(&data[..cut], bpf::REQUIRED_FUNCTIONS) else {
+                panic!("{kind} cut at {cut} of {n} was accepted");
+            };
+            match e {
+                InspectError::Corrupt { .. } => {}
+                InspectError::NotElf if cut < 4 => {}
+                other => panic!("{kind} cut at {cut}: unexpected {other:?}"),
+            }
+        }
+    }
 }
 
 #[test]

@@ -21,6 +21,11 @@ pub const STW_FLAG_GO_START: u8 = 2;
 /// The stop was not seen (the agent attached while the world was stopped):
 /// the event has no usable start time.
 pub const STW_FLAG_NO_START: u8 = 4;
+/// Go 1.21 mark termination: the end is the probe's clock at
+/// `startTheWorldWithSema` entry, next to where that release's runtime ends
+/// the pause it accounts (`gcMarkTermination`'s `now`), not the later time
+/// the function returns.
+pub const STW_FLAG_END_AT_ENTRY: u8 = 8;
 
 /// How `runtime.startTheWorldWithSema` receives its arguments in a release.
 pub const START_ARGS_NONE: u8 = 0;
@@ -29,13 +34,77 @@ pub const START_ARGS_NONE: u8 = 0;
 pub const START_ARGS_WORLDSTOP: u8 = 1;
 
 /// Per-process settings the agent writes before attaching; the probes ignore
-/// any process without one.
+/// any process without one. Struct offsets come from the binary (DWARF or
+/// the generated table), never from constants in the eBPF object.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcConfig {
     /// One of the `START_ARGS_*` values.
     pub start_args: u8,
     pub _pad: [u8; 7],
+    /// Classic `runtime.hmap`: count, flags, B, noverflow, buckets.
+    pub hmap_count: u16,
+    pub hmap_flags: u16,
+    pub hmap_b: u16,
+    pub hmap_noverflow: u16,
+    pub hmap_buckets: u16,
+    /// Swiss `internal/runtime/maps.Map`: used, dirLen, globalDepth.
+    pub map_used: u16,
+    pub map_dir_len: u16,
+    pub map_global_depth: u16,
+    /// Swiss `internal/runtime/maps.table`: used, capacity, growthLeft, localDepth.
+    pub table_used: u16,
+    pub table_capacity: u16,
+    pub table_growth_left: u16,
+    pub table_local_depth: u16,
+    /// Go 1.21 with symbols: runtime addresses of `work.pauseStart` and
+    /// `memstats.last_gc_nanotime`, the runtime's own GC pause clock (0 when
+    /// unknown).
+    pub pause_start_addr: u64,
+    pub last_gc_nanotime_addr: u64,
+}
+
+/// Which runtime function grew a map (the probe that saw it).
+pub const GROW_CLASSIC: u8 = 1;
+pub const GROW_SWISS_SMALL: u8 = 2;
+pub const GROW_SWISS_TO_TABLE: u8 = 3;
+pub const GROW_SWISS_GROW: u8 = 4;
+pub const GROW_SWISS_SPLIT: u8 = 5;
+pub const GROW_SWISS_PRUNE: u8 = 6;
+
+/// Return addresses kept per growth event (frame-pointer walk).
+pub const GROWTH_FRAMES: usize = 8;
+/// Size of the map growth ring buffer in bytes.
+pub const GROWTH_RING_BYTES: u32 = 1024 * 1024;
+
+/// One map growth, read at the entry of the runtime function doing it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrowthEvent {
+    pub pid: u32,
+    /// `GROW_*`.
+    pub kind: u8,
+    /// Classic: `B` (log2 buckets) before the growth. Swiss: globalDepth.
+    pub b_or_depth: u8,
+    /// Classic: `flags`. Swiss: the growing table's localDepth.
+    pub flags_or_local_depth: u8,
+    /// Return addresses found (`pcs[..nframes]`).
+    pub nframes: u8,
+    /// The map header's address (not a lasting identity).
+    pub map: u64,
+    /// Classic `count` / swiss `used`, before the insert that grows it.
+    pub count: u64,
+    /// Swiss: dirLen (0 for a small map).
+    pub dir_len: u64,
+    /// Classic: noverflow. Swiss: the growing table's capacity.
+    pub noverflow_or_capacity: u16,
+    /// Swiss: the growing table's used and growthLeft.
+    pub table_used: u16,
+    pub table_growth_left: u16,
+    pub _pad: u16,
+    /// Return addresses, innermost first: the caller of the probed runtime
+    /// function, then its callers.
+    pub pcs: [u64; GROWTH_FRAMES],
 }
 
 /// Per-process counters kept in the kernel, read by the agent.
@@ -48,6 +117,12 @@ pub struct ProcStats {
     pub events_lost: u64,
     /// `startTheWorldWithSema` returns with no recorded stop (should stay 0).
     pub stw_unmatched: u64,
+    /// Map growths seen (events sent or lost).
+    pub map_growths: u64,
+    /// Growth probe hits where the stack check was about to send the
+    /// function through `morestack` and back to its start: the hit after
+    /// the restart is the one counted.
+    pub growth_refires: u64,
 }
 
 /// A stop-the-world in progress, one per process (Go's `worldsema`
@@ -62,6 +137,8 @@ pub struct PendingStw {
     /// `STW_FLAG_*`.
     pub flags: u8,
     pub _pad: [u8; 6],
+    /// CLOCK_MONOTONIC ns at `startTheWorldWithSema` entry (Go 1.21 only).
+    pub start_entry_ns: u64,
 }
 
 /// One stop-the-world pause, sent through the ring buffer when the world
@@ -90,4 +167,5 @@ mod pod {
     unsafe impl aya::Pod for super::ProcStats {}
     unsafe impl aya::Pod for super::PendingStw {}
     unsafe impl aya::Pod for super::StwEvent {}
+    unsafe impl aya::Pod for super::GrowthEvent {}
 }

@@ -14,18 +14,22 @@ compile_error!("gopulse reads Go's amd64 register ABI; only x86_64 is supported"
 
 use aya_ebpf::{
     bindings::{BPF_ANY, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
     maps::{HashMap, PerCpuHashMap, RingBuf},
     programs::ProbeContext,
 };
 use gopulse_common::{
-    MAX_PROCS, PendingStw, ProcConfig, ProcStats, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE,
+    GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
+    GROW_SWISS_TO_TABLE, GROWTH_FRAMES, GROWTH_RING_BYTES, GrowthEvent, MAX_PROCS, PendingStw,
+    ProcConfig, ProcStats, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY,
     STW_FLAG_GO_START, STW_FLAG_NO_START, STW_RING_BYTES, StwEvent,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
 const STW_REASON_GC_MARK_TERM: u8 = 1;
+/// Go's `stwGCSweepTerm`, the reason of a cycle's first pause.
+const STW_REASON_GC_SWEEP_TERM: u8 = 2;
 
 /// Processes the agent watches, with their release-specific settings.
 #[map]
@@ -44,10 +48,25 @@ static PENDING: HashMap<u32, PendingStw> = HashMap::with_max_entries(MAX_PROCS, 
 #[map]
 static STW_EVENTS: RingBuf = RingBuf::with_byte_size(STW_RING_BYTES, 0);
 
+/// One `GrowthEvent` per map growth.
+#[map]
+static GROWTH_EVENTS: RingBuf = RingBuf::with_byte_size(GROWTH_RING_BYTES, 0);
+
 #[inline(always)]
 fn regs(ctx: &ProbeContext) -> &pt_regs {
     // SAFETY: a uprobe context is the trapped task's register file.
     unsafe { &*ctx.regs }
+}
+
+/// Entry probes sit on the `JBE` of Go's stack check, so the flags of its
+/// `CMP` are in the trapped registers. When the jump will be taken (CF or
+/// ZF) the function goes through `morestack` and restarts from its entry,
+/// hitting the probe again: count only the hit that falls through.
+#[inline(always)]
+fn will_restart(ctx: &ProbeContext) -> bool {
+    const CF: u64 = 1 << 0;
+    const ZF: u64 = 1 << 6;
+    regs(ctx).eflags & (CF | ZF) != 0
 }
 
 #[inline(always)]
@@ -86,6 +105,7 @@ pub fn stw_stop(ctx: ProbeContext) -> u32 {
         reason: regs(&ctx).rax as u8,
         flags: 0,
         _pad: [0; 6],
+        start_entry_ns: 0,
     };
     let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
     0
@@ -98,6 +118,11 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
     let pid = current_pid();
     let Some(cfg) = watched(pid) else { return 0 };
     if cfg.start_args != START_ARGS_WORLDSTOP {
+        // Go 1.21 passes nothing: note when the restart began.
+        if let Some(p) = PENDING.get_ptr_mut(pid) {
+            // SAFETY: a live map value of this process's pending stop.
+            unsafe { (*p).start_entry_ns = bpf_ktime_get_ns() };
+        }
         return 0;
     }
     let r = regs(&ctx);
@@ -115,6 +140,7 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
                 reason,
                 flags: STW_FLAG_GO_START,
                 _pad: [0; 6],
+                start_entry_ns: 0,
             };
             let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
         }
@@ -127,15 +153,38 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
     let pid = current_pid();
-    if watched(pid).is_none() {
-        return 0;
-    }
-    let end_ns = regs(&ctx).rax;
+    let Some(cfg) = watched(pid) else { return 0 };
+    let mut end_ns = regs(&ctx).rax;
     // SAFETY: read once and copied; the entry is removed below.
-    let Some(pending) = (unsafe { PENDING.get(pid) }).copied() else {
+    let Some(mut pending) = (unsafe { PENDING.get(pid) }).copied() else {
         bump(pid, |s| &mut s.stw_unmatched);
         return 0;
     };
+    // Go 1.21 times GC pauses from work.pauseStart and ends a cycle's
+    // mark-termination pause at gcMarkTermination's `now` (stored in
+    // memstats.last_gc_nanotime), just before restarting the world. Later
+    // releases pass both in registers.
+    let gc =
+        pending.reason == STW_REASON_GC_MARK_TERM || pending.reason == STW_REASON_GC_SWEEP_TERM;
+    let cycle_end =
+        pending.reason == STW_REASON_GC_MARK_TERM && pending.flags & STW_FLAG_CYCLE_DONE != 0;
+    if gc && cfg.pause_start_addr != 0 {
+        let start = read::<u64>(cfg.pause_start_addr);
+        if start != 0 {
+            pending.start_ns = start;
+            pending.flags = (pending.flags & !STW_FLAG_NO_START) | STW_FLAG_GO_START;
+        }
+        if cycle_end {
+            let end = read::<u64>(cfg.last_gc_nanotime_addr);
+            if end >= pending.start_ns && end != 0 {
+                end_ns = end;
+            }
+        }
+    } else if cycle_end && pending.start_entry_ns != 0 {
+        // Stripped Go 1.21: the nearest point the probes see.
+        end_ns = pending.start_entry_ns;
+        pending.flags |= STW_FLAG_END_AT_ENTRY;
+    }
     let _ = PENDING.remove(pid);
     match STW_EVENTS.reserve::<StwEvent>(0) {
         Some(mut entry) => {
@@ -158,9 +207,9 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
 /// mark-termination stop. The flag on the pending stop de-duplicates the
 /// second hit when the stack check sends the function through `morestack`.
 #[uprobe]
-pub fn gc_mark_termination(_ctx: ProbeContext) -> u32 {
+pub fn gc_mark_termination(ctx: ProbeContext) -> u32 {
     let pid = current_pid();
-    if watched(pid).is_none() {
+    if watched(pid).is_none() || will_restart(&ctx) {
         return 0;
     }
     match PENDING.get_ptr_mut(pid) {
@@ -178,12 +227,149 @@ pub fn gc_mark_termination(_ctx: ProbeContext) -> u32 {
                 reason: STW_REASON_GC_MARK_TERM,
                 flags: STW_FLAG_CYCLE_DONE | STW_FLAG_NO_START,
                 _pad: [0; 6],
+                start_entry_ns: 0,
             };
             let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
         }
     }
     bump(pid, |s| &mut s.gc_cycles);
     0
+}
+
+#[inline(always)]
+fn read<T: Copy + Default>(addr: u64) -> T {
+    // SAFETY: bpf_probe_read_user copes with any address; a fault gives 0.
+    unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
+}
+
+/// A growth probe's common part: `map` is the map header, `table` the
+/// growing swiss table (0 for classic and whole-map growths).
+#[inline(always)]
+fn on_growth(ctx: &ProbeContext, kind: u8, map: u64, table: u64) -> u32 {
+    let pid = current_pid();
+    let Some(cfg) = watched(pid) else { return 0 };
+    if map == 0 {
+        return 0;
+    }
+    if kind == GROW_SWISS_PRUNE {
+        // pruneTombstones returns at once unless tombstones are at least 10%
+        // of the table (Go's own test): count only the prunes that happen.
+        let cap = read::<u16>(table + u64::from(cfg.table_capacity));
+        let used = read::<u16>(table + u64::from(cfg.table_used));
+        let left = read::<u16>(table + u64::from(cfg.table_growth_left));
+        let tombstones = (cap.wrapping_mul(7) / 8)
+            .wrapping_sub(used)
+            .wrapping_sub(left);
+        if u32::from(tombstones) * 10 < u32::from(cap) {
+            return 0;
+        }
+    }
+    let classic = kind == GROW_CLASSIC;
+    let count = if classic {
+        read::<u64>(map + u64::from(cfg.hmap_count))
+    } else {
+        read::<u64>(map + u64::from(cfg.map_used))
+    };
+    if will_restart(ctx) {
+        bump(pid, |s| &mut s.growth_refires);
+        return 0;
+    }
+    bump(pid, |s| &mut s.map_growths);
+
+    let r = regs(ctx);
+    let mut ev = GrowthEvent {
+        pid,
+        kind,
+        map,
+        count,
+        ..GrowthEvent::default()
+    };
+    if classic {
+        ev.flags_or_local_depth = read::<u8>(map + u64::from(cfg.hmap_flags));
+        ev.b_or_depth = read::<u8>(map + u64::from(cfg.hmap_b));
+        ev.noverflow_or_capacity = read::<u16>(map + u64::from(cfg.hmap_noverflow));
+    } else {
+        ev.dir_len = read::<u64>(map + u64::from(cfg.map_dir_len));
+        ev.b_or_depth = read::<u8>(map + u64::from(cfg.map_global_depth));
+        if table != 0 {
+            ev.noverflow_or_capacity = read::<u16>(table + u64::from(cfg.table_capacity));
+            ev.table_used = read::<u16>(table + u64::from(cfg.table_used));
+            ev.table_growth_left = read::<u16>(table + u64::from(cfg.table_growth_left));
+            ev.flags_or_local_depth = read::<u8>(table + u64::from(cfg.table_local_depth));
+        }
+    }
+    // The probe sits before the frame is built: [RSP] is the return address
+    // into the caller and RBP still the caller's frame pointer.
+    ev.pcs[0] = read::<u64>(r.rsp);
+    let mut fp = r.rbp;
+    let mut n = 1;
+    while n < GROWTH_FRAMES {
+        if fp == 0 {
+            break;
+        }
+        let ret = read::<u64>(fp + 8);
+        if ret == 0 {
+            break;
+        }
+        ev.pcs[n] = ret;
+        fp = read::<u64>(fp);
+        n += 1;
+    }
+    ev.nframes = n as u8;
+    match GROWTH_EVENTS.reserve::<GrowthEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ev);
+            entry.submit(0);
+        }
+        None => bump(pid, |s| &mut s.events_lost),
+    }
+    0
+}
+
+/// Classic `runtime.hashGrow(t *maptype, h *hmap)`: RBX = h.
+#[uprobe]
+pub fn grow_classic(ctx: ProbeContext) -> u32 {
+    let h = regs(&ctx).rbx;
+    on_growth(&ctx, GROW_CLASSIC, h, 0)
+}
+
+/// `internal/runtime/maps.(*Map).growToSmall(typ)`: RAX = m.
+#[uprobe]
+pub fn grow_small(ctx: ProbeContext) -> u32 {
+    let m = regs(&ctx).rax;
+    on_growth(&ctx, GROW_SWISS_SMALL, m, 0)
+}
+
+/// `(*Map).growToTable(typ)`: RAX = m.
+#[uprobe]
+pub fn grow_to_table(ctx: ProbeContext) -> u32 {
+    let m = regs(&ctx).rax;
+    on_growth(&ctx, GROW_SWISS_TO_TABLE, m, 0)
+}
+
+/// `(*table).grow(typ, m, newCapacity)`: RAX = t, RCX = m.
+#[uprobe]
+pub fn grow_table(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let (t, m) = (r.rax, r.rcx);
+    on_growth(&ctx, GROW_SWISS_GROW, m, t)
+}
+
+/// `(*table).split(typ, m)`: RAX = t, RCX = m.
+#[uprobe]
+pub fn split_table(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let (t, m) = (r.rax, r.rcx);
+    on_growth(&ctx, GROW_SWISS_SPLIT, m, t)
+}
+
+/// `(*table).pruneTombstones(typ, m)` (Go 1.25+): RAX = t, RCX = m. Called
+/// before every rehash; counted only when it will prune.
+#[uprobe]
+pub fn prune_table(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    let (t, m) = (r.rax, r.rcx);
+    on_growth(&ctx, GROW_SWISS_PRUNE, m, t)
 }
 
 #[cfg(not(test))]

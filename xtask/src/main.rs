@@ -1,5 +1,8 @@
 //! gopulse's developer tasks, run as `cargo xtask <command>`.
+mod codegen;
+mod compact;
 mod demo;
+mod fuzz;
 mod histogram;
 mod http;
 mod openmetrics;
@@ -49,6 +52,29 @@ enum Cmd {
         #[arg(long, value_name = "VERSION", default_value = "1.27.3")]
         go: String,
     },
+    /// Setup, then fuzz the binary parser (gopulse-inspect) from seed
+    /// inputs; fails on any crash.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, value_name = "N", default_value_t = fuzz::DEFAULT_SECONDS)]
+        seconds: u64,
+    },
+    /// Regenerate checked-in source from the Go toolchains in the cache.
+    Codegen {
+        #[command(subcommand)]
+        what: Codegen,
+    },
+}
+
+#[derive(Subcommand)]
+enum Codegen {
+    /// `inspect/src/offsets_table.rs`: runtime struct field offsets per Go
+    /// release, from the DWARF of a fixture built with each toolchain.
+    Offsets {
+        /// Fail if the file differs from what would be generated; write nothing.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -79,5 +105,12 @@ fn run(command: Cmd) -> Result<()> {
                 go,
             },
         ),
+        Cmd::Fuzz { seconds } => {
+            setup::setup(&cache)?;
+            fuzz::fuzz(&cache, seconds)
+        }
+        Cmd::Codegen {
+            what: Codegen::Offsets { check },
+        } => codegen::offsets(&cache, check),
     }
 }

@@ -15,6 +15,9 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-20";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// bpf-linker's cargo feature for the nightly's LLVM major version.
 pub const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+/// cargo-fuzz, which `cargo xtask fuzz` runs with the pinned nightly
+/// (`EBPF_TOOLCHAIN`); it builds on stable.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Go releases the integration tests build workloads with (agent/tests
 /// hardcodes the same list).
 pub const GO_VERSIONS: &[&str] = &[
@@ -59,6 +62,10 @@ pub fn target_dir() -> PathBuf {
 
 pub fn bpf_linker_bin_dir(cache: &Path) -> PathBuf {
     cache.join("bpf-linker").join("bin")
+}
+
+pub fn cargo_fuzz_bin_dir(cache: &Path) -> PathBuf {
+    cache.join("cargo-fuzz").join("bin")
 }
 
 /// The LLVM "prefix" bpf-linker links against: `lib/` holds symlinks to the

@@ -12,8 +12,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::project::{
-    APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, EBPF_TOOLCHAIN, GO_VERSIONS,
-    bpf_linker_bin_dir, describe, fmt_elapsed, go_binary, is_root, llvm_prefix,
+    APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CARGO_FUZZ_VERSION, EBPF_TOOLCHAIN,
+    GO_VERSIONS, bpf_linker_bin_dir, cargo_fuzz_bin_dir, describe, fmt_elapsed, go_binary, is_root,
+    llvm_prefix,
 };
 
 enum Outcome {
@@ -33,6 +34,9 @@ pub fn setup(cache: &Path) -> Result<()> {
     })?;
     step(&format!("bpf-linker {BPF_LINKER_VERSION}"), || {
         bpf_linker(cache, &soname).map(|o| (o, ()))
+    })?;
+    step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}"), || {
+        cargo_fuzz(cache).map(|o| (o, ()))
     })?;
     let missing_go: Vec<&str> = GO_VERSIONS
         .iter()
@@ -246,6 +250,42 @@ fn bpf_linker(cache: &Path, soname: &str) -> Result<Outcome> {
         );
     }
     fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))?;
+    Ok(Outcome::Installed)
+}
+
+/// `cargo fuzz` (for `cargo xtask fuzz`): a plain cargo subcommand, built
+/// with stable; it runs the fuzz build with the nightly it is invoked by.
+fn cargo_fuzz(cache: &Path) -> Result<Outcome> {
+    let bin = cargo_fuzz_bin_dir(cache).join("cargo-fuzz");
+    let version_ok = |bin: &Path| {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|out| {
+                out.status.success()
+                    && String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .any(|word| word == CARGO_FUZZ_VERSION)
+            })
+    };
+    if version_ok(&bin) {
+        return Ok(Outcome::Present);
+    }
+    quiet(
+        Command::new("cargo")
+            .args(["+stable", "install", "--locked", "--force"])
+            .arg(format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"))
+            .arg("--root")
+            .arg(cache.join("cargo-fuzz"))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC"),
+    )?;
+    if !version_ok(&bin) {
+        bail!(
+            "{} --version does not print {CARGO_FUZZ_VERSION}",
+            bin.display()
+        );
+    }
     Ok(Outcome::Installed)
 }
 

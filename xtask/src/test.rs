@@ -1,10 +1,12 @@
 //! `cargo xtask test`: setup, formatting, lints, then every test with the
-//! real-BPF integration tests required to run (not skipped).
+//! real-BPF integration tests required to run (not skipped), then a minute
+//! of fuzzing the binary parser.
 use std::{path::Path, time::Instant};
 
 use anyhow::{Result, bail};
 
 use crate::{
+    fuzz::{DEFAULT_SECONDS, fuzz},
     project::{EBPF_TOOLCHAIN, cargo, fmt_elapsed, is_root, run},
     setup::setup,
 };
@@ -61,6 +63,7 @@ fn stages(cache: &Path, extra: &[String], timings: &mut Timings) -> Result<()> {
             // skipping.
             .env("GOPULSE_REQUIRE_BPF", "1"))
     })?;
+    stage("fuzz", &|| fuzz(cache, DEFAULT_SECONDS))?;
     Ok(())
 }
 

@@ -76,6 +76,18 @@ fn fixture_dir(name: &str) -> PathBuf {
 
 /// Builds `tests/fixtures/<name>` with the given `go`, once per test binary.
 pub fn build_fixture(name: &str, go: &Path, tag: &str, extra_args: &[&str]) -> PathBuf {
+    build_fixture_env(name, go, tag, extra_args, &[])
+}
+
+/// [`build_fixture`] with extra environment (e.g. `GOEXPERIMENT`); `tag`
+/// must tell such builds apart.
+pub fn build_fixture_env(
+    name: &str,
+    go: &Path,
+    tag: &str,
+    extra_args: &[&str],
+    envs: &[(&str, &str)],
+) -> PathBuf {
     static LOCKS: OnceLock<Mutex<BTreeMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
     let key = format!("{name}-{tag}");
     let lock = LOCKS
@@ -99,6 +111,7 @@ pub fn build_fixture(name: &str, go: &Path, tag: &str, extra_args: &[&str]) -> P
         .env("GOCACHE", cache.join("gocache"))
         .env("GOPATH", cache.join("gopath"))
         .env("GOFLAGS", "-mod=mod")
+        .envs(envs.iter().copied())
         .args(["build", "-o"])
         .arg(&tmp)
         .args(extra_args)
@@ -200,7 +213,13 @@ pub struct Agent {
 
 impl Agent {
     pub fn spawn(pids: &[u32]) -> Self {
+        Self::spawn_with(pids, &[])
+    }
+
+    /// [`Agent::spawn`] with extra command-line flags.
+    pub fn spawn_with(pids: &[u32], flags: &[&str]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gopulse"));
+        cmd.args(flags);
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }

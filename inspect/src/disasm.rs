@@ -1,0 +1,125 @@
+//! Finds RET instructions by decoding a function's machine code, so that
+//! return-side probes never need uretprobes (which break moving Go stacks).
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
+
+/// Go's stack-bound check at a function's start:
+/// `CMPQ SP, 16(R14)` (or `LEAQ -N(SP), R12; CMPQ R12, 16(R14)`) then `JLS`.
+/// `//go:systemstack` functions compare against `g.stackguard1` (+24).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StackCheck {
+    /// Address of the CMP.
+    pub cmp: u64,
+    /// Address of the conditional jump after it (to `morestack`); the
+    /// argument registers are unchanged up to and including it.
+    pub jump: u64,
+}
+
+/// Finds the stack check in the first instructions of a Go function
+/// (`g.stackguard0`/`stackguard1` are at 16/24 in the goroutine in R14). `None` for
+/// functions without one (NOSPLIT) or for code that is not a Go function.
+pub fn stack_check(code: &[u8], address: u64) -> Option<StackCheck> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut cmp = None;
+    for _ in 0..4 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return None;
+        }
+        if let Some(cmp) = cmp {
+            // Go branches to morestack with JLS (JBE: CF or ZF); probes on
+            // it rely on exactly that condition.
+            return (insn.mnemonic() == Mnemonic::Jbe).then_some(StackCheck {
+                cmp,
+                jump: insn.ip(),
+            });
+        }
+        if insn.mnemonic() == Mnemonic::Cmp
+            && insn.memory_base() == Register::R14
+            && matches!(insn.memory_displacement64(), 0x10 | 0x18)
+        {
+            cmp = Some(insn.ip());
+        }
+    }
+    None
+}
+
+/// Virtual addresses of every RET in `code` (which starts at `address`).
+/// Go does not embed data in functions, so a linear sweep sees every
+/// instruction; an undecodable byte means we are not looking at Go code.
+pub fn ret_addresses(code: &[u8], address: u64) -> Result<Vec<u64>, String> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut rets = Vec::new();
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            // Trailing INT3 padding decodes fine; an invalid opcode does not.
+            return Err(format!("invalid instruction at {:#x}", insn.ip()));
+        }
+        if insn.mnemonic() == Mnemonic::Ret {
+            rets.push(insn.ip());
+        }
+    }
+    if rets.is_empty() {
+        return Err("no RET instruction".to_owned());
+    }
+    Ok(rets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_each_ret() {
+        // cmp rsp,[r14+0x10]; jbe +1; ret; xor eax,eax; ret 8; int3
+        let code = [
+            0x49, 0x3b, 0x66, 0x10, 0x76, 0x01, 0xc3, 0x31, 0xc0, 0xc2, 0x08, 0x00, 0xcc,
+        ];
+        assert_eq!(ret_addresses(&code, 0x1000).unwrap(), vec![0x1006, 0x1009]);
+    }
+
+    #[test]
+    fn c3_inside_an_instruction_is_not_a_ret() {
+        // mov eax, 0xc3c3c3c3; ret
+        let code = [0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3];
+        assert_eq!(ret_addresses(&code, 0).unwrap(), vec![5]);
+    }
+
+    #[test]
+    fn go_stack_checks() {
+        // cmp rsp,[r14+0x10]; jbe +0x20
+        let small = [0x49, 0x3b, 0x66, 0x10, 0x76, 0x20];
+        assert_eq!(
+            stack_check(&small, 0x1000),
+            Some(StackCheck {
+                cmp: 0x1000,
+                jump: 0x1004
+            })
+        );
+        // lea r12,[rsp-0x88]; cmp r12,[r14+0x10]; jbe rel32
+        let large = [
+            0x4c, 0x8d, 0xa4, 0x24, 0x78, 0xff, 0xff, 0xff, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86,
+            0x10, 0x00, 0x00, 0x00,
+        ];
+        assert_eq!(
+            stack_check(&large, 0),
+            Some(StackCheck { cmp: 8, jump: 12 })
+        );
+        // lea r12,[rsp-0x28]; cmp r12,[r14+0x18]; jbe (a systemstack function)
+        let sys = [
+            0x4c, 0x8d, 0x64, 0x24, 0xd8, 0x4d, 0x3b, 0x66, 0x18, 0x0f, 0x86, 0x08, 0x05, 0, 0,
+        ];
+        assert_eq!(stack_check(&sys, 0), Some(StackCheck { cmp: 5, jump: 9 }));
+        // push rbp; mov rbp,rsp (a C function)
+        assert_eq!(stack_check(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0), None);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(ret_addresses(&[0x31, 0xc0], 0).is_err());
+        assert!(ret_addresses(&[0x06, 0xc3], 0).is_err()); // push es is invalid in 64-bit mode
+    }
+}

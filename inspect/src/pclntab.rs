@@ -1,0 +1,266 @@
+//! `.gopclntab`: Go's own function table, present in stripped binaries too.
+//! Layout of Go 1.20+ (`runtime/symtab.go` `pcHeader`, magic 0xfffffff1).
+use super::InspectError;
+
+/// Magic of Go 1.20+ tables (1.21–1.27 all use it).
+pub const MAGIC_GO120: u32 = 0xffff_fff1;
+/// magic, two zero pad bytes, minLC = 1 (amd64), ptrSize = 8.
+pub const HEADER_PREFIX: [u8; 8] = [0xf1, 0xff, 0xff, 0xff, 0, 0, 1, 8];
+const HEADER_LEN: usize = 72;
+
+fn corrupt(detail: impl Into<String>) -> InspectError {
+    InspectError::Corrupt {
+        section: ".gopclntab",
+        detail: detail.into(),
+    }
+}
+
+/// The `pcHeader` fields we use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub nfunc: usize,
+    /// As written; 0 from Go 1.26 on (it would need a relocation).
+    pub text_start: u64,
+    pub funcname_offset: usize,
+    pub pcln_offset: usize,
+}
+
+/// A parsed function table. `data` starts at the header.
+#[derive(Clone, Debug)]
+pub struct Pclntab<'a> {
+    data: &'a [u8],
+    header: Header,
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
+}
+
+fn usize_at(b: &[u8], at: usize) -> Option<usize> {
+    usize::try_from(u64_at(b, at)?).ok()
+}
+
+impl<'a> Pclntab<'a> {
+    /// Parses the header at the start of `data` and checks that the tables
+    /// it points to lie inside `data`.
+    pub fn parse(data: &'a [u8]) -> Result<Self, InspectError> {
+        if data.len() < HEADER_LEN {
+            return Err(corrupt("shorter than its header"));
+        }
+        let magic = u32_at(data, 0).unwrap_or(0);
+        if magic != MAGIC_GO120 {
+            return Err(corrupt(format!(
+                "magic {magic:#x} is not Go 1.20+'s {MAGIC_GO120:#x}"
+            )));
+        }
+        if data[4..8] != HEADER_PREFIX[4..8] {
+            return Err(corrupt("not an amd64 (ptrSize 8, minLC 1) table"));
+        }
+        let field = |at| usize_at(data, at).ok_or_else(|| corrupt("truncated header"));
+        let header = Header {
+            nfunc: field(8)?,
+            text_start: u64_at(data, 24).unwrap_or(0),
+            funcname_offset: field(32)?,
+            pcln_offset: field(64)?,
+        };
+        // The function table: nfunc+1 {entryoff, funcoff} pairs.
+        let ftab_len = header
+            .nfunc
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(8))
+            .ok_or_else(|| corrupt("absurd function count"))?;
+        let ftab_end = header
+            .pcln_offset
+            .checked_add(ftab_len)
+            .ok_or_else(|| corrupt("absurd function table offset"))?;
+        if header.nfunc == 0 || ftab_end > data.len() || header.funcname_offset >= data.len() {
+            return Err(corrupt("function table outside the section"));
+        }
+        Ok(Self { data, header })
+    }
+
+    pub fn header(&self) -> Header {
+        self.header
+    }
+
+    /// `(entryoff, funcoff)` of function `i` (i == nfunc gives the end of text).
+    fn ftab(&self, i: usize) -> Option<(u32, u32)> {
+        let at = self.header.pcln_offset + i * 8;
+        Some((u32_at(self.data, at)?, u32_at(self.data, at + 4)?))
+    }
+
+    /// The name of function `i`.
+    fn name(&self, i: usize) -> Option<&'a str> {
+        let (_, funcoff) = self.ftab(i)?;
+        let func = self.header.pcln_offset.checked_add(funcoff as usize)?;
+        let name_off = u32_at(self.data, func.checked_add(4)?)? as i32;
+        let start = self
+            .header
+            .funcname_offset
+            .checked_add(usize::try_from(name_off).ok()?)?;
+        let rest = self.data.get(start..)?;
+        let len = rest.iter().position(|&b| b == 0)?;
+        std::str::from_utf8(&rest[..len]).ok()
+    }
+
+    /// Every function as (name, entry offset from text start, end offset).
+    pub fn functions(
+        &self,
+    ) -> impl Iterator<Item = Result<(&'a str, u64, u64), InspectError>> + '_ {
+        (0..self.header.nfunc).map(move |i| {
+            let (entry, _) = self
+                .ftab(i)
+                .ok_or_else(|| corrupt("truncated function table"))?;
+            let (end, _) = self
+                .ftab(i + 1)
+                .ok_or_else(|| corrupt("truncated function table"))?;
+            let name = self
+                .name(i)
+                .ok_or_else(|| corrupt(format!("function {i} has no readable name")))?;
+            if end < entry {
+                return Err(corrupt(format!("function table not sorted at {name}")));
+            }
+            Ok((name, u64::from(entry), u64::from(end)))
+        })
+    }
+
+    /// Names and text-relative bounds, sorted by entry, for PC lookups.
+    pub fn symbolizer(&self, text_start: u64) -> Result<Symbolizer, InspectError> {
+        let mut entries = Vec::with_capacity(self.header.nfunc);
+        let mut names = String::new();
+        for f in self.functions() {
+            let (name, entry, _) = f?;
+            let at = names.len();
+            names.push_str(name);
+            let entry = text_start
+                .checked_add(entry)
+                .ok_or_else(|| corrupt("function past the end of the address space"))?;
+            entries.push((entry, at as u32, name.len() as u32));
+        }
+        let (end, _) = self
+            .ftab(self.header.nfunc)
+            .ok_or_else(|| corrupt("truncated function table"))?;
+        let text_end = text_start
+            .checked_add(u64::from(end))
+            .ok_or_else(|| corrupt("text past the end of the address space"))?;
+        Ok(Symbolizer {
+            entries,
+            names,
+            text_end,
+        })
+    }
+}
+
+/// Program counter → Go function name, from pclntab.
+#[derive(Clone, Debug, Default)]
+pub struct Symbolizer {
+    /// (entry address, name offset, name length), sorted by entry.
+    entries: Vec<(u64, u32, u32)>,
+    names: String,
+    text_end: u64,
+}
+
+impl Symbolizer {
+    /// The Go function containing `pc` (a virtual address of the binary),
+    /// as Go prints it, e.g. `main.(*Cache).Put`.
+    pub fn function_at(&self, pc: u64) -> Option<&str> {
+        if pc >= self.text_end {
+            return None;
+        }
+        let i = self.entries.partition_point(|&(entry, _, _)| entry <= pc);
+        let &(_, at, len) = self.entries.get(i.checked_sub(1)?)?;
+        self.names.get(at as usize..(at + len) as usize)
+    }
+
+    /// Entry address of a function by name (first match).
+    pub fn entry_of(&self, name: &str) -> Option<u64> {
+        self.entries
+            .iter()
+            .find(|&&(_, at, len)| self.names.get(at as usize..(at + len) as usize) == Some(name))
+            .map(|&(entry, _, _)| entry)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table with two functions `a` (0x0..0x20) and `b` (0x20..0x60).
+    fn table() -> Vec<u8> {
+        let mut t = vec![0u8; HEADER_LEN];
+        t[..8].copy_from_slice(&HEADER_PREFIX);
+        let funcname_offset = HEADER_LEN;
+        let names = b"a\0b\0";
+        let pcln_offset = funcname_offset + names.len();
+        t[8..16].copy_from_slice(&2u64.to_le_bytes());
+        t[24..32].copy_from_slice(&0x401000u64.to_le_bytes());
+        t[32..40].copy_from_slice(&(funcname_offset as u64).to_le_bytes());
+        t[64..72].copy_from_slice(&(pcln_offset as u64).to_le_bytes());
+        t.extend_from_slice(names);
+        // ftab: 3 entries; _func records follow at funcoff (relative to pcln).
+        let func0 = 24u32;
+        let func1 = 32u32;
+        for (entry, funcoff) in [(0u32, func0), (0x20, func1), (0x60, 0)] {
+            t.extend_from_slice(&entry.to_le_bytes());
+            t.extend_from_slice(&funcoff.to_le_bytes());
+        }
+        for (entry, name_off) in [(0u32, 0i32), (0x20, 2)] {
+            t.extend_from_slice(&entry.to_le_bytes());
+            t.extend_from_slice(&name_off.to_le_bytes());
+        }
+        t
+    }
+
+    #[test]
+    fn parses_functions_and_symbolizes() {
+        let data = table();
+        let p = Pclntab::parse(&data).unwrap();
+        assert_eq!(p.header().text_start, 0x401000);
+        let funcs: Vec<_> = p.functions().map(Result::unwrap).collect();
+        assert_eq!(funcs, vec![("a", 0, 0x20), ("b", 0x20, 0x60)]);
+        let s = p.symbolizer(0x401000).unwrap();
+        assert_eq!(s.function_at(0x401000), Some("a"));
+        assert_eq!(s.function_at(0x40101f), Some("a"));
+        assert_eq!(s.function_at(0x401020), Some("b"));
+        assert_eq!(s.function_at(0x40105f), Some("b"));
+        assert_eq!(s.function_at(0x401060), None);
+        assert_eq!(s.function_at(0x400fff), None);
+        assert_eq!(s.entry_of("b"), Some(0x401020));
+    }
+
+    #[test]
+    fn truncations_are_errors() {
+        let data = table();
+        for cut in 0..data.len() {
+            let Ok(p) = Pclntab::parse(&data[..cut]) else {
+                continue;
+            };
+            // The header may fit while names do not: iteration must say so.
+            let all: Result<Vec<_>, _> = p.functions().collect();
+            assert!(all.is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn wrong_magic() {
+        let mut data = table();
+        data[0] = 0xf0;
+        assert!(Pclntab::parse(&data).is_err());
+    }
+}
