@@ -172,17 +172,18 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<(Vec<ProbeSite>, P
             flags,
             b,
             noverflow,
-            buckets,
+            hash0,
             ..
         } => {
+            config.hmap_hash0 = hash0;
             config.hmap_count = count;
             config.hmap_flags = flags;
             config.hmap_b = b;
             config.hmap_noverflow = noverflow;
-            config.hmap_buckets = buckets;
         }
         MapOffsets::Swiss {
             map_used,
+            map_seed,
             map_dir_len,
             map_global_depth,
             table_used,
@@ -192,6 +193,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<(Vec<ProbeSite>, P
             ..
         } => {
             config.map_used = map_used;
+            config.map_seed = map_seed;
             config.map_dir_len = map_dir_len;
             config.map_global_depth = map_global_depth;
             config.table_used = table_used;

@@ -10,7 +10,8 @@ use gopulse_common::{
 
 use crate::{
     bpf::{self, Attachment, Bpf},
-    inspect::{self, Symbolizer},
+    inspect::{self, MapOffsets, Symbolizer},
+    mapshape,
     metrics::{
         GrowthLabels, Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProcLabels, ReasonLabels,
         SiteLabels,
@@ -45,6 +46,19 @@ struct Proc {
     growth_series: BTreeSet<(String, &'static str)>,
     sites: BTreeSet<String>,
     storms: BTreeMap<String, StormTracker>,
+    /// The largest map seen growing at each site.
+    largest: BTreeMap<String, MapRef>,
+    map_offsets: MapOffsets,
+}
+
+/// A map known by its address and seed, with its size when it last grew.
+#[derive(Clone, Copy, Debug)]
+struct MapRef {
+    addr: u64,
+    seed: u64,
+    count: u64,
+    /// Its memory no longer holds it: any map growing at the site replaces it.
+    gone: bool,
 }
 
 impl Proc {
@@ -177,6 +191,8 @@ impl Collector {
                 growth_series: BTreeSet::new(),
                 sites: BTreeSet::new(),
                 storms: BTreeMap::new(),
+                largest: BTreeMap::new(),
+                map_offsets: bin.offsets.map,
             },
         );
         Ok(probes)
@@ -241,6 +257,21 @@ impl Collector {
             }
         }
         p.growth_series.insert((site.clone(), kind));
+        let seen = MapRef {
+            addr: ev.map,
+            seed: ev.seed,
+            count: ev.count,
+            gone: false,
+        };
+        p.largest
+            .entry(site.clone())
+            .and_modify(|m| {
+                let same = m.addr == seen.addr && m.seed == seen.seed;
+                if same || m.gone || seen.count >= m.count {
+                    *m = seen;
+                }
+            })
+            .or_insert(seen);
         let storm = p
             .storms
             .entry(site.clone())
@@ -361,6 +392,36 @@ impl Collector {
                 .events_lost
                 .get_or_create(&p.labels)
                 .inc_by(lost);
+            for (site, map) in &mut p.largest {
+                let labels = SiteLabels {
+                    proc: p.labels.clone(),
+                    site: site.clone(),
+                };
+                match mapshape::read_shape(pid, map.addr, map.seed, &p.map_offsets) {
+                    Ok(Some(shape)) => {
+                        let m = &self.metrics;
+                        m.map_entries
+                            .get_or_create(&labels)
+                            .set(shape.entries as i64);
+                        m.map_capacity
+                            .get_or_create(&labels)
+                            .set(shape.capacity as i64);
+                        m.map_load_factor
+                            .get_or_create(&labels)
+                            .set(shape.load_factor());
+                        if let Some(n) = shape.overflow {
+                            m.map_overflow.get_or_create(&labels).set(n as i64);
+                        }
+                        if let Some(n) = shape.tables {
+                            m.map_tables.get_or_create(&labels).set(n as i64);
+                        }
+                    }
+                    // Freed (seed no longer there): the last values stay
+                    // until the site grows a map again.
+                    Ok(None) => map.gone = true,
+                    Err(e) => tracing::debug!(pid, site = %site, "reading map shape: {e}"),
+                }
+            }
             if stats.stw_unmatched > p.synced.stw_unmatched {
                 tracing::debug!(
                     pid,

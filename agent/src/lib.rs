@@ -3,6 +3,7 @@
 //! library so integration tests can check them against real Go toolchains.
 pub mod bpf;
 pub mod collector;
+pub mod mapshape;
 pub mod metrics;
 pub mod procfs;
 pub mod server;

@@ -76,6 +76,11 @@ pub struct Metrics {
     pub map_growths: Family<GrowthLabels, Counter>,
     pub map_sites_dropped: Family<ProcLabels, Counter>,
     pub map_growth_storms: Family<SiteLabels, Counter>,
+    pub map_entries: Family<SiteLabels, Gauge>,
+    pub map_capacity: Family<SiteLabels, Gauge>,
+    pub map_load_factor: Family<SiteLabels, Gauge<f64, AtomicU64>>,
+    pub map_overflow: Family<SiteLabels, Gauge>,
+    pub map_tables: Family<SiteLabels, Gauge>,
 }
 
 impl Metrics {
@@ -90,6 +95,11 @@ impl Metrics {
             map_growths: Family::default(),
             map_sites_dropped: Family::default(),
             map_growth_storms: Family::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            map_load_factor: Family::default(),
+            map_overflow: Family::default(),
+            map_tables: Family::default(),
         };
         registry.register(
             "gc_cycles",
@@ -144,6 +154,34 @@ impl Metrics {
              within --storm-window-ms",
             m.map_growth_storms.clone(),
         );
+        registry.register(
+            "map_entries",
+            "Entries of the largest map seen growing at the site, read from the process when \
+             metrics are collected",
+            m.map_entries.clone(),
+        );
+        registry.register(
+            "map_capacity_slots",
+            "Slots of that map: classic 8<<B; swiss the summed capacity of its tables (8 for \
+             a small map)",
+            m.map_capacity.clone(),
+        );
+        registry.register(
+            "map_load_factor",
+            "Entries / capacity slots of that map",
+            m.map_load_factor.clone(),
+        );
+        registry.register(
+            "map_overflow_buckets",
+            "Overflow buckets of that map (classic maps; Go counts them approximately from \
+             B >= 16)",
+            m.map_overflow.clone(),
+        );
+        registry.register(
+            "map_tables",
+            "Distinct tables of that map (swiss maps; 0 for a small map)",
+            m.map_tables.clone(),
+        );
         m
     }
 
@@ -162,10 +200,16 @@ impl Metrics {
                 site: site.clone(),
                 kind,
             });
-            self.map_growth_storms.remove(&SiteLabels {
+            let site = SiteLabels {
                 proc: labels.clone(),
                 site: site.clone(),
-            });
+            };
+            self.map_growth_storms.remove(&site);
+            self.map_entries.remove(&site);
+            self.map_capacity.remove(&site);
+            self.map_load_factor.remove(&site);
+            self.map_overflow.remove(&site);
+            self.map_tables.remove(&site);
         }
         self.events_lost.remove(labels);
         self.probes_attached.remove(labels);

@@ -60,6 +60,26 @@ fn parse_mapping_start(maps: &str, exe: &str) -> Option<u64> {
     })
 }
 
+/// Reads `buf.len()` bytes of the process's memory at `addr`.
+pub fn read_mem(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: both iovecs describe valid lengths; the local one is our
+    // buffer, the remote one is only read by the kernel, with checks.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    match n {
+        -1 => Err(io::Error::last_os_error()),
+        n if n as usize == buf.len() => Ok(()),
+        _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read")),
+    }
+}
+
 /// Why a process cannot be watched, from an error reading its /proc entry.
 pub fn describe(err: &io::Error) -> String {
     match err.kind() {
@@ -102,6 +122,11 @@ mod tests {
         assert!(start_time(me).unwrap() > 0);
         assert!(!exe_name(me).unwrap().is_empty());
         assert!(exe_mapping_start(me).unwrap() > 0);
+        let x = 0x1234_5678_u64;
+        let mut buf = [0u8; 8];
+        read_mem(me, &raw const x as u64, &mut buf).unwrap();
+        assert_eq!(u64::from_le_bytes(buf), x);
+        assert!(read_mem(me, 8, &mut buf).is_err());
         let err = start_time(u32::MAX).unwrap_err();
         assert_eq!(describe(&err), "no such process");
     }

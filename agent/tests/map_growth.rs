@@ -10,6 +10,10 @@ use support::{Agent, Target};
 #[derive(Debug, Deserialize)]
 struct Site {
     growths: BTreeMap<String, u64>,
+    entries: u64,
+    capacity: u64,
+    overflow: u64,
+    tables: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +103,61 @@ fn check(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)]) {
         after.value("gopulse_events_lost_total", &[("pid", &pid)]),
         0.0
     );
+    for (site, s) in &truth.sites {
+        let total: u64 = s.growths.values().sum();
+        let storms = after.value(
+            "gopulse_map_growth_storms_total",
+            &[("pid", &pid), ("site", site)],
+        );
+        assert_eq!(
+            storms,
+            f64::from(u8::from(total > STORM)),
+            "go{version} {kind}: storms at {site} ({total} growths)"
+        );
+    }
+    // The shape of each site's map, read from the process, against the
+    // fixture's own reading after its last insert.
+    let classic = truth.implementation == "classic";
+    for (site, s) in &truth.sites {
+        let l = [("pid", pid.as_str()), ("site", site.as_str())];
+        let what = format!("go{version} {kind} {site}");
+        assert_eq!(
+            after.value("gopulse_map_entries", &l),
+            s.entries as f64,
+            "{what} entries"
+        );
+        assert_eq!(
+            after.value("gopulse_map_capacity_slots", &l),
+            s.capacity as f64,
+            "{what} capacity"
+        );
+        let load = after.value("gopulse_map_load_factor", &l);
+        assert!(
+            (load - s.entries as f64 / s.capacity as f64).abs() < 1e-9,
+            "{what} load {load}"
+        );
+        if classic {
+            assert_eq!(
+                after.value("gopulse_map_overflow_buckets", &l),
+                s.overflow as f64,
+                "{what} overflow"
+            );
+            assert!(
+                !after.has("gopulse_map_tables", &l),
+                "{what}: tables on a classic map"
+            );
+        } else {
+            assert_eq!(
+                after.value("gopulse_map_tables", &l),
+                s.tables as f64,
+                "{what} tables"
+            );
+            assert!(
+                !after.has("gopulse_map_overflow_buckets", &l),
+                "{what}: overflow on swiss"
+            );
+        }
+    }
     eprintln!(
         "RESULT go{version} {kind} ({}): {}",
         truth.implementation,

@@ -47,6 +47,7 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
             flags,
             b,
             noverflow,
+            hash0,
             buckets,
             oldbuckets,
             nevacuate,
@@ -54,8 +55,10 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
             size,
         } => {
             assert_eq!(
-                (count, flags, b, noverflow, buckets, oldbuckets, nevacuate),
-                (0, 8, 9, 10, 16, 24, 32),
+                (
+                    count, flags, b, noverflow, hash0, buckets, oldbuckets, nevacuate
+                ),
+                (0, 8, 9, 10, 12, 16, 24, 32),
                 "{what}"
             );
             // 1.24 put clearSeq before extra.
@@ -64,6 +67,7 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
         }
         MapOffsets::Swiss {
             map_used,
+            map_seed,
             map_dir_ptr,
             map_dir_len,
             map_global_depth,
@@ -81,13 +85,14 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
             assert_eq!(
                 (
                     map_used,
+                    map_seed,
                     map_dir_ptr,
                     map_dir_len,
                     map_global_depth,
                     map_global_shift,
                     map_size
                 ),
-                (0, 16, 24, 32, 33, 48),
+                (0, 8, 16, 24, 32, 33, 48),
                 "{what}"
             );
             assert_eq!(

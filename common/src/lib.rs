@@ -42,12 +42,11 @@ pub struct ProcConfig {
     /// One of the `START_ARGS_*` values.
     pub start_args: u8,
     pub _pad: [u8; 7],
-    /// Classic `runtime.hmap`: count, flags, B, noverflow, buckets.
+    /// Classic `runtime.hmap`: count, flags, B, noverflow.
     pub hmap_count: u16,
     pub hmap_flags: u16,
     pub hmap_b: u16,
     pub hmap_noverflow: u16,
-    pub hmap_buckets: u16,
     /// Swiss `internal/runtime/maps.Map`: used, dirLen, globalDepth.
     pub map_used: u16,
     pub map_dir_len: u16,
@@ -57,6 +56,11 @@ pub struct ProcConfig {
     pub table_capacity: u16,
     pub table_growth_left: u16,
     pub table_local_depth: u16,
+    /// The map's random seed (classic `hash0`, uint32; swiss `seed`): with
+    /// its address, what identifies a map over time.
+    pub hmap_hash0: u16,
+    pub map_seed: u16,
+    pub _pad2: [u8; 6],
     /// Go 1.21 with symbols: runtime addresses of `work.pauseStart` and
     /// `memstats.last_gc_nanotime`, the runtime's own GC pause clock (0 when
     /// unknown).
@@ -102,6 +106,8 @@ pub struct GrowthEvent {
     pub table_used: u16,
     pub table_growth_left: u16,
     pub _pad: u16,
+    /// The map's seed (see [`ProcConfig::hmap_hash0`]).
+    pub seed: u64,
     /// Return addresses, innermost first: the caller of the probed runtime
     /// function, then its callers.
     pub pcs: [u64; GROWTH_FRAMES],

@@ -285,10 +285,12 @@ fn on_growth(ctx: &ProbeContext, kind: u8, map: u64, table: u64) -> u32 {
         ..GrowthEvent::default()
     };
     if classic {
+        ev.seed = u64::from(read::<u32>(map + u64::from(cfg.hmap_hash0)));
         ev.flags_or_local_depth = read::<u8>(map + u64::from(cfg.hmap_flags));
         ev.b_or_depth = read::<u8>(map + u64::from(cfg.hmap_b));
         ev.noverflow_or_capacity = read::<u16>(map + u64::from(cfg.hmap_noverflow));
     } else {
+        ev.seed = read::<u64>(map + u64::from(cfg.map_seed));
         ev.dir_len = read::<u64>(map + u64::from(cfg.map_dir_len));
         ev.b_or_depth = read::<u8>(map + u64::from(cfg.map_global_depth));
         if table != 0 {

@@ -58,6 +58,8 @@ pub enum MapOffsets {
         flags: u16,
         b: u16,
         noverflow: u16,
+        /// The map's random hash seed: with the address, its identity.
+        hash0: u16,
         buckets: u16,
         oldbuckets: u16,
         nevacuate: u16,
@@ -68,6 +70,8 @@ pub enum MapOffsets {
     /// `table.groups` plus the field's offset in `groupsReference`.
     Swiss {
         map_used: u16,
+        /// The map's random hash seed: with the address, its identity.
+        map_seed: u16,
         map_dir_ptr: u16,
         map_dir_len: u16,
         map_global_depth: u16,
@@ -351,6 +355,7 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
             flags: field(HMAP, "flags")?,
             b: field(HMAP, "B")?,
             noverflow: field(HMAP, "noverflow")?,
+            hash0: field(HMAP, "hash0")?,
             buckets: field(HMAP, "buckets")?,
             oldbuckets: field(HMAP, "oldbuckets")?,
             nevacuate: field(HMAP, "nevacuate")?,
@@ -365,6 +370,7 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
             };
             MapOffsets::Swiss {
                 map_used: field(SWISS_MAP, "used")?,
+                map_seed: field(SWISS_MAP, "seed")?,
                 map_dir_ptr: field(SWISS_MAP, "dirPtr")?,
                 map_dir_len: field(SWISS_MAP, "dirLen")?,
                 map_global_depth: field(SWISS_MAP, "globalDepth")?,
@@ -532,6 +538,7 @@ mod tests {
                 flags: 8,
                 b: 9,
                 noverflow: 10,
+                hash0: 12,
                 buckets: 16,
                 oldbuckets: 24,
                 nevacuate: 32,
@@ -555,6 +562,7 @@ mod tests {
                 48,
                 &[
                     ("used", 0),
+                    ("seed", 8),
                     ("dirPtr", 16),
                     ("dirLen", 24),
                     ("globalDepth", 32),

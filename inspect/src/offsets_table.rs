@@ -16,6 +16,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
                 flags: 8,
                 b: 9,
                 noverflow: 10,
+                hash0: 12,
                 buckets: 16,
                 oldbuckets: 24,
                 nevacuate: 32,
@@ -37,6 +38,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
                 flags: 8,
                 b: 9,
                 noverflow: 10,
+                hash0: 12,
                 buckets: 16,
                 oldbuckets: 24,
                 nevacuate: 32,
@@ -58,6 +60,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
                 flags: 8,
                 b: 9,
                 noverflow: 10,
+                hash0: 12,
                 buckets: 16,
                 oldbuckets: 24,
                 nevacuate: 32,
@@ -76,6 +79,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
         Offsets {
             map: MapOffsets::Swiss {
                 map_used: 0,
+                map_seed: 8,
                 map_dir_ptr: 16,
                 map_dir_len: 24,
                 map_global_depth: 32,
@@ -105,6 +109,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
                 flags: 8,
                 b: 9,
                 noverflow: 10,
+                hash0: 12,
                 buckets: 16,
                 oldbuckets: 24,
                 nevacuate: 32,
@@ -123,6 +128,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
         Offsets {
             map: MapOffsets::Swiss {
                 map_used: 0,
+                map_seed: 8,
                 map_dir_ptr: 16,
                 map_dir_len: 24,
                 map_global_depth: 32,
@@ -152,6 +158,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
                 flags: 8,
                 b: 9,
                 noverflow: 10,
+                hash0: 12,
                 buckets: 16,
                 oldbuckets: 24,
                 nevacuate: 32,
@@ -170,6 +177,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
         Offsets {
             map: MapOffsets::Swiss {
                 map_used: 0,
+                map_seed: 8,
                 map_dir_ptr: 16,
                 map_dir_len: 24,
                 map_global_depth: 32,
@@ -196,6 +204,7 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
         Offsets {
             map: MapOffsets::Swiss {
                 map_used: 0,
+                map_seed: 8,
                 map_dir_ptr: 16,
                 map_dir_len: 24,
                 map_global_depth: 32,

@@ -140,6 +140,7 @@ fn render(rows: &[Row]) -> String {
                 flags,
                 b,
                 noverflow,
+                hash0,
                 buckets,
                 oldbuckets,
                 nevacuate,
@@ -147,11 +148,12 @@ fn render(rows: &[Row]) -> String {
                 size,
             } => format!(
                 "MapOffsets::Classic {{ count: {count}, flags: {flags}, b: {b}, \
-                 noverflow: {noverflow}, buckets: {buckets}, oldbuckets: {oldbuckets}, \
+                 noverflow: {noverflow}, hash0: {hash0}, buckets: {buckets}, oldbuckets: {oldbuckets}, \
                  nevacuate: {nevacuate}, extra: {extra}, size: {size} }}"
             ),
             MapOffsets::Swiss {
                 map_used,
+                map_seed,
                 map_dir_ptr,
                 map_dir_len,
                 map_global_depth,
@@ -166,7 +168,7 @@ fn render(rows: &[Row]) -> String {
                 table_groups_length_mask,
                 table_size,
             } => format!(
-                "MapOffsets::Swiss {{ map_used: {map_used}, map_dir_ptr: {map_dir_ptr}, \
+                "MapOffsets::Swiss {{ map_used: {map_used}, map_seed: {map_seed}, map_dir_ptr: {map_dir_ptr}, \
                  map_dir_len: {map_dir_len}, map_global_depth: {map_global_depth}, \
                  map_global_shift: {map_global_shift}, map_size: {map_size}, \
                  table_used: {table_used}, table_capacity: {table_capacity}, \

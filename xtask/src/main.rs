@@ -1,4 +1,5 @@
 //! gopulse's developer tasks, run as `cargo xtask <command>`.
+mod bench;
 mod codegen;
 mod compact;
 mod demo;
@@ -59,11 +60,23 @@ enum Cmd {
         #[arg(long, value_name = "N", default_value_t = fuzz::DEFAULT_SECONDS)]
         seconds: u64,
     },
+    /// Benchmarks (root): what the agent costs the programs it watches.
+    Bench {
+        #[command(subcommand)]
+        what: Bench,
+    },
     /// Regenerate checked-in source from the Go toolchains in the cache.
     Codegen {
         #[command(subcommand)]
         what: Codegen,
     },
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// A map-heavy Go program without the agent and with it, alternating:
+    /// per-phase throughput ratios and the cost per probe hit.
+    Overhead(bench::OverheadArgs),
 }
 
 #[derive(Subcommand)]
@@ -109,6 +122,9 @@ fn run(command: Cmd) -> Result<()> {
             setup::setup(&cache)?;
             fuzz::fuzz(&cache, seconds)
         }
+        Cmd::Bench {
+            what: Bench::Overhead(args),
+        } => bench::overhead(&cache, &args),
         Cmd::Codegen {
             what: Codegen::Offsets { check },
         } => codegen::offsets(&cache, check),

@@ -1,0 +1,3 @@
+module example.com/gopulse/bench
+
+go 1.21
