@@ -7,7 +7,10 @@ use aya::{
     maps::{HashMap, MapData, PerCpuHashMap, RingBuf},
     programs::{UProbe, uprobe::UProbeLinkId, uprobe::UProbeScope},
 };
-use gopulse_common::{PendingStw, ProcConfig, ProcStats, START_ARGS_NONE, START_ARGS_WORLDSTOP};
+use gopulse_common::{
+    MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, MapKey, MapSeen, PROBE_CLASSES, PendingStw, ProcConfig,
+    ProcStats, START_ARGS_NONE, START_ARGS_WORLDSTOP,
+};
 
 use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets};
 
@@ -31,6 +34,22 @@ pub const SWISS_GROWTH: &[(&str, &str)] = &[
 /// Go 1.25+ prunes tombstones before growing a table.
 pub const SWISS_PRUNE_FN: &str = "internal/runtime/maps.(*table).pruneTombstones";
 
+/// Map assignment and deletion: hot, attached only as `--map-assign-probes`
+/// says. Any of them may be absent (the linker keeps only what is used).
+pub const ASSIGN_FUNCTIONS: &[&str] = &[
+    "runtime.mapassign",
+    "runtime.mapassign_fast32",
+    "runtime.mapassign_fast64",
+    "runtime.mapassign_fast64ptr",
+    "runtime.mapassign_faststr",
+];
+pub const DELETE_FUNCTIONS: &[&str] = &[
+    "runtime.mapdelete",
+    "runtime.mapdelete_fast32",
+    "runtime.mapdelete_fast64",
+    "runtime.mapdelete_faststr",
+];
+
 /// Every function any release may need, for [`crate::inspect::inspect`].
 pub const WANTED_FUNCTIONS: &[&str] = &[
     STOP_FN,
@@ -42,6 +61,15 @@ pub const WANTED_FUNCTIONS: &[&str] = &[
     "internal/runtime/maps.(*table).grow",
     "internal/runtime/maps.(*table).split",
     SWISS_PRUNE_FN,
+    "runtime.mapassign",
+    "runtime.mapassign_fast32",
+    "runtime.mapassign_fast64",
+    "runtime.mapassign_fast64ptr",
+    "runtime.mapassign_faststr",
+    "runtime.mapdelete",
+    "runtime.mapdelete_fast32",
+    "runtime.mapdelete_fast64",
+    "runtime.mapdelete_faststr",
 ];
 
 const PROG_STOP: &str = "stw_stop";
@@ -54,6 +82,8 @@ const PROG_GROW_TO_TABLE: &str = "grow_to_table";
 const PROG_GROW_TABLE: &str = "grow_table";
 const PROG_SPLIT_TABLE: &str = "split_table";
 const PROG_PRUNE_TABLE: &str = "prune_table";
+const PROG_MAP_ASSIGN: &str = "map_assign";
+const PROG_MAP_DELETE: &str = "map_delete";
 const PROGRAMS: &[&str] = &[
     PROG_STOP,
     PROG_START_ENTRY,
@@ -65,6 +95,8 @@ const PROGRAMS: &[&str] = &[
     PROG_GROW_TABLE,
     PROG_SPLIT_TABLE,
     PROG_PRUNE_TABLE,
+    PROG_MAP_ASSIGN,
+    PROG_MAP_DELETE,
 ];
 
 /// The links attached to one process.
@@ -100,6 +132,26 @@ pub fn entry_offset(f: &Function) -> anyhow::Result<u64> {
             f.name
         )
     })
+}
+
+/// The assignment and deletion probes of this binary (those it has).
+pub fn plan_access(bin: &GoBinary) -> anyhow::Result<Vec<ProbeSite>> {
+    let mut sites = Vec::new();
+    for (functions, program) in [
+        (ASSIGN_FUNCTIONS, PROG_MAP_ASSIGN),
+        (DELETE_FUNCTIONS, PROG_MAP_DELETE),
+    ] {
+        for &function in functions {
+            if let Some(f) = bin.functions.get(function) {
+                sites.push(ProbeSite {
+                    program,
+                    function,
+                    file_offset: entry_offset(f)?,
+                });
+            }
+        }
+    }
+    Ok(sites)
 }
 
 /// Where each program goes in this binary, and the per-process config.
@@ -141,6 +193,10 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<(Vec<ProbeSite>, P
     }
     let mut config = ProcConfig {
         start_args,
+        map_impl: match bin.map_impl {
+            MapImpl::Classic => MAP_IMPL_CLASSIC,
+            MapImpl::Swiss => MAP_IMPL_SWISS,
+        },
         ..ProcConfig::default()
     };
     if let Some(clock) = bin.pause_clock {
@@ -265,10 +321,6 @@ impl Bpf {
         sites: &[ProbeSite],
         config: ProcConfig,
     ) -> anyhow::Result<Attachment> {
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
-        // Attach through /proc so the right file is probed even when the
-        // path is in another mount namespace or was replaced on disk.
-        let target = PathBuf::from(format!("/proc/{pid}/exe"));
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         let zero = aya::maps::PerCpuValues::try_from(vec![ProcStats::default(); cpus])?;
         self.stats_map()?
@@ -277,6 +329,21 @@ impl Bpf {
         self.hash_map::<ProcConfig>("PROCS")?
             .insert(pid, config, 0)
             .context("registering the process in PROCS")?;
+        match self.attach_sites(pid, sites) {
+            Ok(a) => Ok(a),
+            Err(e) => {
+                self.detach(pid, Attachment::default());
+                Err(e)
+            }
+        }
+    }
+
+    /// Attaches probes to a registered process; all or nothing.
+    pub fn attach_sites(&mut self, pid: u32, sites: &[ProbeSite]) -> anyhow::Result<Attachment> {
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
+        // Attach through /proc so the right file is probed even when the
+        // path is in another mount namespace or was replaced on disk.
+        let target = PathBuf::from(format!("/proc/{pid}/exe"));
         let mut attachment = Attachment::default();
         for site in sites {
             let prog: &mut UProbe = self
@@ -287,7 +354,7 @@ impl Bpf {
             match prog.attach(site.file_offset, &target, scope) {
                 Ok(link) => attachment.links.push((site.program, link)),
                 Err(e) => {
-                    self.detach(pid, attachment);
+                    self.detach_links(pid, attachment);
                     bail!(
                         "attaching {} at {} (file offset {:#x}): {e}",
                         site.program,
@@ -302,16 +369,7 @@ impl Bpf {
 
     /// Detaches the process's probes and forgets its kernel state.
     pub fn detach(&mut self, pid: u32, attachment: Attachment) {
-        for (program, link) in attachment.links {
-            let detached = self
-                .ebpf
-                .program_mut(program)
-                .and_then(|p| <&mut UProbe>::try_from(p).ok())
-                .map(|p| p.detach(link));
-            if let Some(Err(e)) = detached {
-                tracing::warn!(pid, program, "detaching uprobe: {e}");
-            }
-        }
+        self.detach_links(pid, attachment);
         // Absent entries are fine: attach may have failed half-way.
         if let Ok(mut m) = self.hash_map::<ProcConfig>("PROCS") {
             let _ = m.remove(&pid);
@@ -322,6 +380,45 @@ impl Bpf {
         if let Ok(mut m) = self.hash_map::<PendingStw>("PENDING") {
             let _ = m.remove(&pid);
         }
+        let _ = self.take_seen(pid);
+    }
+
+    /// Detaches links, keeping the process registered.
+    pub fn detach_links(&mut self, pid: u32, attachment: Attachment) {
+        for (program, link) in attachment.links {
+            let detached = self
+                .ebpf
+                .program_mut(program)
+                .and_then(|p| <&mut UProbe>::try_from(p).ok())
+                .map(|p| p.detach(link));
+            if let Some(Err(e)) = detached {
+                tracing::warn!(pid, program, "detaching uprobe: {e}");
+            }
+        }
+    }
+
+    /// Takes (reads and removes) what the assignment probes saw of the
+    /// process's maps since the last call.
+    pub fn take_seen(&mut self, pid: u32) -> anyhow::Result<Vec<(u64, MapSeen)>> {
+        let map = self
+            .ebpf
+            .map_mut("MAP_SEEN")
+            .context("map MAP_SEEN missing from the eBPF object")?;
+        let mut seen: HashMap<&mut MapData, MapKey, MapSeen> = HashMap::try_from(map)?;
+        let keys: Vec<MapKey> = seen
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pid == pid)
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            // An entry can be evicted between listing and reading: skip it.
+            if let Ok(v) = seen.get(&key, 0) {
+                out.push((key.map, v));
+            }
+            let _ = seen.remove(&key);
+        }
+        Ok(out)
     }
 
     fn stats_map(&mut self) -> anyhow::Result<PerCpuHashMap<&mut MapData, u32, ProcStats>> {
@@ -341,6 +438,9 @@ impl Bpf {
             sum.stw_unmatched += s.stw_unmatched;
             sum.map_growths += s.map_growths;
             sum.growth_refires += s.growth_refires;
+            for c in 0..PROBE_CLASSES {
+                sum.hits[c] += s.hits[c];
+            }
             sum
         }))
     }

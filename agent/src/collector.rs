@@ -5,16 +5,17 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use gopulse_common::{
     GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
-    GROW_SWISS_TO_TABLE, GrowthEvent, ProcStats, STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent,
+    GROW_SWISS_TO_TABLE, GrowthEvent, PROBE_ASSIGN, PROBE_CLASSES, PROBE_DELETE, ProcStats,
+    STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent,
 };
 
 use crate::{
-    bpf::{self, Attachment, Bpf},
+    bpf::{self, Attachment, Bpf, ProbeSite},
     inspect::{self, MapOffsets, Symbolizer},
     mapshape,
     metrics::{
-        GrowthLabels, Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProcLabels, ReasonLabels,
-        SiteLabels,
+        GrowthLabels, Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProbeLabels, ProcLabels,
+        ReasonLabels, SiteLabels,
     },
     procfs,
     storm::{StormRule, StormTracker},
@@ -23,6 +24,25 @@ use crate::{
 
 /// Site label for growths past the per-process site limit.
 pub const OTHER_SITE: &str = "other";
+
+/// `probe` label values, by `PROBE_*` class.
+pub const PROBE_NAMES: [&str; PROBE_CLASSES] = [
+    "stw_entry",
+    "stw_ret",
+    "map_growth",
+    "map_assign",
+    "map_delete",
+];
+
+/// Estimated cost of one hit per probe class, in seconds, measured on the
+/// reference machine (shared/design/uprobe-costs.md, docs/performance.md):
+/// entry probes sit on an emulated JBE (~0.85 µs), RET probes are
+/// single-stepped (~5.8 µs), growth probes also walk frames and send an event.
+pub const PROBE_COST_S: [f64; PROBE_CLASSES] = [0.85e-6, 5.8e-6, 1.5e-6, 0.9e-6, 0.9e-6];
+
+/// Maps whose shape is read per process per collection for the load factor
+/// histogram.
+const MAX_SHAPES_PER_COLLECTION: usize = 2048;
 
 /// A process whose probes are attached.
 struct Proc {
@@ -49,6 +69,12 @@ struct Proc {
     /// The largest map seen growing at each site.
     largest: BTreeMap<String, MapRef>,
     map_offsets: MapOffsets,
+    /// Assignment/deletion probes: where they go, and their links while
+    /// attached.
+    access_sites: Vec<ProbeSite>,
+    access: Option<Attachment>,
+    /// Assignment+deletion hits at the last governor check, and when.
+    access_mark: (std::time::Instant, u64),
 }
 
 /// A map known by its address and seed, with its size when it last grew.
@@ -82,11 +108,45 @@ impl Proc {
         innermost.unwrap_or("unknown").to_owned()
     }
 
+    /// Site label for a new observation, within the per-process bound.
+    fn bounded_site(&mut self, site: String, max_sites: usize, m: &Metrics) -> String {
+        if self.sites.contains(&site) {
+            return site;
+        }
+        if self.sites.len() < max_sites {
+            self.sites.insert(site.clone());
+            site
+        } else {
+            m.map_sites_dropped.get_or_create(&self.labels).inc();
+            OTHER_SITE.to_owned()
+        }
+    }
+
+    /// Keeps the largest map seen at a site.
+    fn note_map(&mut self, site: &str, seen: MapRef) {
+        self.largest
+            .entry(site.to_owned())
+            .and_modify(|m| {
+                let same = m.addr == seen.addr && m.seed == seen.seed;
+                if same || m.gone || seen.count >= m.count {
+                    *m = seen;
+                }
+            })
+            .or_insert(seen);
+    }
+
     /// Classic `overLoadFactor(count, B)`.
     fn over_load_factor(&self, count: u64, b: u8) -> bool {
         let buckets = 1u64.checked_shl(u32::from(b)).unwrap_or(u64::MAX);
         count > 8 && count > self.load_factor_num.saturating_mul(buckets / 2)
     }
+}
+
+/// Assignment and deletion probe hits of a process so far.
+fn access_hits(bpf: &mut Bpf, pid: u32) -> u64 {
+    bpf.stats(pid)
+        .map(|s| s.hits[PROBE_ASSIGN] + s.hits[PROBE_DELETE])
+        .unwrap_or(0)
 }
 
 pub struct Collector {
@@ -142,6 +202,7 @@ impl Collector {
             .wrapping_sub(bin.image_base);
         let (sites, config) =
             bpf::plan(&bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
+        let access_sites = bpf::plan_access(&bin)?;
         let attachment = self.bpf.attach(pid, &sites, config)?;
         let labels = ProcLabels {
             pid: pid.to_string(),
@@ -193,9 +254,77 @@ impl Collector {
                 storms: BTreeMap::new(),
                 largest: BTreeMap::new(),
                 map_offsets: bin.offsets.map,
+                access_sites,
+                access: None,
+                access_mark: (std::time::Instant::now(), 0),
             },
         );
         Ok(probes)
+    }
+
+    /// Attaches or detaches the assignment/deletion probes of every process.
+    pub fn set_access_probes(&mut self, on: bool) {
+        for (&pid, p) in &mut self.procs {
+            match (on, p.access.is_some()) {
+                (true, false) => match self.bpf.attach_sites(pid, &p.access_sites) {
+                    Ok(a) => {
+                        p.access = Some(a);
+                        p.access_mark =
+                            (std::time::Instant::now(), access_hits(&mut self.bpf, pid));
+                    }
+                    Err(e) => tracing::warn!(pid, "attaching map assignment probes: {e:#}"),
+                },
+                (false, true) => {
+                    if let Some(a) = p.access.take() {
+                        self.bpf.detach_links(pid, a);
+                    }
+                }
+                _ => {}
+            }
+            self.metrics
+                .map_assign_attached
+                .get_or_create(&p.labels)
+                .set(i64::from(p.access.is_some()));
+        }
+    }
+
+    /// The overhead governor: detaches the assignment probes of a process
+    /// whose estimated probe cost since the last check exceeds `budget`
+    /// (a fraction of one CPU). Returns the pids cut.
+    pub fn govern(&mut self, budget: f64) -> Vec<u32> {
+        let mut cut = Vec::new();
+        for (&pid, p) in &mut self.procs {
+            if p.access.is_none() {
+                continue;
+            }
+            let now = std::time::Instant::now();
+            let hits = access_hits(&mut self.bpf, pid);
+            let (then, before) = p.access_mark;
+            p.access_mark = (now, hits);
+            let secs = now.duration_since(then).as_secs_f64();
+            if secs <= 0.0 {
+                continue;
+            }
+            let rate = hits.saturating_sub(before) as f64 * PROBE_COST_S[PROBE_ASSIGN] / secs;
+            if rate > budget {
+                if let Some(a) = p.access.take() {
+                    self.bpf.detach_links(pid, a);
+                }
+                self.metrics
+                    .map_assign_attached
+                    .get_or_create(&p.labels)
+                    .set(0);
+                tracing::info!(
+                    pid,
+                    "map assignment probes cost ~{:.2}% of a CPU, over the {:.2}% budget: \
+                     detached until the next window",
+                    rate * 100.0,
+                    budget * 100.0
+                );
+                cut.push(pid);
+            }
+        }
+        cut
     }
 
     /// Every requested process has all its probes attached.
@@ -244,34 +373,18 @@ impl Collector {
             }
         };
         let frames = usize::from(ev.nframes).min(ev.pcs.len());
-        let mut site = p.site(&ev.pcs[..frames]);
-        if !p.sites.contains(&site) {
-            if p.sites.len() < self.max_sites {
-                p.sites.insert(site.clone());
-            } else {
-                self.metrics
-                    .map_sites_dropped
-                    .get_or_create(&p.labels)
-                    .inc();
-                site = OTHER_SITE.to_owned();
-            }
-        }
+        let site = p.site(&ev.pcs[..frames]);
+        let site = p.bounded_site(site, self.max_sites, &self.metrics);
         p.growth_series.insert((site.clone(), kind));
-        let seen = MapRef {
-            addr: ev.map,
-            seed: ev.seed,
-            count: ev.count,
-            gone: false,
-        };
-        p.largest
-            .entry(site.clone())
-            .and_modify(|m| {
-                let same = m.addr == seen.addr && m.seed == seen.seed;
-                if same || m.gone || seen.count >= m.count {
-                    *m = seen;
-                }
-            })
-            .or_insert(seen);
+        p.note_map(
+            &site,
+            MapRef {
+                addr: ev.map,
+                seed: ev.seed,
+                count: ev.count,
+                gone: false,
+            },
+        );
         let storm = p
             .storms
             .entry(site.clone())
@@ -382,6 +495,52 @@ impl Collector {
                     continue;
                 }
             };
+            // What the assignment probes saw: sites, largest maps, and the
+            // load factor of every map seen.
+            match self.bpf.take_seen(pid) {
+                Ok(seen) => {
+                    for (i, (addr, s)) in seen.into_iter().enumerate() {
+                        let site = p.site(&[s.pc]);
+                        let site = p.bounded_site(site, self.max_sites, &self.metrics);
+                        p.note_map(
+                            &site,
+                            MapRef {
+                                addr,
+                                seed: s.seed,
+                                count: s.count,
+                                gone: false,
+                            },
+                        );
+                        if i < MAX_SHAPES_PER_COLLECTION
+                            && let Ok(Some(shape)) =
+                                mapshape::read_shape(pid, addr, s.seed, &p.map_offsets)
+                            && shape.capacity > 0
+                        {
+                            self.metrics
+                                .map_load_factor_ratio
+                                .get_or_create(&p.labels)
+                                .observe(shape.load_factor());
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(pid, "reading assignment probe state: {e}"),
+            }
+            let mut overhead = 0.0;
+            for (c, probe) in PROBE_NAMES.iter().enumerate() {
+                let hits = stats.hits[c].saturating_sub(p.synced.hits[c]);
+                overhead += hits as f64 * PROBE_COST_S[c];
+                self.metrics
+                    .probe_hits
+                    .get_or_create(&ProbeLabels {
+                        proc: p.labels.clone(),
+                        probe,
+                    })
+                    .inc_by(hits);
+            }
+            self.metrics
+                .probe_overhead
+                .get_or_create(&p.labels)
+                .inc_by(overhead);
             let cycles = stats.gc_cycles.saturating_sub(p.synced.gc_cycles);
             self.metrics
                 .gc_cycles
@@ -444,6 +603,9 @@ impl Collector {
         for pid in gone {
             if let Some(p) = self.procs.remove(&pid) {
                 tracing::info!(pid, exe = %p.labels.exe, "process exited; detaching");
+                if let Some(a) = p.access {
+                    self.bpf.detach_links(pid, a);
+                }
                 self.bpf.detach(pid, p.attachment);
                 let reasons: Vec<String> = p.seen_reasons.into_iter().collect();
                 let growths: Vec<_> = p.growth_series.into_iter().collect();

@@ -49,6 +49,24 @@ pub struct GrowthLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    #[prometheus(flatten)]
+    pub proc: ProcLabels,
+    /// `stw_entry`, `stw_ret`, `map_growth`, `map_assign`, `map_delete`.
+    pub probe: &'static str,
+}
+
+/// Load factor buckets: fine near the top, where growth happens (6.5/8 and
+/// 7/8), coarse below, where oversized maps sit.
+pub const LOAD_FACTOR_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8125, 0.875, 1.0,
+];
+
+fn load_factor_histogram() -> Histogram {
+    Histogram::new(LOAD_FACTOR_BUCKETS)
+}
+
 pub const PHASE_SWEEP: &str = "sweep_termination";
 pub const PHASE_MARK: &str = "mark_termination";
 
@@ -81,6 +99,10 @@ pub struct Metrics {
     pub map_load_factor: Family<SiteLabels, Gauge<f64, AtomicU64>>,
     pub map_overflow: Family<SiteLabels, Gauge>,
     pub map_tables: Family<SiteLabels, Gauge>,
+    pub map_load_factor_ratio: HistogramFamily<ProcLabels>,
+    pub probe_hits: Family<ProbeLabels, Counter>,
+    pub probe_overhead: Family<ProcLabels, Counter<f64, AtomicU64>>,
+    pub map_assign_attached: Family<ProcLabels, Gauge>,
 }
 
 impl Metrics {
@@ -100,6 +122,12 @@ impl Metrics {
             map_load_factor: Family::default(),
             map_overflow: Family::default(),
             map_tables: Family::default(),
+            map_load_factor_ratio: Family::new_with_constructor(
+                load_factor_histogram as fn() -> Histogram,
+            ),
+            probe_hits: Family::default(),
+            probe_overhead: Family::default(),
+            map_assign_attached: Family::default(),
         };
         registry.register(
             "gc_cycles",
@@ -182,6 +210,31 @@ impl Metrics {
             "Distinct tables of that map (swiss maps; 0 for a small map)",
             m.map_tables.clone(),
         );
+        registry.register(
+            "map_load_factor_ratio",
+            "Load factor of each map the assignment probes saw, one observation per map per \
+             sampling window: oversized, mostly empty maps sit low",
+            m.map_load_factor_ratio.clone(),
+        );
+        registry.register(
+            "probe_hits",
+            "Uprobe hits by probe class",
+            m.probe_hits.clone(),
+        );
+        registry.register_with_unit(
+            "probe_overhead",
+            "Estimated CPU time the probes cost the process: hits times the measured cost \
+             per hit of each probe class (docs/performance.md)",
+            Unit::Seconds,
+            m.probe_overhead.clone(),
+        );
+        registry.register(
+            "map_assign_probes_attached",
+            "1 while the map assignment/deletion probes are attached to the process; when \
+             they are sampled or cut by the overhead budget, shapes of maps that never grew \
+             are only seen while attached",
+            m.map_assign_attached.clone(),
+        );
         m
     }
 
@@ -194,6 +247,15 @@ impl Metrics {
     ) {
         self.gc_cycles.remove(labels);
         self.map_sites_dropped.remove(labels);
+        self.map_load_factor_ratio.remove(labels);
+        self.probe_overhead.remove(labels);
+        self.map_assign_attached.remove(labels);
+        for probe in crate::collector::PROBE_NAMES {
+            self.probe_hits.remove(&ProbeLabels {
+                proc: labels.clone(),
+                probe,
+            });
+        }
         for (site, kind) in growths {
             self.map_growths.remove(&GrowthLabels {
                 proc: labels.clone(),

@@ -14,6 +14,8 @@ struct Site {
     capacity: u64,
     overflow: u64,
     tables: u64,
+    inserts: u64,
+    deletes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +29,12 @@ struct Truth {
 const STORM: u64 = 10;
 
 fn check(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)]) {
+    check_mode(version, kind, args, envs, "sampled");
+}
+
+/// One run of the maps fixture under the agent with `--map-assign-probes
+/// mode`.
+fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], mode: &str) {
     if !support::have_root() {
         return;
     }
@@ -48,6 +56,8 @@ fn check(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)]) {
             &STORM.to_string(),
             "--storm-window-ms",
             "60000",
+            "--map-assign-probes",
+            mode,
         ],
     );
     agent.wait_ready(Duration::from_secs(30));
@@ -115,6 +125,36 @@ fn check(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)]) {
             "go{version} {kind}: storms at {site} ({total} growths)"
         );
     }
+    // Assignment probes: with `always` every insert and delete is a hit.
+    let l = [("pid", pid.as_str())];
+    let hits = |probe: &str| {
+        after.value(
+            "gopulse_probe_hits_total",
+            &[("pid", pid.as_str()), ("probe", probe)],
+        )
+    };
+    let inserts: u64 = truth.sites.values().map(|s| s.inserts).sum();
+    let deletes: u64 = truth.sites.values().map(|s| s.deletes).sum();
+    if mode == "always" {
+        assert_eq!(after.value("gopulse_map_assign_probes_attached", &l), 1.0);
+        assert!(
+            hits("map_assign") >= inserts as f64,
+            "{} assign hits < {inserts} inserts",
+            hits("map_assign")
+        );
+        assert!(
+            hits("map_delete") >= deletes as f64,
+            "{} delete hits < {deletes} deletes",
+            hits("map_delete")
+        );
+        assert!(after.value("gopulse_map_load_factor_ratio_count", &l) >= truth.sites.len() as f64);
+    }
+    if mode == "off" {
+        assert_eq!(hits("map_assign"), 0.0);
+        assert_eq!(after.value("gopulse_map_assign_probes_attached", &l), 0.0);
+    }
+    assert!(hits("map_growth") >= expected.values().sum::<f64>());
+    assert!(after.value("gopulse_probe_overhead_seconds_total", &l) > 0.0);
     // The shape of each site's map, read from the process, against the
     // fixture's own reading after its last insert.
     let classic = truth.implementation == "classic";
@@ -190,6 +230,17 @@ releases! {
     growth_go1_27 => "1.27.3",
 }
 
+/// Assignment probes on every insert and delete, and none at all: growth
+/// counts and shapes stay exact either way.
+#[test]
+fn assign_probes_always_and_off() {
+    for version in ["1.23.9", "1.27.3"] {
+        check_mode(version, "default", &[], &[], "always");
+        check_mode(version, "stripped", &["-ldflags=-s -w"], &[], "always");
+        check_mode(version, "default", &[], &[], "off");
+    }
+}
+
 #[test]
 fn growth_noswissmap() {
     for version in ["1.24.11", "1.25.5"] {
@@ -200,4 +251,62 @@ fn growth_noswissmap() {
             &[("GOEXPERIMENT", "noswissmap")],
         );
     }
+}
+
+/// The overhead governor: with a tiny budget, the sampled assignment probes
+/// are cut as soon as a burst of inserts makes them costly, the gauge says
+/// so, and the growth counts stay exact.
+#[test]
+fn governor_cuts_costly_assign_probes() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_tool("1.27.3") else {
+        assert!(!support::prerequisite(false, "Go 1.27.3 is not installed"));
+        return;
+    };
+    let bin = support::build_fixture_env("maps", &go, "1.27.3-default", &[], &[]);
+    let mut target = Target::spawn(&bin, &[]);
+    let mut agent = Agent::spawn_with(
+        &[target.pid],
+        &[
+            "--map-assign-probes",
+            "sampled",
+            "--assign-window-ms",
+            "20000",
+            "--assign-period-ms",
+            "60000",
+            "--overhead-budget",
+            "0.0001",
+        ],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = target.pid.to_string();
+    let l = [("pid", pid.as_str())];
+    let attached = agent.scrape_until(Duration::from_secs(5), |m| {
+        m.value("gopulse_map_assign_probes_attached", &l) == 1.0
+    });
+    assert_eq!(
+        attached.value("gopulse_map_assign_probes_attached", &l),
+        1.0
+    );
+    target.send("go");
+    let truth: Truth = serde_json::from_str(&target.read_line(Duration::from_secs(60))).unwrap();
+    agent.wait_log("over the 0.01% budget", Duration::from_secs(10));
+    let m = agent.scrape();
+    assert_eq!(m.value("gopulse_map_assign_probes_attached", &l), 0.0);
+    let fill_int = &truth.sites["main.fillInt"];
+    for (k, &n) in &fill_int.growths {
+        let got = m.value(
+            "gopulse_map_growths_total",
+            &[("pid", &pid), ("site", "main.fillInt"), ("kind", k)],
+        );
+        assert_eq!(
+            got, n as f64,
+            "fillInt {k} growths with the governor at work"
+        );
+    }
+    target.send("exit");
+    target.finish();
+    agent.stop();
 }

@@ -41,7 +41,9 @@ pub const START_ARGS_WORLDSTOP: u8 = 1;
 pub struct ProcConfig {
     /// One of the `START_ARGS_*` values.
     pub start_args: u8,
-    pub _pad: [u8; 7],
+    /// `MAP_IMPL_*`: which of the offsets below are valid.
+    pub map_impl: u8,
+    pub _pad: [u8; 6],
     /// Classic `runtime.hmap`: count, flags, B, noverflow.
     pub hmap_count: u16,
     pub hmap_flags: u16,
@@ -66,6 +68,44 @@ pub struct ProcConfig {
     /// unknown).
     pub pause_start_addr: u64,
     pub last_gc_nanotime_addr: u64,
+}
+
+pub const MAP_IMPL_CLASSIC: u8 = 1;
+pub const MAP_IMPL_SWISS: u8 = 2;
+
+/// Probe classes whose hits are counted per process, for the overhead
+/// estimate: entry probes of the stop-the-world functions (emulated), RET
+/// probes of `startTheWorldWithSema` (single-stepped), map growth, map
+/// assignment and map deletion probes.
+pub const PROBE_STW: usize = 0;
+pub const PROBE_STW_RET: usize = 1;
+pub const PROBE_GROWTH: usize = 2;
+pub const PROBE_ASSIGN: usize = 3;
+pub const PROBE_DELETE: usize = 4;
+pub const PROBE_CLASSES: usize = 5;
+
+/// Maps the assignment probes remember (kernel LRU, all processes).
+pub const MAX_TRACKED_MAPS: u32 = 65536;
+
+/// A map as the assignment probes know it: process and address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MapKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub map: u64,
+}
+
+/// What the last assignment or deletion saw of a map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapSeen {
+    /// The map's seed (identity with the address).
+    pub seed: u64,
+    /// Entries before that operation.
+    pub count: u64,
+    /// Return address into the Go function that made it (the site).
+    pub pc: u64,
 }
 
 /// Which runtime function grew a map (the probe that saw it).
@@ -125,6 +165,8 @@ pub struct ProcStats {
     pub stw_unmatched: u64,
     /// Map growths seen (events sent or lost).
     pub map_growths: u64,
+    /// Probe hits by class (`PROBE_*`).
+    pub hits: [u64; PROBE_CLASSES],
     /// Growth probe hits where the stack check was about to send the
     /// function through `morestack` and back to its start: the hit after
     /// the restart is the one counted.
@@ -174,4 +216,6 @@ mod pod {
     unsafe impl aya::Pod for super::PendingStw {}
     unsafe impl aya::Pod for super::StwEvent {}
     unsafe impl aya::Pod for super::GrowthEvent {}
+    unsafe impl aya::Pod for super::MapKey {}
+    unsafe impl aya::Pod for super::MapSeen {}
 }

@@ -16,14 +16,16 @@ use aya_ebpf::{
     bindings::{BPF_ANY, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{HashMap, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
     programs::ProbeContext,
 };
 use gopulse_common::{
     GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
-    GROW_SWISS_TO_TABLE, GROWTH_FRAMES, GROWTH_RING_BYTES, GrowthEvent, MAX_PROCS, PendingStw,
-    ProcConfig, ProcStats, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY,
-    STW_FLAG_GO_START, STW_FLAG_NO_START, STW_RING_BYTES, StwEvent,
+    GROW_SWISS_TO_TABLE, GROWTH_FRAMES, GROWTH_RING_BYTES, GrowthEvent, MAP_IMPL_CLASSIC,
+    MAX_PROCS, MAX_TRACKED_MAPS, MapKey, MapSeen, PROBE_ASSIGN, PROBE_DELETE, PROBE_GROWTH,
+    PROBE_STW, PROBE_STW_RET, PendingStw, ProcConfig, ProcStats, START_ARGS_WORLDSTOP,
+    STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START, STW_FLAG_NO_START,
+    STW_RING_BYTES, StwEvent,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -51,6 +53,10 @@ static STW_EVENTS: RingBuf = RingBuf::with_byte_size(STW_RING_BYTES, 0);
 /// One `GrowthEvent` per map growth.
 #[map]
 static GROWTH_EVENTS: RingBuf = RingBuf::with_byte_size(GROWTH_RING_BYTES, 0);
+
+/// The maps assignments and deletions touched: latest count, seed and site.
+#[map]
+static MAP_SEEN: LruHashMap<MapKey, MapSeen> = LruHashMap::with_max_entries(MAX_TRACKED_MAPS, 0);
 
 #[inline(always)]
 fn regs(ctx: &ProbeContext) -> &pt_regs {
@@ -100,6 +106,7 @@ pub fn stw_stop(ctx: ProbeContext) -> u32 {
     if watched(pid).is_none() {
         return 0;
     }
+    bump(pid, |s| &mut s.hits[PROBE_STW]);
     let pending = PendingStw {
         start_ns: unsafe { bpf_ktime_get_ns() },
         reason: regs(&ctx).rax as u8,
@@ -117,6 +124,7 @@ pub fn stw_stop(ctx: ProbeContext) -> u32 {
 pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
     let pid = current_pid();
     let Some(cfg) = watched(pid) else { return 0 };
+    bump(pid, |s| &mut s.hits[PROBE_STW]);
     if cfg.start_args != START_ARGS_WORLDSTOP {
         // Go 1.21 passes nothing: note when the restart began.
         if let Some(p) = PENDING.get_ptr_mut(pid) {
@@ -154,6 +162,7 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
 pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
     let pid = current_pid();
     let Some(cfg) = watched(pid) else { return 0 };
+    bump(pid, |s| &mut s.hits[PROBE_STW_RET]);
     let mut end_ns = regs(&ctx).rax;
     // SAFETY: read once and copied; the entry is removed below.
     let Some(mut pending) = (unsafe { PENDING.get(pid) }).copied() else {
@@ -209,7 +218,11 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn gc_mark_termination(ctx: ProbeContext) -> u32 {
     let pid = current_pid();
-    if watched(pid).is_none() || will_restart(&ctx) {
+    if watched(pid).is_none() {
+        return 0;
+    }
+    bump(pid, |s| &mut s.hits[PROBE_STW]);
+    if will_restart(&ctx) {
         return 0;
     }
     match PENDING.get_ptr_mut(pid) {
@@ -248,6 +261,7 @@ fn read<T: Copy + Default>(addr: u64) -> T {
 fn on_growth(ctx: &ProbeContext, kind: u8, map: u64, table: u64) -> u32 {
     let pid = current_pid();
     let Some(cfg) = watched(pid) else { return 0 };
+    bump(pid, |s| &mut s.hits[PROBE_GROWTH]);
     if map == 0 {
         return 0;
     }
@@ -372,6 +386,59 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let (t, m) = (r.rax, r.rcx);
     on_growth(&ctx, GROW_SWISS_PRUNE, m, t)
+}
+
+/// An assignment or deletion: remember the map's count, seed and the Go
+/// function that called the runtime (its site). Hot: nanoseconds of work
+/// per call in Go, so these probes are attached only when asked to.
+#[inline(always)]
+fn on_access(ctx: &ProbeContext, class: usize) -> u32 {
+    let pid = current_pid();
+    let Some(cfg) = watched(pid) else { return 0 };
+    if class == PROBE_ASSIGN {
+        bump(pid, |s| &mut s.hits[PROBE_ASSIGN]);
+    } else {
+        bump(pid, |s| &mut s.hits[PROBE_DELETE]);
+    }
+    if will_restart(ctx) {
+        return 0;
+    }
+    let r = regs(ctx);
+    let map = r.rbx;
+    if map == 0 {
+        return 0; // a nil map: the runtime panics (assign) or returns
+    }
+    let (count, seed) = if cfg.map_impl == MAP_IMPL_CLASSIC {
+        (
+            read::<u64>(map + u64::from(cfg.hmap_count)),
+            u64::from(read::<u32>(map + u64::from(cfg.hmap_hash0))),
+        )
+    } else {
+        (
+            read::<u64>(map + u64::from(cfg.map_used)),
+            read::<u64>(map + u64::from(cfg.map_seed)),
+        )
+    };
+    let key = MapKey { pid, _pad: 0, map };
+    let seen = MapSeen {
+        seed,
+        count,
+        pc: read::<u64>(r.rsp),
+    };
+    let _ = MAP_SEEN.insert(key, seen, BPF_ANY as u64);
+    0
+}
+
+/// `runtime.mapassign*(typ, m, key)`: RAX = typ, RBX = m.
+#[uprobe]
+pub fn map_assign(ctx: ProbeContext) -> u32 {
+    on_access(&ctx, PROBE_ASSIGN)
+}
+
+/// `runtime.mapdelete*(typ, m, key)`: RAX = typ, RBX = m.
+#[uprobe]
+pub fn map_delete(ctx: ProbeContext) -> u32 {
+    on_access(&ctx, PROBE_DELETE)
 }
 
 #[cfg(not(test))]
