@@ -134,6 +134,19 @@ pub fn entry_offset(f: &Function) -> anyhow::Result<u64> {
     })
 }
 
+/// Whether a site is one of the map growth probes (governed separately).
+pub fn is_growth(site: &ProbeSite) -> bool {
+    matches!(
+        site.program,
+        PROG_GROW_CLASSIC
+            | PROG_GROW_SMALL
+            | PROG_GROW_TO_TABLE
+            | PROG_GROW_TABLE
+            | PROG_SPLIT_TABLE
+            | PROG_PRUNE_TABLE
+    )
+}
+
 /// The assignment and deletion probes of this binary (those it has).
 pub fn plan_access(bin: &GoBinary) -> anyhow::Result<Vec<ProbeSite>> {
     let mut sites = Vec::new();

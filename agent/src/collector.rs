@@ -5,8 +5,8 @@ use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use gopulse_common::{
     GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
-    GROW_SWISS_TO_TABLE, GrowthEvent, PROBE_ASSIGN, PROBE_CLASSES, PROBE_DELETE, ProcStats,
-    STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent,
+    GROW_SWISS_TO_TABLE, GrowthEvent, PROBE_ASSIGN, PROBE_CLASSES, PROBE_DELETE, PROBE_GROWTH,
+    ProcStats, STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent,
 };
 
 use crate::{
@@ -75,6 +75,12 @@ struct Proc {
     access: Option<Attachment>,
     /// Assignment+deletion hits at the last governor check, and when.
     access_mark: (std::time::Instant, u64),
+    /// Growth probes: sites, links while attached, hits at the last
+    /// governor check, and until when the governor has cut them.
+    growth_sites: Vec<ProbeSite>,
+    growth: Option<Attachment>,
+    growth_mark: (std::time::Instant, u64),
+    growth_cut_until: Option<std::time::Instant>,
 }
 
 /// A map known by its address and seed, with its size when it last grew.
@@ -203,17 +209,34 @@ impl Collector {
         let (sites, config) =
             bpf::plan(&bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
         let access_sites = bpf::plan_access(&bin)?;
-        let attachment = self.bpf.attach(pid, &sites, config)?;
+        let (growth_sites, core_sites): (Vec<_>, Vec<_>) =
+            sites.into_iter().partition(bpf::is_growth);
+        let attachment = self.bpf.attach(pid, &core_sites, config)?;
+        let growth = match self.bpf.attach_sites(pid, &growth_sites) {
+            Ok(g) => g,
+            Err(e) => {
+                self.bpf.detach(pid, attachment);
+                return Err(e);
+            }
+        };
         let labels = ProcLabels {
             pid: pid.to_string(),
             exe,
             go_version: bin.version.short(),
         };
-        let probes = attachment.probe_count();
+        let probes = attachment.probe_count() + growth.probe_count();
         // Create the series now, so they read 0 rather than being absent.
         let _ = self.metrics.gc_cycles.get_or_create(&labels);
         let _ = self.metrics.events_lost.get_or_create(&labels);
         let _ = self.metrics.map_sites_dropped.get_or_create(&labels);
+        self.metrics
+            .map_growth_attached
+            .get_or_create(&labels)
+            .set(1);
+        self.metrics
+            .map_assign_attached
+            .get_or_create(&labels)
+            .set(0);
         self.metrics
             .probes_attached
             .get_or_create(&labels)
@@ -257,6 +280,10 @@ impl Collector {
                 access_sites,
                 access: None,
                 access_mark: (std::time::Instant::now(), 0),
+                growth_sites,
+                growth: Some(growth),
+                growth_mark: (std::time::Instant::now(), 0),
+                growth_cut_until: None,
             },
         );
         Ok(probes)
@@ -325,6 +352,61 @@ impl Collector {
             }
         }
         cut
+    }
+
+    /// The governor for growth probes, which are always attached: a process
+    /// growing maps so fast that their estimated cost passes `budget` has
+    /// them detached for `cooldown`, and the gauge says its growth series
+    /// are no longer complete.
+    pub fn govern_growth(&mut self, budget: f64, cooldown: std::time::Duration) {
+        let now = std::time::Instant::now();
+        for (&pid, p) in &mut self.procs {
+            let hits = self
+                .bpf
+                .stats(pid)
+                .map(|s| s.hits[PROBE_GROWTH])
+                .unwrap_or(0);
+            let (then, before) = std::mem::replace(&mut p.growth_mark, (now, hits));
+            match (&p.growth, p.growth_cut_until) {
+                (Some(_), _) => {
+                    let secs = now.duration_since(then).as_secs_f64();
+                    let rate = hits.saturating_sub(before) as f64 * PROBE_COST_S[PROBE_GROWTH]
+                        / secs.max(1e-3);
+                    if rate > budget {
+                        if let Some(a) = p.growth.take() {
+                            self.bpf.detach_links(pid, a);
+                        }
+                        p.growth_cut_until = Some(now + cooldown);
+                        self.metrics
+                            .map_growth_attached
+                            .get_or_create(&p.labels)
+                            .set(0);
+                        tracing::warn!(
+                            pid,
+                            exe = %p.labels.exe,
+                            "map growth probes cost ~{:.2}% of a CPU, over the {:.2}% budget: \
+                             detached for {cooldown:?}; growth counts miss that time",
+                            rate * 100.0,
+                            budget * 100.0
+                        );
+                    }
+                }
+                (None, Some(until)) if now >= until => {
+                    match self.bpf.attach_sites(pid, &p.growth_sites) {
+                        Ok(a) => {
+                            p.growth = Some(a);
+                            p.growth_cut_until = None;
+                            self.metrics
+                                .map_growth_attached
+                                .get_or_create(&p.labels)
+                                .set(1);
+                        }
+                        Err(e) => tracing::warn!(pid, "re-attaching map growth probes: {e:#}"),
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Every requested process has all its probes attached.
@@ -603,7 +685,7 @@ impl Collector {
         for pid in gone {
             if let Some(p) = self.procs.remove(&pid) {
                 tracing::info!(pid, exe = %p.labels.exe, "process exited; detaching");
-                if let Some(a) = p.access {
+                for a in [p.access, p.growth].into_iter().flatten() {
                     self.bpf.detach_links(pid, a);
                 }
                 self.bpf.detach(pid, p.attachment);

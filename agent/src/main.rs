@@ -66,9 +66,11 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     assign_period_ms: u64,
 
-    /// Most CPU the sampled assignment probes may cost a process, as a
-    /// fraction of one CPU (estimated from their hits and measured cost per
-    /// hit); past it they are detached until the next window.
+    /// Most CPU the sampled assignment probes, and separately the growth
+    /// probes, may cost a process, as a fraction of one CPU (estimated from
+    /// hits and the measured cost per hit). Past it sampled assignment
+    /// probes are detached until the next window, growth probes for
+    /// --assign-period-ms (gopulse_map_growth_probes_attached says so).
     #[arg(long, value_name = "FRACTION", default_value_t = 0.01)]
     overhead_budget: f64,
 
@@ -194,6 +196,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
 
     let local = listener.local_addr().context("listener address")?;
+    // The growth governor checks ten times a second, so a burst costs at
+    // most a tenth of a second at full rate before the probes are cut.
+    let govern_app = app.clone();
+    let budget = args.overhead_budget;
+    let cooldown = Duration::from_millis(args.assign_period_ms);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tick.tick().await;
+            govern_app.with_collector(|c| c.govern_growth(budget, cooldown));
+        }
+    });
+
     // Assignment probes: always on, or sampled windows under the governor.
     match args.map_assign_probes {
         AssignMode::Off => {}

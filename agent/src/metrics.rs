@@ -103,6 +103,7 @@ pub struct Metrics {
     pub probe_hits: Family<ProbeLabels, Counter>,
     pub probe_overhead: Family<ProcLabels, Counter<f64, AtomicU64>>,
     pub map_assign_attached: Family<ProcLabels, Gauge>,
+    pub map_growth_attached: Family<ProcLabels, Gauge>,
 }
 
 impl Metrics {
@@ -128,6 +129,7 @@ impl Metrics {
             probe_hits: Family::default(),
             probe_overhead: Family::default(),
             map_assign_attached: Family::default(),
+            map_growth_attached: Family::default(),
         };
         registry.register(
             "gc_cycles",
@@ -235,6 +237,13 @@ impl Metrics {
              are only seen while attached",
             m.map_assign_attached.clone(),
         );
+        registry.register(
+            "map_growth_probes_attached",
+            "1 while the map growth probes are attached; 0 while the overhead governor has \
+             cut them (the process grows maps faster than the budget allows), and then \
+             growth counts, sites and shapes miss what happened meanwhile",
+            m.map_growth_attached.clone(),
+        );
         m
     }
 
@@ -250,6 +259,7 @@ impl Metrics {
         self.map_load_factor_ratio.remove(labels);
         self.probe_overhead.remove(labels);
         self.map_assign_attached.remove(labels);
+        self.map_growth_attached.remove(labels);
         for probe in crate::collector::PROBE_NAMES {
             self.probe_hits.remove(&ProbeLabels {
                 proc: labels.clone(),

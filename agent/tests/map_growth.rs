@@ -310,3 +310,51 @@ fn governor_cuts_costly_assign_probes() {
     target.finish();
     agent.stop();
 }
+
+/// A process that grows maps nonstop (nine-entry maps, made as fast as it
+/// can) would pay microseconds per growth: the governor cuts the growth
+/// probes within a check, says so on the gauge, and the probes' estimated
+/// cost stays a small part of the run.
+#[test]
+fn governor_cuts_growth_probes_under_a_growth_storm() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_tool("1.27.3") else {
+        assert!(!support::prerequisite(false, "Go 1.27.3 is not installed"));
+        return;
+    };
+    let bin = support::build_fixture_env("maps", &go, "1.27.3-default", &[], &[]);
+    // Default sizes, then 1.5 s of small maps.
+    let mut target = Target::spawn(&bin, &["5000", "5000", "2000", "3000", "360", "2", "1500"]);
+    let mut agent = Agent::spawn_with(&[target.pid], &["--map-assign-probes", "off"]);
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = target.pid.to_string();
+    let l = [("pid", pid.as_str())];
+    target.send("go");
+    let line = target.read_line(Duration::from_secs(60));
+    let truth: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let small_maps = truth["small_maps"].as_f64().unwrap();
+    assert!(small_maps > 10_000.0, "only {small_maps} small maps");
+    agent.wait_log("map growth probes cost", Duration::from_secs(10));
+    let m = agent.scrape();
+    assert_eq!(m.value("gopulse_map_growth_probes_attached", &l), 0.0);
+    // Every small map grows twice (growToSmall, growToTable): the probes
+    // saw only the first tenth of a second or so of it.
+    let hits = m.value(
+        "gopulse_probe_hits_total",
+        &[("pid", &pid), ("probe", "map_growth")],
+    );
+    assert!(
+        hits < small_maps / 4.0,
+        "{hits} growth hits for {small_maps} small maps"
+    );
+    let overhead = m.value("gopulse_probe_overhead_seconds_total", &l);
+    assert!(
+        overhead < 0.15,
+        "estimated probe cost {overhead} s over a 1.5 s storm"
+    );
+    target.send("exit");
+    target.finish();
+    agent.stop();
+}
