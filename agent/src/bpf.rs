@@ -451,6 +451,7 @@ impl Bpf {
             sum.stw_unmatched += s.stw_unmatched;
             sum.map_growths += s.map_growths;
             sum.growth_refires += s.growth_refires;
+            sum.maps_added += s.maps_added;
             for c in 0..PROBE_CLASSES {
                 sum.hits[c] += s.hits[c];
             }

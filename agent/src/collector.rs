@@ -81,6 +81,9 @@ struct Proc {
     growth: Option<Attachment>,
     growth_mark: (std::time::Instant, u64),
     growth_cut_until: Option<std::time::Instant>,
+    /// Maps taken from the kernel LRU so far, and evictions reported.
+    maps_taken: u64,
+    maps_untracked: u64,
 }
 
 /// A map known by its address and seed, with its size when it last grew.
@@ -229,6 +232,7 @@ impl Collector {
         let _ = self.metrics.gc_cycles.get_or_create(&labels);
         let _ = self.metrics.events_lost.get_or_create(&labels);
         let _ = self.metrics.map_sites_dropped.get_or_create(&labels);
+        let _ = self.metrics.maps_untracked.get_or_create(&labels);
         self.metrics
             .map_growth_attached
             .get_or_create(&labels)
@@ -284,6 +288,8 @@ impl Collector {
                 growth: Some(growth),
                 growth_mark: (std::time::Instant::now(), 0),
                 growth_cut_until: None,
+                maps_taken: 0,
+                maps_untracked: 0,
             },
         );
         Ok(probes)
@@ -581,6 +587,17 @@ impl Collector {
             // load factor of every map seen.
             match self.bpf.take_seen(pid) {
                 Ok(seen) => {
+                    // Every map added and not taken was evicted, up to the
+                    // few added since the counters were read.
+                    p.maps_taken += seen.len() as u64;
+                    let untracked = stats.maps_added.saturating_sub(p.maps_taken);
+                    if untracked > p.maps_untracked {
+                        self.metrics
+                            .maps_untracked
+                            .get_or_create(&p.labels)
+                            .inc_by(untracked - p.maps_untracked);
+                        p.maps_untracked = untracked;
+                    }
                     for (i, (addr, s)) in seen.into_iter().enumerate() {
                         let site = p.site(&[s.pc]);
                         let site = p.bounded_site(site, self.max_sites, &self.metrics);

@@ -104,6 +104,7 @@ pub struct Metrics {
     pub probe_overhead: Family<ProcLabels, Counter<f64, AtomicU64>>,
     pub map_assign_attached: Family<ProcLabels, Gauge>,
     pub map_growth_attached: Family<ProcLabels, Gauge>,
+    pub maps_untracked: Family<ProcLabels, Counter>,
 }
 
 impl Metrics {
@@ -130,6 +131,7 @@ impl Metrics {
             probe_overhead: Family::default(),
             map_assign_attached: Family::default(),
             map_growth_attached: Family::default(),
+            maps_untracked: Family::default(),
         };
         registry.register(
             "gc_cycles",
@@ -244,6 +246,12 @@ impl Metrics {
              growth counts, sites and shapes miss what happened meanwhile",
             m.map_growth_attached.clone(),
         );
+        registry.register(
+            "map_untracked",
+            "Maps the assignment probes saw but the kernel's map table (64k maps for all \
+             processes) evicted before the agent read them",
+            m.maps_untracked.clone(),
+        );
         m
     }
 
@@ -260,6 +268,7 @@ impl Metrics {
         self.probe_overhead.remove(labels);
         self.map_assign_attached.remove(labels);
         self.map_growth_attached.remove(labels);
+        self.maps_untracked.remove(labels);
         for probe in crate::collector::PROBE_NAMES {
             self.probe_hits.remove(&ProbeLabels {
                 proc: labels.clone(),

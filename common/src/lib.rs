@@ -167,6 +167,10 @@ pub struct ProcStats {
     pub map_growths: u64,
     /// Probe hits by class (`PROBE_*`).
     pub hits: [u64; PROBE_CLASSES],
+    /// Maps the assignment probes added to the LRU (first seen, or seen
+    /// again after the agent took them): with what the agent took, tells
+    /// how many the LRU evicted unread.
+    pub maps_added: u64,
     /// Growth probe hits where the stack check was about to send the
     /// function through `morestack` and back to its start: the hit after
     /// the restart is the one counted.

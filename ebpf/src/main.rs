@@ -420,6 +420,9 @@ fn on_access(ctx: &ProbeContext, class: usize) -> u32 {
         )
     };
     let key = MapKey { pid, _pad: 0, map };
+    if MAP_SEEN.get_ptr(key).is_none() {
+        bump(pid, |s| &mut s.maps_added);
+    }
     let seen = MapSeen {
         seed,
         count,
