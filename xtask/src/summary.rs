@@ -11,6 +11,12 @@ const GC_PAUSE: &str = "gopulse_gc_pause_seconds";
 const STW_PAUSE: &str = "gopulse_stw_pause_seconds";
 const STW_MAX: &str = "gopulse_stw_pause_max_seconds";
 const EVENTS_LOST: &str = "gopulse_events_lost_total";
+const MAP_GROWTHS: &str = "gopulse_map_growths_total";
+const MAP_ENTRIES: &str = "gopulse_map_entries";
+const MAP_LOAD: &str = "gopulse_map_load_factor";
+const MAP_STORMS: &str = "gopulse_map_growth_storms_total";
+/// Map growth sites shown, busiest first.
+const TOP_SITES: usize = 5;
 
 pub fn summarize(samples: &[Sample]) -> String {
     let mut out = format!(
@@ -39,7 +45,45 @@ pub fn summarize(samples: &[Sample]) -> String {
             observations(&h),
         );
     }
+    write_map_sites(samples, &mut out);
     out
+}
+
+/// The busiest map growth sites: growths by kind, the largest map's entries
+/// and load factor, storms.
+fn write_map_sites(samples: &[Sample], out: &mut String) {
+    let mut sites: BTreeMap<&str, (f64, BTreeMap<&str, f64>)> = BTreeMap::new();
+    for s in samples.iter().filter(|s| s.name == MAP_GROWTHS) {
+        let (Some(site), Some(kind)) = (s.label("site"), s.label("kind")) else {
+            continue;
+        };
+        let e = sites.entry(site).or_default();
+        e.0 += s.value;
+        *e.1.entry(kind).or_default() += s.value;
+    }
+    let mut by_growths: Vec<_> = sites.into_iter().collect();
+    by_growths.sort_by(|a, b| b.1.0.total_cmp(&a.1.0));
+    let gauge = |name: &str, site: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == name && s.label("site") == Some(site))
+            .map(|s| s.value)
+    };
+    for (site, (n, kinds)) in by_growths.into_iter().take(TOP_SITES) {
+        let kinds: Vec<String> = kinds.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = write!(
+            out,
+            "  maps      {site:<32} growths {n} ({})",
+            kinds.join(", ")
+        );
+        if let (Some(entries), Some(load)) = (gauge(MAP_ENTRIES, site), gauge(MAP_LOAD, site)) {
+            let _ = write!(out, ", largest {entries} entries at load {load:.2}");
+        }
+        if let Some(storms) = gauge(MAP_STORMS, site).filter(|&s| s > 0.0) {
+            let _ = write!(out, ", {storms} storms");
+        }
+        out.push('\n');
+    }
 }
 
 /// p50, p99 and max of a histogram, given the agent's max gauge if any.
