@@ -1,5 +1,5 @@
 //! Loads the embedded eBPF object and attaches its probes to Go processes.
-use std::{num::NonZeroU32, path::PathBuf};
+use std::{collections::BTreeMap, num::NonZeroU32, path::PathBuf};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
@@ -393,7 +393,7 @@ impl Bpf {
         if let Ok(mut m) = self.hash_map::<PendingStw>("PENDING") {
             let _ = m.remove(&pid);
         }
-        let _ = self.take_seen(pid);
+        // Its entries in MAP_SEEN are taken, and dropped, by the next sync.
     }
 
     /// Detaches links, keeping the process registered.
@@ -410,24 +410,20 @@ impl Bpf {
         }
     }
 
-    /// Takes (reads and removes) what the assignment probes saw of the
-    /// process's maps since the last call.
-    pub fn take_seen(&mut self, pid: u32) -> anyhow::Result<Vec<(u64, MapSeen)>> {
+    /// Takes (reads and removes) what the assignment probes saw since the
+    /// last call, by process: one pass over the kernel's table.
+    pub fn take_seen(&mut self) -> anyhow::Result<BTreeMap<u32, Vec<(u64, MapSeen)>>> {
         let map = self
             .ebpf
             .map_mut("MAP_SEEN")
             .context("map MAP_SEEN missing from the eBPF object")?;
         let mut seen: HashMap<&mut MapData, MapKey, MapSeen> = HashMap::try_from(map)?;
-        let keys: Vec<MapKey> = seen
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.pid == pid)
-            .collect();
-        let mut out = Vec::with_capacity(keys.len());
+        let keys: Vec<MapKey> = seen.keys().filter_map(Result::ok).collect();
+        let mut out: BTreeMap<u32, Vec<(u64, MapSeen)>> = BTreeMap::new();
         for key in keys {
             // An entry can be evicted between listing and reading: skip it.
             if let Ok(v) = seen.get(&key, 0) {
-                out.push((key.map, v));
+                out.entry(key.pid).or_default().push((key.map, v));
             }
             let _ = seen.remove(&key);
         }
