@@ -50,6 +50,14 @@ pub const DELETE_FUNCTIONS: &[&str] = &[
     "runtime.mapdelete_faststr",
 ];
 
+/// Classic maps' incremental evacuation (absent from swiss builds).
+pub const EVACUATE_FUNCTIONS: &[&str] = &[
+    "runtime.evacuate",
+    "runtime.evacuate_fast32",
+    "runtime.evacuate_fast64",
+    "runtime.evacuate_faststr",
+];
+
 /// Every function any release may need, for [`crate::inspect::inspect`].
 pub const WANTED_FUNCTIONS: &[&str] = &[
     STOP_FN,
@@ -70,6 +78,10 @@ pub const WANTED_FUNCTIONS: &[&str] = &[
     "runtime.mapdelete_fast32",
     "runtime.mapdelete_fast64",
     "runtime.mapdelete_faststr",
+    "runtime.evacuate",
+    "runtime.evacuate_fast32",
+    "runtime.evacuate_fast64",
+    "runtime.evacuate_faststr",
 ];
 
 const PROG_STOP: &str = "stw_stop";
@@ -84,6 +96,7 @@ const PROG_SPLIT_TABLE: &str = "split_table";
 const PROG_PRUNE_TABLE: &str = "prune_table";
 const PROG_MAP_ASSIGN: &str = "map_assign";
 const PROG_MAP_DELETE: &str = "map_delete";
+const PROG_MAP_EVACUATE: &str = "map_evacuate";
 const PROGRAMS: &[&str] = &[
     PROG_STOP,
     PROG_START_ENTRY,
@@ -97,6 +110,7 @@ const PROGRAMS: &[&str] = &[
     PROG_PRUNE_TABLE,
     PROG_MAP_ASSIGN,
     PROG_MAP_DELETE,
+    PROG_MAP_EVACUATE,
 ];
 
 /// The links attached to one process.
@@ -147,12 +161,14 @@ pub fn is_growth(site: &ProbeSite) -> bool {
     )
 }
 
-/// The assignment and deletion probes of this binary (those it has).
+/// The assignment, deletion and evacuation probes of this binary (those it
+/// has).
 pub fn plan_access(bin: &GoBinary) -> anyhow::Result<Vec<ProbeSite>> {
     let mut sites = Vec::new();
     for (functions, program) in [
         (ASSIGN_FUNCTIONS, PROG_MAP_ASSIGN),
         (DELETE_FUNCTIONS, PROG_MAP_DELETE),
+        (EVACUATE_FUNCTIONS, PROG_MAP_EVACUATE),
     ] {
         for &function in functions {
             if let Some(f) = bin.functions.get(function) {
@@ -242,8 +258,12 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<(Vec<ProbeSite>, P
             b,
             noverflow,
             hash0,
+            oldbuckets,
+            maptype_bucket_size,
             ..
         } => {
+            config.hmap_oldbuckets = oldbuckets;
+            config.maptype_bucket_size = maptype_bucket_size;
             config.hmap_hash0 = hash0;
             config.hmap_count = count;
             config.hmap_flags = flags;
@@ -448,6 +468,7 @@ impl Bpf {
             sum.map_growths += s.map_growths;
             sum.growth_refires += s.growth_refires;
             sum.maps_added += s.maps_added;
+            sum.evacuations += s.evacuations;
             for c in 0..PROBE_CLASSES {
                 sum.hits[c] += s.hits[c];
             }

@@ -53,7 +53,8 @@ pub struct GrowthLabels {
 pub struct ProbeLabels {
     #[prometheus(flatten)]
     pub proc: ProcLabels,
-    /// `stw_entry`, `stw_ret`, `map_growth`, `map_assign`, `map_delete`.
+    /// `stw_entry`, `stw_ret`, `map_growth`, `map_assign`, `map_delete`,
+    /// `map_evacuate`.
     pub probe: &'static str,
 }
 
@@ -105,6 +106,7 @@ pub struct Metrics {
     pub map_assign_attached: Family<ProcLabels, Gauge>,
     pub map_growth_attached: Family<ProcLabels, Gauge>,
     pub maps_untracked: Family<ProcLabels, Counter>,
+    pub map_evacuated_buckets: Family<ProcLabels, Counter>,
 }
 
 impl Metrics {
@@ -132,6 +134,7 @@ impl Metrics {
             map_assign_attached: Family::default(),
             map_growth_attached: Family::default(),
             maps_untracked: Family::default(),
+            map_evacuated_buckets: Family::default(),
         };
         registry.register(
             "gc_cycles",
@@ -252,6 +255,12 @@ impl Metrics {
              processes) evicted before the agent read them",
             m.maps_untracked.clone(),
         );
+        registry.register(
+            "map_evacuated_buckets",
+            "Old buckets classic maps moved in their incremental growth \
+             (runtime.evacuate*), counted while the assignment probes are attached",
+            m.map_evacuated_buckets.clone(),
+        );
         m
     }
 
@@ -269,6 +278,7 @@ impl Metrics {
         self.map_assign_attached.remove(labels);
         self.map_growth_attached.remove(labels);
         self.maps_untracked.remove(labels);
+        self.map_evacuated_buckets.remove(labels);
         for probe in crate::collector::PROBE_NAMES {
             self.probe_hits.remove(&ProbeLabels {
                 proc: labels.clone(),

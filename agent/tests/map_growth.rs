@@ -16,6 +16,9 @@ struct Site {
     tables: u64,
     inserts: u64,
     deletes: u64,
+    /// Classic only: log2 of the final bucket count.
+    #[serde(rename = "B")]
+    b: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,10 +154,45 @@ fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], m
     }
     assert!(hits("map_growth") >= expected.values().sum::<f64>());
     assert_eq!(after.value("gopulse_map_untracked_total", &l), 0.0);
+    let classic = truth.implementation == "classic";
+    // Classic growth moves old buckets incrementally: with every write
+    // probed, the moves seen are at least those of every growth but the
+    // last of each map (which the next growth requires to be finished) and
+    // at most all the old buckets of every growth (a doubling from B moves
+    // 2^B, a same-size one 2^B too).
+    let evacuated = after.value("gopulse_map_evacuated_buckets_total", &l);
+    if classic && mode == "always" {
+        let all_old: u64 = truth
+            .sites
+            .values()
+            .map(|s| {
+                let b = s.b.unwrap_or(0);
+                let same = s.growths.get("same_size").copied().unwrap_or(0);
+                ((1u64 << b) - 1) + same * (1u64 << b)
+            })
+            .sum();
+        // Every growth but the last of a map finished before the next began.
+        let all_finished: u64 = truth
+            .sites
+            .values()
+            .map(|s| {
+                let b = s.b.unwrap_or(0);
+                let same = s.growths.get("same_size").copied().unwrap_or(0);
+                let total = ((1u64 << b) - 1) + same * (1u64 << b);
+                // The last growth moved at most 2^B old buckets.
+                total.saturating_sub(1u64 << b)
+            })
+            .sum();
+        assert!(
+            evacuated >= all_finished as f64 && evacuated <= all_old as f64,
+            "go{version} {kind}: {evacuated} evacuated buckets, not in [{all_finished}, {all_old}]"
+        );
+    } else if !classic || mode == "off" {
+        assert_eq!(evacuated, 0.0, "go{version} {kind} {mode}");
+    }
     assert!(after.value("gopulse_probe_overhead_seconds_total", &l) > 0.0);
     // The shape of each site's map, read from the process, against the
     // fixture's own reading after its last insert.
-    let classic = truth.implementation == "classic";
     for (site, s) in &truth.sites {
         let l = [("pid", pid.as_str()), ("site", site.as_str())];
         let what = format!("go{version} {kind} {site}");

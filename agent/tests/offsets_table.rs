@@ -53,6 +53,7 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
             nevacuate,
             extra,
             size,
+            maptype_bucket_size,
         } => {
             assert_eq!(
                 (
@@ -64,6 +65,8 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
             // 1.24 put clearSeq before extra.
             let (extra_at, hmap_size) = if minor >= 24 { (48, 56) } else { (40, 48) };
             assert_eq!((extra, size), (extra_at, hmap_size), "{what}");
+            // Design notes §2.3: BucketSize at +82 of the 88-byte map type.
+            assert_eq!(maptype_bucket_size, 82, "{what}");
         }
         MapOffsets::Swiss {
             map_used,

@@ -62,7 +62,11 @@ pub struct ProcConfig {
     /// its address, what identifies a map over time.
     pub hmap_hash0: u16,
     pub map_seed: u16,
-    pub _pad2: [u8; 6],
+    /// Classic: `hmap.oldbuckets` and the map type's `BucketSize`, to tell
+    /// an evacuation that moves a bucket from one that finds it moved.
+    pub hmap_oldbuckets: u16,
+    pub maptype_bucket_size: u16,
+    pub _pad2: [u8; 2],
     /// Go 1.21 with symbols: runtime addresses of `work.pauseStart` and
     /// `memstats.last_gc_nanotime`, the runtime's own GC pause clock (0 when
     /// unknown).
@@ -82,7 +86,9 @@ pub const PROBE_STW_RET: usize = 1;
 pub const PROBE_GROWTH: usize = 2;
 pub const PROBE_ASSIGN: usize = 3;
 pub const PROBE_DELETE: usize = 4;
-pub const PROBE_CLASSES: usize = 5;
+/// Classic maps' `runtime.evacuate*`: one old bucket moved per call.
+pub const PROBE_EVACUATE: usize = 5;
+pub const PROBE_CLASSES: usize = 6;
 
 /// Maps the assignment probes remember (kernel LRU, all processes).
 pub const MAX_TRACKED_MAPS: u32 = 65536;
@@ -171,6 +177,8 @@ pub struct ProcStats {
     /// again after the agent took them): with what the agent took, tells
     /// how many the LRU evicted unread.
     pub maps_added: u64,
+    /// Old buckets classic maps evacuated (`evacuate*` calls, each once).
+    pub evacuations: u64,
     /// Growth probe hits where the stack check was about to send the
     /// function through `morestack` and back to its start: the hit after
     /// the restart is the one counted.

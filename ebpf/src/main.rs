@@ -22,10 +22,10 @@ use aya_ebpf::{
 use gopulse_common::{
     GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
     GROW_SWISS_TO_TABLE, GROWTH_FRAMES, GROWTH_RING_BYTES, GrowthEvent, MAP_IMPL_CLASSIC,
-    MAX_PROCS, MAX_TRACKED_MAPS, MapKey, MapSeen, PROBE_ASSIGN, PROBE_DELETE, PROBE_GROWTH,
-    PROBE_STW, PROBE_STW_RET, PendingStw, ProcConfig, ProcStats, START_ARGS_WORLDSTOP,
-    STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START, STW_FLAG_NO_START,
-    STW_RING_BYTES, StwEvent,
+    MAX_PROCS, MAX_TRACKED_MAPS, MapKey, MapSeen, PROBE_ASSIGN, PROBE_DELETE, PROBE_EVACUATE,
+    PROBE_GROWTH, PROBE_STW, PROBE_STW_RET, PendingStw, ProcConfig, ProcStats,
+    START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
+    STW_FLAG_NO_START, STW_RING_BYTES, StwEvent,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -442,6 +442,34 @@ pub fn map_assign(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn map_delete(ctx: ProbeContext) -> u32 {
     on_access(&ctx, PROBE_DELETE)
+}
+
+/// Classic `runtime.evacuate*(t, h, oldbucket)`: RAX = t, RBX = h, RCX =
+/// oldbucket. `growWork` calls it for the bucket about to be written and for
+/// the next one in order, either of which may be moved already: count only
+/// calls that find the old bucket not yet evacuated (tophash[0] is not
+/// evacuatedX/Y/Empty, 2 to 4). Attached with the assignment probes (as hot
+/// as writes while a map grows).
+#[uprobe]
+pub fn map_evacuate(ctx: ProbeContext) -> u32 {
+    let pid = current_pid();
+    let Some(cfg) = watched(pid) else { return 0 };
+    bump(pid, |s| &mut s.hits[PROBE_EVACUATE]);
+    if will_restart(&ctx) {
+        return 0;
+    }
+    let r = regs(&ctx);
+    let (t, h, oldbucket) = (r.rax, r.rbx, r.rcx);
+    let old = read::<u64>(h + u64::from(cfg.hmap_oldbuckets));
+    let size = u64::from(read::<u16>(t + u64::from(cfg.maptype_bucket_size)));
+    if old == 0 || size == 0 {
+        return 0;
+    }
+    let top = read::<u8>(old.wrapping_add(oldbucket.wrapping_mul(size)));
+    if !(2..=4).contains(&top) {
+        bump(pid, |s| &mut s.evacuations);
+    }
+    0
 }
 
 #[cfg(not(test))]

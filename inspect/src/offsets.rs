@@ -65,6 +65,9 @@ pub enum MapOffsets {
         nevacuate: u16,
         extra: u16,
         size: u16,
+        /// `BucketSize` in the map type (`internal/abi.MapType`, or
+        /// `OldMapType` in Go 1.24/1.25 noswissmap builds).
+        maptype_bucket_size: u16,
     },
     /// `internal/runtime/maps.Map` and `.table`; `table_groups_*` are
     /// `table.groups` plus the field's offset in `groupsReference`.
@@ -89,6 +92,8 @@ pub enum MapOffsets {
 }
 
 const HMAP: &str = "runtime.hmap";
+const MAPTYPE: &str = "internal/abi.MapType";
+const OLD_MAPTYPE: &str = "internal/abi.OldMapType";
 const SWISS_MAP: &str = "internal/runtime/maps.Map";
 const SWISS_TABLE: &str = "internal/runtime/maps.table";
 const SWISS_GROUPS: &str = "internal/runtime/maps.groupsReference";
@@ -119,7 +124,7 @@ pub fn from_table(version: &GoVersion, imp: MapImpl) -> Option<Offsets> {
 /// implementation).
 pub fn from_dwarf(data: &[u8], imp: MapImpl) -> Result<Option<Offsets>, InspectError> {
     let wanted: &[&str] = match imp {
-        MapImpl::Classic => &[HMAP, G, M],
+        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
         MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
     };
     match read_structs(data, wanted)? {
@@ -360,6 +365,13 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
             oldbuckets: field(HMAP, "oldbuckets")?,
             nevacuate: field(HMAP, "nevacuate")?,
             extra: field(HMAP, "extra")?,
+            // 1.24/1.25 keep the classic type as OldMapType (MapType is
+            // then the swiss one, under another name); before, MapType.
+            maptype_bucket_size: if structs.contains_key(OLD_MAPTYPE) {
+                field(OLD_MAPTYPE, "BucketSize")?
+            } else {
+                field(MAPTYPE, "BucketSize")?
+            },
             size: size(HMAP)?,
         },
         MapImpl::Swiss => {
@@ -524,6 +536,11 @@ mod tests {
         let info = debug_info(&[
             ("runtime.m", 100, &[("g0", 0), ("curg", 92)]),
             ("runtime.hmap", 48, HMAP_MEMBERS),
+            (
+                "internal/abi.MapType",
+                88,
+                &[("Key", 48), ("BucketSize", 82)],
+            ),
             ("runtime.g", 120, &[("stack", 0), ("m", 48), ("goid", 112)]),
         ]);
         elf(&[(".debug_abbrev", &abbrevs()), (".debug_info", &info)])
@@ -544,6 +561,7 @@ mod tests {
                 nevacuate: 32,
                 extra: 40,
                 size: 48,
+                maptype_bucket_size: 82,
             },
             g_goid: 112,
             g_m: 48,
@@ -614,6 +632,7 @@ mod tests {
             ("runtime.g", 120, &[("m", 48)]),
             ("runtime.m", 100, &[("curg", 92)]),
             ("runtime.hmap", 48, HMAP_MEMBERS),
+            ("internal/abi.MapType", 88, &[("BucketSize", 82)]),
         ]);
         let bin = elf(&[(".debug_abbrev", &abbrevs()), (".debug_info", &info)]);
         let err = from_dwarf(&bin, MapImpl::Classic).unwrap_err();

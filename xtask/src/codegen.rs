@@ -146,10 +146,12 @@ fn render(rows: &[Row]) -> String {
                 nevacuate,
                 extra,
                 size,
+                maptype_bucket_size,
             } => format!(
                 "MapOffsets::Classic {{ count: {count}, flags: {flags}, b: {b}, \
                  noverflow: {noverflow}, hash0: {hash0}, buckets: {buckets}, oldbuckets: {oldbuckets}, \
-                 nevacuate: {nevacuate}, extra: {extra}, size: {size} }}"
+                 nevacuate: {nevacuate}, extra: {extra}, size: {size}, \
+                 maptype_bucket_size: {maptype_bucket_size} }}"
             ),
             MapOffsets::Swiss {
                 map_used,

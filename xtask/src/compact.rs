@@ -41,6 +41,8 @@ const FUNC_LEN: usize = 44;
 /// The structs `offsets::from_dwarf` reads.
 const DWARF_STRUCTS: &[&str] = &[
     "runtime.hmap",
+    "internal/abi.MapType",
+    "internal/abi.OldMapType",
     "internal/runtime/maps.Map",
     "internal/runtime/maps.table",
     "internal/runtime/maps.groupsReference",

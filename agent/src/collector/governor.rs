@@ -1,6 +1,8 @@
 //! What the probes cost each process, and the governor that detaches the
 //! costly ones.
-use gopulse_common::{PROBE_ASSIGN, PROBE_CLASSES, PROBE_DELETE, PROBE_GROWTH, ProcStats};
+use gopulse_common::{
+    PROBE_ASSIGN, PROBE_CLASSES, PROBE_DELETE, PROBE_EVACUATE, PROBE_GROWTH, ProcStats,
+};
 
 use super::{Collector, Proc};
 use crate::{
@@ -15,18 +17,19 @@ pub const PROBE_NAMES: [&str; PROBE_CLASSES] = [
     "map_growth",
     "map_assign",
     "map_delete",
+    "map_evacuate",
 ];
 
 /// Estimated cost of one hit per probe class, in seconds, measured on the
 /// reference machine (shared/design/uprobe-costs.md, docs/performance.md):
 /// entry probes sit on an emulated JBE (~0.85 µs), RET probes are
 /// single-stepped (~5.8 µs), growth probes also walk frames and send an event.
-pub const PROBE_COST_S: [f64; PROBE_CLASSES] = [0.85e-6, 5.8e-6, 1.5e-6, 0.9e-6, 0.9e-6];
+pub const PROBE_COST_S: [f64; PROBE_CLASSES] = [0.85e-6, 5.8e-6, 1.5e-6, 0.9e-6, 0.9e-6, 0.85e-6];
 
 /// Assignment and deletion probe hits of a process so far.
 fn access_hits(bpf: &mut Bpf, pid: u32) -> u64 {
     bpf.stats(pid)
-        .map(|s| s.hits[PROBE_ASSIGN] + s.hits[PROBE_DELETE])
+        .map(|s| s.hits[PROBE_ASSIGN] + s.hits[PROBE_DELETE] + s.hits[PROBE_EVACUATE])
         .unwrap_or(0)
 }
 
@@ -154,6 +157,11 @@ impl Collector {
 
 /// Folds probe hits into the hit counters and the overhead estimate.
 pub(super) fn fold_overhead(metrics: &Metrics, p: &Proc, stats: &ProcStats) {
+    let evacuated = stats.evacuations.saturating_sub(p.synced.evacuations);
+    metrics
+        .map_evacuated_buckets
+        .get_or_create(&p.labels)
+        .inc_by(evacuated);
     let mut overhead = 0.0;
     for (c, probe) in PROBE_NAMES.iter().enumerate() {
         let hits = stats.hits[c].saturating_sub(p.synced.hits[c]);
