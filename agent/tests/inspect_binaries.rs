@@ -306,6 +306,27 @@ fn bad_input_gets_the_right_error() {
         inspect::inspect(&empty, &[]),
         Err(InspectError::NotElf)
     ));
+    // Random bytes (a fixed xorshift stream, so a failure reproduces), bare
+    // and behind an ELF magic.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let random: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let noise = write("random", &random);
+    assert!(matches!(
+        inspect::inspect(&noise, &[]),
+        Err(InspectError::NotElf)
+    ));
+    let mut elf_noise = b"\x7fELF\x02\x01\x01".to_vec();
+    elf_noise.extend_from_slice(&random);
+    let elf_noise = write("random-elf", &elf_noise);
+    let e = inspect::inspect(&elf_noise, bpf::WANTED_FUNCTIONS).unwrap_err();
+    assert!(matches!(e, InspectError::Corrupt { .. }), "{e}");
     let script = write("script.sh", b"#!/bin/sh\necho hi\n");
     assert!(matches!(
         inspect::inspect(&script, &[]),
