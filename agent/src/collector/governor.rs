@@ -22,9 +22,10 @@ pub const PROBE_NAMES: [&str; PROBE_CLASSES] = [
 
 /// Estimated cost of one hit per probe class, in seconds, measured on the
 /// reference machine (shared/design/uprobe-costs.md, docs/performance.md):
-/// entry probes sit on an emulated JBE (~0.85 µs), RET probes are
-/// single-stepped (~5.8 µs), growth probes also walk frames and send an event.
-pub const PROBE_COST_S: [f64; PROBE_CLASSES] = [0.85e-6, 5.8e-6, 1.5e-6, 0.9e-6, 0.9e-6, 0.85e-6];
+/// entry probes sit on an emulated JBE (~0.85 µs for a counter); RET probes
+/// are single-stepped (~5.8 µs); a growth hit costs ~4 µs all told (frame
+/// walk, event, the agent's handling), an assignment hit ~1.3 µs (LRU).
+pub const PROBE_COST_S: [f64; PROBE_CLASSES] = [0.85e-6, 5.8e-6, 4.0e-6, 1.3e-6, 1.3e-6, 1.0e-6];
 
 /// Assignment and deletion probe hits of a process so far.
 fn access_hits(bpf: &mut Bpf, pid: u32) -> u64 {
