@@ -166,9 +166,9 @@ func growHeavy(keys []int64, rounds int) {
 // Operation counts, sized so that each phase takes about a second on the
 // development VM (2 vCPUs, Go 1.27) without the agent.
 const (
-	smallMapCount = 5_000_000
+	smallMapCount = 6_500_000
 	growEntries   = 100_000
-	growRounds    = 100
+	growRounds    = 170
 )
 
 // sizes are the insert-then-delete phases: map size and rounds per key type.

@@ -43,6 +43,8 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const SETTLE: Duration = Duration::from_millis(1300);
 const GROWTHS: &str = "gopulse_map_growths_total";
 const EVENTS_LOST: &str = "gopulse_events_lost_total";
+/// Every probe hit, by probe, on agents that have it.
+const PROBE_HITS: &str = "gopulse_probe_hits_total";
 /// The agent flag that selects the `mapassign` probes, once it exists.
 const MAP_ASSIGN_FLAG: &str = "--map-assign-probes";
 
@@ -98,8 +100,9 @@ struct Phase {
     ops: u64,
     ns_per_op: f64,
     gcs: u64,
-    /// Map growths the agent counted during the phase plus events it lost;
-    /// `None` without the agent.
+    /// Probe hits during the phase: `gopulse_probe_hits_total` where the
+    /// agent has it, else map growths plus lost events; `None` without the
+    /// agent.
     hits: Option<u64>,
     lost: Option<u64>,
 }
@@ -308,11 +311,11 @@ fn run_once(
     let mut result = parse_report(&json, &config.name)?;
     if config.agent.is_some() {
         for p in &mut result.phases {
-            let (_, growths, lost) = hits
+            let (_, probe_hits, lost) = hits
                 .iter()
                 .find(|(name, ..)| *name == p.name)
                 .with_context(|| format!("no metrics scraped after phase {}", p.name))?;
-            p.hits = Some(growths + lost);
+            p.hits = Some(*probe_hits);
             p.lost = Some(*lost);
         }
     }
@@ -481,7 +484,7 @@ impl Agent {
         ))
     }
 
-    /// (map growths, events lost) the agent has counted for `pid` so far.
+    /// (probe hits, events lost) the agent has counted for `pid` so far.
     fn hits(&self, pid: u32) -> Result<(u64, u64)> {
         let r = http::get(&self.listen, "/metrics", HTTP_TIMEOUT)?;
         if r.status != 200 {
@@ -495,8 +498,16 @@ impl Agent {
                 .filter(|s| s.name == name && s.label("pid") == Some(pid.as_str()))
                 .fold(0.0, |acc, s| acc + s.value)
         };
+        let lost = sum(EVENTS_LOST);
+        // An agent that counts every probe hit (GC, growth, assignment)
+        // says so; an older one counts growths, and a lost event was a hit.
+        let hits = if samples.iter().any(|s| s.name == PROBE_HITS) {
+            sum(PROBE_HITS)
+        } else {
+            sum(GROWTHS) + lost
+        };
         // Counters of whole events: exact in an f64 far past any run's count.
-        Ok((sum(GROWTHS) as u64, sum(EVENTS_LOST) as u64))
+        Ok((hits as u64, lost as u64))
     }
 
     fn stop(&mut self) -> Result<()> {
@@ -664,8 +675,13 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
                 .collect();
             let lo = per_round.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = per_round.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-            let cost = cost_per_hit(base_med, med, p.ops, hits_med)
-                .map_or_else(|| "-".to_string(), |ns| format!("{:.2} µs", ns / 1000.0));
+            // Unless every round was slower with the agent, the difference
+            // is not told apart from run-to-run noise.
+            let mark = if hi < 1.0 { "" } else { " †" };
+            let cost = cost_per_hit(base_med, med, p.ops, hits_med).map_or_else(
+                || "-".to_string(),
+                |ns| format!("{:.2} µs{mark}", ns / 1000.0),
+            );
             let _ = write!(
                 out,
                 " {} | {:.3} ({lo:.2}–{hi:.2}) | {hits_med} | {cost} |",
@@ -693,6 +709,11 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
         );
     }
     out.push('\n');
+    out.push_str(
+        "\nThroughput ratio: none ns/op over the config's (medians; 1 = no change). \
+         Cost per hit: (config - none) ns/op × ops / hits. †: not every round was slower \
+         with the agent, so the difference is not told apart from run-to-run noise.\n",
+    );
     Ok(out)
 }
 
@@ -1019,5 +1040,14 @@ mod tests {
             table.contains("| small | 1000 | 2 | 105 | 128 | 0.824 (0.80–0.85) | 50 | 0.45 µs |"),
             "{table}"
         );
+        // One round faster, one slower: noise.
+        let runs = [
+            run("none", 100.0, None),
+            run("default", 95.0, Some(50)),
+            run("default", 115.0, Some(50)),
+            run("none", 110.0, None),
+        ];
+        let table = report(&configs(""), &runs).unwrap();
+        assert!(table.contains("| 50 | 0.00 µs † |"), "{table}");
     }
 }
