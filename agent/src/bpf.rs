@@ -58,31 +58,19 @@ pub const EVACUATE_FUNCTIONS: &[&str] = &[
     "runtime.evacuate_faststr",
 ];
 
-/// Every function any release may need, for [`crate::inspect::inspect`].
-pub const WANTED_FUNCTIONS: &[&str] = &[
-    STOP_FN,
-    START_FN,
-    MARK_TERM_FN,
-    "runtime.hashGrow",
-    "internal/runtime/maps.(*Map).growToSmall",
-    "internal/runtime/maps.(*Map).growToTable",
-    "internal/runtime/maps.(*table).grow",
-    "internal/runtime/maps.(*table).split",
-    SWISS_PRUNE_FN,
-    "runtime.mapassign",
-    "runtime.mapassign_fast32",
-    "runtime.mapassign_fast64",
-    "runtime.mapassign_fast64ptr",
-    "runtime.mapassign_faststr",
-    "runtime.mapdelete",
-    "runtime.mapdelete_fast32",
-    "runtime.mapdelete_fast64",
-    "runtime.mapdelete_faststr",
-    "runtime.evacuate",
-    "runtime.evacuate_fast32",
-    "runtime.evacuate_fast64",
-    "runtime.evacuate_faststr",
-];
+/// Every function any release may need, for [`crate::inspect::inspect`]:
+/// the lists above, in one.
+pub fn wanted_functions() -> Vec<&'static str> {
+    let mut all = REQUIRED_FUNCTIONS.to_vec();
+    for list in [CLASSIC_GROWTH, SWISS_GROWTH] {
+        all.extend(list.iter().map(|(f, _)| *f));
+    }
+    all.push(SWISS_PRUNE_FN);
+    all.extend_from_slice(ASSIGN_FUNCTIONS);
+    all.extend_from_slice(DELETE_FUNCTIONS);
+    all.extend_from_slice(EVACUATE_FUNCTIONS);
+    all
+}
 
 const PROG_STOP: &str = "stw_stop";
 const PROG_START_ENTRY: &str = "stw_start_entry";

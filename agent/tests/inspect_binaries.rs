@@ -106,7 +106,7 @@ fn build_matrix_of_every_release() {
         let mut default_nm = BTreeMap::new();
         for &(kind, args) in BUILDS {
             let bin = support::build_fixture("gcload", &go, &format!("{version}-{kind}"), args);
-            let found = inspect::inspect(&bin, bpf::WANTED_FUNCTIONS)
+            let found = inspect::inspect(&bin, &bpf::wanted_functions())
                 .unwrap_or_else(|e| panic!("go{version} {kind}: {e}"));
             let what = format!("go{version} {kind}");
             assert_eq!(found.version.raw, format!("go{version}"), "{what}");
@@ -325,7 +325,7 @@ fn bad_input_gets_the_right_error() {
     let mut elf_noise = b"\x7fELF\x02\x01\x01".to_vec();
     elf_noise.extend_from_slice(&random);
     let elf_noise = write("random-elf", &elf_noise);
-    let e = inspect::inspect(&elf_noise, bpf::WANTED_FUNCTIONS).unwrap_err();
+    let e = inspect::inspect(&elf_noise, &bpf::wanted_functions()).unwrap_err();
     assert!(matches!(e, InspectError::Corrupt { .. }), "{e}");
     let script = write("script.sh", b"#!/bin/sh\necho hi\n");
     assert!(matches!(

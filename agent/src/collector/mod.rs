@@ -112,7 +112,7 @@ impl Collector {
         let start_time =
             procfs::start_time(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
         let exe = procfs::exe_name(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-        let bin = inspect::inspect(&procfs::exe_path(pid), bpf::WANTED_FUNCTIONS)
+        let bin = inspect::inspect(&procfs::exe_path(pid), &bpf::wanted_functions())
             .with_context(|| exe.clone())?;
         let load_bias = procfs::exe_mapping_start(pid)
             .map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?
