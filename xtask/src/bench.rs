@@ -26,7 +26,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use crate::{
     http, openmetrics,
     project::{
-        GO_VERSIONS, cargo, fmt_elapsed, go_binary, is_root, run, target_dir, workspace_root,
+        GO_VERSIONS, cargo, fmt_elapsed, go_binary, go_build, is_root, run, target_dir,
+        workspace_root,
     },
     setup::setup,
     signal,
@@ -211,14 +212,8 @@ pub fn overhead(cache: &Path, args: &OverheadArgs) -> Result<()> {
 fn build_workload(cache: &Path, go: &str, out_dir: &Path) -> Result<PathBuf> {
     println!("bench: building bench/overhead with Go {go}");
     let bin = out_dir.join(format!("overhead-go{go}"));
-    run(Command::new(go_binary(cache, go))
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(workspace_root().join("bench").join("overhead"))
-        .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", cache.join("gocache"))
-        .env("GOPATH", cache.join("gopath")))?;
+    let dir = workspace_root().join("bench").join("overhead");
+    run(go_build(cache, &go_binary(cache, go), &dir, &bin).arg("."))?;
     Ok(bin)
 }
 

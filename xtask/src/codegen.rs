@@ -11,7 +11,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use gopulse_inspect::{GoVersion, MapImpl, MapOffsets, Offsets, offsets};
 
-use crate::project::{GO_VERSIONS, check, describe, go_binary, run, target_dir, workspace_root};
+use crate::project::{
+    GO_VERSIONS, check, describe, go_binary, go_build, run, target_dir, workspace_root,
+};
 
 const TABLE_PATH: &str = "inspect/src/offsets_table.rs";
 const FIXTURE: &str = "agent/tests/fixtures/gcload";
@@ -103,15 +105,8 @@ fn build(cache: &Path, go: &Path, version: &str, experiment: Option<&str>) -> Re
         None => format!("gcload-{version}"),
     };
     let out = out_dir.join(name);
-    let mut cmd = Command::new(go);
-    cmd.current_dir(workspace_root().join(FIXTURE))
-        .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", cache.join("gocache"))
-        .env("GOPATH", cache.join("gopath"))
-        .env("GOFLAGS", "-mod=mod")
-        .args(["build", "-o"])
-        .arg(&out)
-        .arg(".");
+    let mut cmd = go_build(cache, go, &workspace_root().join(FIXTURE), &out);
+    cmd.arg(".");
     match experiment {
         Some(x) => cmd.env("GOEXPERIMENT", x),
         None => cmd.env_remove("GOEXPERIMENT"),

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
     http, openmetrics,
-    project::{GO_VERSIONS, cargo, go_binary, is_root, run, target_dir, workspace_root},
+    project::{GO_VERSIONS, cargo, go_binary, go_build, is_root, run, target_dir, workspace_root},
     setup::setup,
     signal, summary,
 };
@@ -94,15 +94,8 @@ pub fn demo(cache: &Path, args: &DemoArgs) -> Result<()> {
 fn build_workload(cache: &Path, go: &str, out_dir: &Path) -> Result<PathBuf> {
     println!("demo: building examples/demo with Go {go}");
     let bin = out_dir.join(format!("demo-go{go}"));
-    run(Command::new(go_binary(cache, go))
-        .args(["build", "-o"])
-        .arg(&bin)
-        .arg(".")
-        .current_dir(workspace_root().join("examples").join("demo"))
-        // Exactly this release: no toolchain switching, no downloads.
-        .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", cache.join("gocache"))
-        .env("GOPATH", cache.join("gopath")))?;
+    let dir = workspace_root().join("examples").join("demo");
+    run(go_build(cache, &go_binary(cache, go), &dir, &bin).arg("."))?;
     Ok(bin)
 }
 

@@ -15,7 +15,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::{
     compact::compact,
     project::{
-        EBPF_TOOLCHAIN, cargo, cargo_fuzz_bin_dir, describe, fmt_elapsed, go_binary,
+        EBPF_TOOLCHAIN, cargo, cargo_fuzz_bin_dir, describe, fmt_elapsed, go_binary, go_build,
         path_with_bpf_linker, target_dir, workspace_root,
     },
 };
@@ -218,17 +218,9 @@ fn build_gcload(cache: &Path, go: &str, args: &[&str], out: &Path) -> Result<()>
             go_bin.display()
         );
     }
-    let mut cmd = Command::new(go_bin);
-    cmd.current_dir(workspace_root().join("agent/tests/fixtures/gcload"))
-        // Exactly this release: no toolchain switching, no downloads.
-        .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", cache.join("gocache"))
-        .env("GOPATH", cache.join("gopath"))
-        .env("GOFLAGS", "-mod=mod")
-        .args(["build", "-o"])
-        .arg(out)
-        .args(args)
-        .arg(".");
+    let fixture = workspace_root().join("agent/tests/fixtures/gcload");
+    let mut cmd = go_build(cache, &go_bin, &fixture, out);
+    cmd.args(args).arg(".");
     let output = cmd
         .output()
         .with_context(|| format!("could not start {}", describe(&cmd)))?;

@@ -83,6 +83,21 @@ pub fn go_binary(cache: &Path, version: &str) -> PathBuf {
         .join("go")
 }
 
+/// `go build -o out` of the package in `dir` with the `go` binary `go`,
+/// pinned to exactly that release (no toolchain switching, no downloads)
+/// and the project's Go caches. Callers add flags, then the package (`.`).
+pub fn go_build(cache: &Path, go: &Path, dir: &Path, out: &Path) -> Command {
+    let mut cmd = Command::new(go);
+    cmd.current_dir(dir)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOCACHE", cache.join("gocache"))
+        .env("GOPATH", cache.join("gopath"))
+        .env("GOFLAGS", "-mod=mod")
+        .args(["build", "-o"])
+        .arg(out);
+    cmd
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
