@@ -1,14 +1,22 @@
-//! gopulse's agent: binary inspection, probe attachment and aggregation.
-//! The `gopulse` binary (`main.rs`) wires these together; the modules are a
-//! library so integration tests can check them against real Go toolchains.
+//! gopulse's agent. One direction of flow: `plan` (where probes go in an
+//! executable) → `probes` (the attach stage: registration, attachment, the
+//! overhead budget) → `collector` (kernel maps and events → metrics) →
+//! `server` (the Prometheus endpoint). The `gopulse` binary (`main.rs`)
+//! wires them together; the modules are a library so integration tests can
+//! check them against real Go toolchains.
 pub mod bpf;
 pub mod collector;
+pub mod cost;
+pub mod governor;
 pub mod mapshape;
 pub mod metrics;
+pub mod plan;
+pub mod probes;
 pub mod procfs;
 pub mod server;
 pub mod storm;
 pub mod stw;
+pub mod watch;
 
 /// Binary inspection lives in its own crate (no BPF build, fuzzable).
 pub use gopulse_inspect as inspect;

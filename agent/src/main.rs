@@ -13,7 +13,17 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::io::{Interest, unix::AsyncFd};
 
-use gopulse_agent::{bpf, collector::Collector, metrics, server, server::App};
+use gopulse_agent::{
+    bpf,
+    collector::Collector,
+    governor::Budget,
+    metrics,
+    plan::{DEFAULT_PLUMBING, Plumbing},
+    probes::{AccessMode, Probes},
+    server::{self, App},
+    storm::StormRule,
+    watch::watch,
+};
 
 /// Watches Go processes with eBPF uprobes and serves their GC and
 /// stop-the-world pause metrics. Needs root (or CAP_BPF + CAP_PERFMON).
@@ -32,7 +42,7 @@ struct Args {
 
     /// Most distinct map growth sites per process; growths at further sites
     /// are counted under site="other" (and in gopulse_map_sites_dropped_total).
-    #[arg(long, value_name = "N", default_value_t = 50,
+    #[arg(long, value_name = "N", default_value_t = 200,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     max_map_sites: u64,
 
@@ -53,8 +63,8 @@ struct Args {
     /// --assign-period-ms, and cut early when their estimated cost passes
     /// --overhead-budget; `always`: attached all the time, whatever the cost
     /// (a probe hit costs about 1 µs against tens of ns for an insert).
-    #[arg(long, value_enum, default_value_t = AssignMode::Sampled)]
-    map_assign_probes: AssignMode,
+    #[arg(long, value_enum, default_value_t = AccessMode::Sampled)]
+    map_assign_probes: AccessMode,
 
     /// How long the sampled assignment probes stay attached each period.
     #[arg(long, value_name = "MS", default_value_t = 1_000,
@@ -66,26 +76,36 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     assign_period_ms: u64,
 
-    /// Most CPU the sampled assignment probes, and separately the growth
-    /// probes, may cost a process, as a fraction of one CPU (estimated from
-    /// hits and the measured cost per hit). Past it sampled assignment
-    /// probes are detached until the next window, growth probes for
-    /// --assign-period-ms (gopulse_map_growth_probes_attached says so).
+    /// Most CPU the growth probes, and separately the sampled assignment
+    /// probes, may cost a process on average, as a fraction of one CPU
+    /// (hits times each probe's cost on this machine: its trap, timed at
+    /// start-up, plus its run time from the kernel's BPF statistics). A
+    /// group that spends its budget is detached: growth probes until it has
+    /// refilled (gopulse_map_growth_probes_attached says so), sampled
+    /// assignment probes until the next window.
     #[arg(long, value_name = "FRACTION", default_value_t = 0.01)]
     overhead_budget: f64,
+
+    /// How long the budget is averaged over, in seconds: a burst may spend
+    /// up to --overhead-budget × this at once (at the defaults 100 ms of CPU,
+    /// some 50,000 growths) before anything is cut.
+    #[arg(long, value_name = "SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    overhead_window: u64,
+
+    /// A function-name prefix to walk past when looking for the site of a
+    /// map growth, besides the runtime, reflect, encoding/*, maps, sync and
+    /// the standard library's internal packages: code that fills maps on
+    /// its caller's behalf, such as a third-party decoder
+    /// (`gopkg.in/yaml.v3.`). Repeatable.
+    #[arg(long, value_name = "PREFIX")]
+    site_skip: Vec<String>,
 
     /// How often, in milliseconds, to fold kernel counters into the metrics
     /// and check that watched processes still run.
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     poll_interval_ms: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum AssignMode {
-    Off,
-    Sampled,
-    Always,
 }
 
 fn main() -> ExitCode {
@@ -128,115 +148,114 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.assign_window_ms > args.assign_period_ms {
         anyhow::bail!("--assign-window-ms must not exceed --assign-period-ms");
     }
+    if let Some(bad) = args.site_skip.iter().find(|p| p.is_empty()) {
+        anyhow::bail!("--site-skip {bad:?}: a prefix must not be empty");
+    }
     // Bind first: a busy port should fail before anything is attached.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let (bpf, ring, growth_ring) = bpf::Bpf::load()?;
+    let (bpf, maps) = bpf::Bpf::load()?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("gopulse");
     let metrics = metrics::Metrics::new(&mut registry);
-    let mut collector = Collector::new(
-        bpf,
-        ring,
-        growth_ring,
+    let budget = Budget {
+        fraction: args.overhead_budget,
+        window: Duration::from_secs(args.overhead_window),
+    };
+    let (probes, costs) = Probes::new(bpf, metrics.clone(), budget, args.map_assign_probes);
+    let collector = Collector::new(
+        maps,
         metrics,
+        costs,
         usize::try_from(args.max_map_sites).unwrap_or(usize::MAX),
-        gopulse_agent::storm::StormRule {
-            growths: usize::try_from(args.storm_growths).unwrap_or(usize::MAX),
+        StormRule {
+            growths: args.storm_growths,
             window: Duration::from_millis(args.storm_window_ms),
         },
     );
+    let ring_fd = collector
+        .ring()
+        .as_fd()
+        .try_clone_to_owned()
+        .context("duplicating the ring buffer fd")?;
+    let app = Arc::new(App {
+        collector: Mutex::new(collector),
+        probes: Mutex::new(probes),
+        registry,
+    });
+    tracing::debug!(plumbing = ?DEFAULT_PLUMBING, extra = ?args.site_skip, "site walk");
+    let plumbing = Plumbing::new(&args.site_skip);
     for &pid in &args.pids {
-        if let Err(e) = collector.add_process(pid) {
+        app.with_collector(|c| c.request(pid));
+        if let Err(e) = watch(&app, pid, &plumbing) {
             tracing::error!(pid, "pid {pid}: cannot watch: {e:#}");
         }
     }
-    let ring_fds = collector.rings().map(|r| {
-        r.as_fd()
-            .try_clone_to_owned()
-            .context("duplicating a ring buffer fd")
-    });
-    let app = Arc::new(App {
-        collector: Mutex::new(collector),
-        registry,
+
+    // The probes wake the agent only when the STW ring fills up; it is
+    // drained every poll interval otherwise.
+    // SAFETY: the AsyncFd owns the duplicated fd, which stays open and the
+    // same for its whole life.
+    let ready = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
+    let ring_app = app.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ready.readable().await else {
+                break;
+            };
+            ring_app.with_collector(|c| c.drain());
+            guard.clear_ready();
+        }
     });
 
-    // Drain events as they arrive (epoll on duplicates of the rings' fds).
-    for fd in ring_fds {
-        // SAFETY: the AsyncFd owns the duplicated fd, which stays open and the
-        // same for its whole life.
-        let ready = unsafe { AsyncFd::register_with_interest(fd?, Interest::READABLE) }
-            .map_err(|e| anyhow::anyhow!("polling a ring buffer: {e}"))?;
-        let ring_app = app.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok(mut guard) = ready.readable().await else {
-                    break;
-                };
-                ring_app.with_collector(|c| c.drain());
-                guard.clear_ready();
-            }
-        });
-    }
-
-    // Housekeeping: kernel counters, exited processes, and any event a
-    // readiness race left behind.
+    // Housekeeping: events, kernel counters and tables, exited processes.
     let house_app = app.clone();
     let period = Duration::from_millis(args.poll_interval_ms);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             house_app.with_collector(|c| {
                 c.drain();
                 c.sync();
-                c.reap();
             });
+            house_app.reap();
         }
     });
 
-    let local = listener.local_addr().context("listener address")?;
-    // The growth governor checks ten times a second, so a burst costs at
-    // most a tenth of a second at full rate before the probes are cut.
+    // The budget, ten times a second, on its own thread: it takes only the
+    // attach stage's lock, so collection never delays it.
     let govern_app = app.clone();
-    let budget = args.overhead_budget;
-    let cooldown = Duration::from_millis(args.assign_period_ms);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tick.tick().await;
-            govern_app.with_collector(|c| c.govern_growth(budget, cooldown));
-        }
-    });
+    std::thread::Builder::new()
+        .name("governor".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(100));
+                govern_app.with_probes(|p| p.govern());
+            }
+        })
+        .context("starting the governor thread")?;
 
-    // Assignment probes: always on, or sampled windows under the governor.
-    match args.map_assign_probes {
-        AssignMode::Off => {}
-        AssignMode::Always => app.with_collector(|c| c.set_access_probes(true)),
-        AssignMode::Sampled => {
-            let sample_app = app.clone();
-            let window = Duration::from_millis(args.assign_window_ms);
-            let period = Duration::from_millis(args.assign_period_ms);
-            let budget = args.overhead_budget;
-            tokio::spawn(async move {
-                let check = Duration::from_millis(100).min(window);
-                loop {
-                    let start = tokio::time::Instant::now();
-                    sample_app.with_collector(|c| c.set_access_probes(true));
-                    while start.elapsed() < window {
-                        tokio::time::sleep(check.min(window.saturating_sub(start.elapsed()))).await;
-                        sample_app.with_collector(|c| c.govern(budget));
-                    }
-                    sample_app.with_collector(|c| {
-                        c.set_access_probes(false);
-                        c.sync();
-                    });
-                    tokio::time::sleep_until(start + period).await;
-                }
-            });
-        }
+    // Sampled assignment probes: a window every period.
+    if args.map_assign_probes == AccessMode::Sampled {
+        let sample_app = app.clone();
+        let window = Duration::from_millis(args.assign_window_ms);
+        let period = Duration::from_millis(args.assign_period_ms);
+        tokio::spawn(async move {
+            loop {
+                let start = tokio::time::Instant::now();
+                sample_app.with_probes(|p| p.set_access(true));
+                tokio::time::sleep(window).await;
+                sample_app.with_probes(|p| p.set_access(false));
+                sample_app.with_collector(|c| c.sync());
+                tokio::time::sleep_until(start + period).await;
+            }
+        });
     }
 
+    let local = listener.local_addr().context("listener address")?;
     tracing::info!("serving http://{local}/metrics");
     axum::serve(listener, server::router(app))
         .with_graceful_shutdown(shutdown_signal())

@@ -44,17 +44,47 @@ pub struct GrowthLabels {
     pub proc: ProcLabels,
     /// The Go function that caused the growth, as Go prints it.
     pub site: String,
-    /// `double`, `same_size` (classic); `small`, `to_table`, `grow`,
-    /// `split`, `prune` (swiss).
+    /// [`GROWTH_KINDS`].
     pub kind: &'static str,
 }
 
+/// The `kind` label of `gopulse_map_growths_total`, and what each means.
+pub const GROWTH_KINDS: &[(&str, &str)] = &[
+    (
+        "double",
+        "classic map: hashGrow to twice the buckets (more than 6.5 entries a bucket)",
+    ),
+    (
+        "same_size",
+        "classic map: hashGrow to as many buckets (too many overflow buckets, compacted)",
+    ),
+    (
+        "to_table",
+        "swiss map: a small map (8 slots) passed 8 entries and became a table",
+    ),
+    (
+        "grow",
+        "swiss map: a full table replaced by one twice its capacity",
+    ),
+    ("split", "swiss map: a full 1024-slot table split in two"),
+    (
+        "prune",
+        "swiss map (Go 1.25+): a full table rehashed in place to reclaim deleted slots",
+    ),
+];
+
+/// Per process and probe (BPF program).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     #[prometheus(flatten)]
     pub proc: ProcLabels,
-    /// `stw_entry`, `stw_ret`, `map_growth`, `map_assign`, `map_delete`,
-    /// `map_evacuate`.
+    /// The BPF program: `stw_stop`, `grow_table`, `map_assign`, ...
+    pub probe: &'static str,
+}
+
+/// Per probe, for the whole node.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeNameLabels {
     pub probe: &'static str,
 }
 
@@ -84,7 +114,8 @@ fn pause_histogram() -> Histogram {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// Handles to every metric family.
+/// Handles to every metric family (clones share the families).
+#[derive(Clone)]
 pub struct Metrics {
     pub gc_cycles: Family<ProcLabels, Counter>,
     pub gc_pause: HistogramFamily<PhaseLabels>,
@@ -103,6 +134,8 @@ pub struct Metrics {
     pub map_load_factor_ratio: HistogramFamily<ProcLabels>,
     pub probe_hits: Family<ProbeLabels, Counter>,
     pub probe_overhead: Family<ProcLabels, Counter<f64, AtomicU64>>,
+    pub probe_hit_cost: Family<ProbeNameLabels, Gauge<f64, AtomicU64>>,
+    pub map_growths_unattributed: Family<ProcLabels, Counter>,
     pub map_assign_attached: Family<ProcLabels, Gauge>,
     pub map_growth_attached: Family<ProcLabels, Gauge>,
     pub maps_untracked: Family<ProcLabels, Counter>,
@@ -131,6 +164,8 @@ impl Metrics {
             ),
             probe_hits: Family::default(),
             probe_overhead: Family::default(),
+            probe_hit_cost: Family::default(),
+            map_growths_unattributed: Family::default(),
             map_assign_attached: Family::default(),
             map_growth_attached: Family::default(),
             maps_untracked: Family::default(),
@@ -173,9 +208,16 @@ impl Metrics {
         );
         registry.register(
             "map_growths",
-            "Map growths by the Go function that caused them (site) and kind: double or \
-             same_size (classic maps); small, to_table, grow, split or prune (swiss tables)",
+            "Map growths by the Go function whose map grew (site: the first caller outside \
+             the runtime, reflect, encoding/* and the other plumbing) and kind: double or \
+             same_size (classic maps); to_table, grow, split or prune (swiss tables)",
             m.map_growths.clone(),
+        );
+        registry.register(
+            "map_growths_unattributed",
+            "Map growths counted without a site because the kernel's growth table (32768 \
+             sites for all processes) was full",
+            m.map_growths_unattributed.clone(),
         );
         registry.register(
             "map_sites_dropped",
@@ -186,7 +228,8 @@ impl Metrics {
         registry.register(
             "map_growth_storms",
             "Growth storms: episodes of more than --storm-growths map growths at one site \
-             within --storm-window-ms",
+             within --storm-window-ms; the site is always the real one, even past \
+             --max-map-sites",
             m.map_growth_storms.clone(),
         );
         registry.register(
@@ -225,15 +268,23 @@ impl Metrics {
         );
         registry.register(
             "probe_hits",
-            "Uprobe hits by probe class",
+            "Uprobe hits by probe (BPF program)",
             m.probe_hits.clone(),
         );
         registry.register_with_unit(
             "probe_overhead",
-            "Estimated CPU time the probes cost the process: hits times the measured cost \
-             per hit of each probe class (docs/performance.md)",
+            "Estimated CPU time the probes cost the process: each probe's hits times its \
+             cost per hit (gopulse_probe_hit_cost_seconds)",
             Unit::Seconds,
             m.probe_overhead.clone(),
+        );
+        registry.register_with_unit(
+            "probe_hit_cost",
+            "What one hit of each probe costs on this node: the uprobe trap, timed by the \
+             agent at start-up, plus the program's mean run time from the kernel's BPF \
+             statistics",
+            Unit::Seconds,
+            m.probe_hit_cost.clone(),
         );
         registry.register(
             "map_assign_probes_attached",
@@ -245,8 +296,9 @@ impl Metrics {
         registry.register(
             "map_growth_probes_attached",
             "1 while the map growth probes are attached; 0 while the overhead governor has \
-             cut them (the process grows maps faster than the budget allows), and then \
-             growth counts, sites and shapes miss what happened meanwhile",
+             cut them (the process grew maps so fast for so long that they spent \
+             --overhead-budget over --overhead-window), and then growth counts, sites and \
+             shapes miss what happens meanwhile",
             m.map_growth_attached.clone(),
         );
         registry.register(
@@ -270,6 +322,7 @@ impl Metrics {
         labels: &ProcLabels,
         reasons: &[String],
         growths: &[(String, &'static str)],
+        storm_sites: &[String],
     ) {
         self.gc_cycles.remove(labels);
         self.map_sites_dropped.remove(labels);
@@ -279,7 +332,8 @@ impl Metrics {
         self.map_growth_attached.remove(labels);
         self.maps_untracked.remove(labels);
         self.map_evacuated_buckets.remove(labels);
-        for probe in crate::collector::PROBE_NAMES {
+        self.map_growths_unattributed.remove(labels);
+        for probe in crate::plan::PROGRAM_TABLE.iter().map(|p| p.name) {
             self.probe_hits.remove(&ProbeLabels {
                 proc: labels.clone(),
                 probe,
@@ -295,12 +349,17 @@ impl Metrics {
                 proc: labels.clone(),
                 site: site.clone(),
             };
-            self.map_growth_storms.remove(&site);
             self.map_entries.remove(&site);
             self.map_capacity.remove(&site);
             self.map_load_factor.remove(&site);
             self.map_overflow.remove(&site);
             self.map_tables.remove(&site);
+        }
+        for site in storm_sites {
+            self.map_growth_storms.remove(&SiteLabels {
+                proc: labels.clone(),
+                site: site.clone(),
+            });
         }
         self.events_lost.remove(labels);
         self.probes_attached.remove(labels);
@@ -360,7 +419,7 @@ mod tests {
         );
         assert!(out.contains(r#"gopulse_gc_pause_seconds_count{pid="1",exe="x",go_version="go1.27.3",phase="mark_termination"} 1"#));
         assert!(out.contains("gopulse_events_lost_total{"));
-        m.remove_process(&proc, &[], &[]);
+        m.remove_process(&proc, &[], &[], &[]);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
         assert!(!out.contains("pid=\"1\""));

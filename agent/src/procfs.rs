@@ -60,6 +60,27 @@ fn parse_mapping_start(maps: &str, exe: &str) -> Option<u64> {
     })
 }
 
+/// The file offset that address `addr` of process `pid` maps, from
+/// /proc/PID/maps (for a uprobe on code whose address is known).
+pub fn file_offset_of(pid: u32, addr: u64) -> io::Result<u64> {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    parse_file_offset(&maps, addr)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "address not in a file mapping"))
+}
+
+fn parse_file_offset(maps: &str, addr: u64) -> Option<u64> {
+    maps.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let (start, end) = f.next()?.split_once('-')?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        let offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
+        // A file mapping has a path (the 6th field).
+        let path = f.nth(2)?;
+        (start <= addr && addr < end && path.starts_with('/')).then(|| addr - start + offset)
+    })
+}
+
 /// Reads `buf.len()` bytes of the process's memory at `addr`.
 pub fn read_mem(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
     let local = libc::iovec {
@@ -114,6 +135,19 @@ mod tests {
             Some(0x55d0c0000000)
         );
         assert_eq!(parse_mapping_start(maps, "/usr/bin/other"), None);
+    }
+
+    #[test]
+    fn file_offsets() {
+        let maps = "\
+55d0c0000000-55d0c0100000 r--p 00000000 fd:00 1234 /usr/bin/app
+55d0c0100000-55d0c0200000 r-xp 00100000 fd:00 1234 /usr/bin/app
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+";
+        assert_eq!(parse_file_offset(maps, 0x55d0c0100010), Some(0x100010));
+        assert_eq!(parse_file_offset(maps, 0x55d0c0000004), Some(4));
+        assert_eq!(parse_file_offset(maps, 0x7ffd00000010), None);
+        assert_eq!(parse_file_offset(maps, 0x10), None);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! HTTP endpoints: /metrics (OpenMetrics text), /healthz, /readyz.
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::{
     Router,
@@ -10,23 +10,39 @@ use axum::{
 };
 use prometheus_client::registry::Registry;
 
-use crate::collector::Collector;
+use crate::{collector::Collector, probes::Probes};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The agent's shared state: the collection stage and the attach stage,
+/// each behind its own lock (never both held at once).
 pub struct App {
     pub collector: Mutex<Collector>,
+    pub probes: Mutex<Probes>,
     pub registry: Registry,
 }
 
+/// A lock that a panic elsewhere must not wedge.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl App {
-    /// Runs `f` on the collector; a panic elsewhere must not wedge the agent.
     pub fn with_collector<T>(&self, f: impl FnOnce(&mut Collector) -> T) -> T {
-        let mut guard = self
-            .collector
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        f(&mut guard)
+        f(&mut lock(&self.collector))
+    }
+
+    pub fn with_probes<T>(&self, f: impl FnOnce(&mut Probes) -> T) -> T {
+        f(&mut lock(&self.probes))
+    }
+
+    /// Detaches and forgets every watched process that exited.
+    pub fn reap(&self) {
+        for (pid, exe) in self.with_collector(|c| c.exited()) {
+            tracing::info!(pid, exe = %exe, "process exited; detaching");
+            self.with_probes(|p| p.detach(pid));
+            self.with_collector(|c| c.remove(pid));
+        }
     }
 
     fn render(&self) -> Result<String, std::fmt::Error> {

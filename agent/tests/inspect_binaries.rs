@@ -4,8 +4,8 @@ mod support;
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use gopulse_agent::{
-    bpf,
     inspect::{self, InspectError, MapImpl},
+    plan,
 };
 
 /// `go tool nm -size` of a binary: name → (address, size) of text symbols.
@@ -106,7 +106,7 @@ fn build_matrix_of_every_release() {
         let mut default_nm = BTreeMap::new();
         for &(kind, args) in BUILDS {
             let bin = support::build_fixture("gcload", &go, &format!("{version}-{kind}"), args);
-            let found = inspect::inspect(&bin, &bpf::wanted_functions())
+            let found = inspect::inspect(&bin, &plan::wanted_functions())
                 .unwrap_or_else(|e| panic!("go{version} {kind}: {e}"));
             let what = format!("go{version} {kind}");
             assert_eq!(found.version.raw, format!("go{version}"), "{what}");
@@ -149,20 +149,20 @@ fn build_matrix_of_every_release() {
                 "{what}"
             );
             let growth = match found.map_impl {
-                MapImpl::Classic => bpf::CLASSIC_GROWTH,
-                MapImpl::Swiss => bpf::SWISS_GROWTH,
+                MapImpl::Classic => plan::CLASSIC_GROWTH,
+                MapImpl::Swiss => plan::SWISS_GROWTH,
             };
-            let mut probed: Vec<&str> = bpf::REQUIRED_FUNCTIONS.to_vec();
+            let mut probed: Vec<&str> = plan::REQUIRED_FUNCTIONS.to_vec();
             probed.extend(growth.iter().map(|(f, _)| *f));
             if found.version.at_least(25) && found.map_impl == MapImpl::Swiss {
-                probed.push(bpf::SWISS_PRUNE_FN);
+                probed.push(plan::SWISS_PRUNE_FN);
             }
             for name in &probed {
                 let f = found.function(name).unwrap();
                 // Placement: every entry probe sits on the stack check's
                 // jump, which the kernel emulates.
                 let jump = f.stack_check_jump_offset().expect("stack check");
-                assert_eq!(bpf::entry_offset(f).unwrap(), jump, "{what} {name}");
+                assert_eq!(plan::entry_offset(f).unwrap(), jump, "{what} {name}");
                 assert!(
                     jump > f.file_offset && jump < f.file_offset + 16,
                     "{what} {name}"
@@ -231,13 +231,34 @@ fn build_matrix_of_every_release() {
                 Some("main.main"),
                 "{what}"
             );
-            let (sites, config) = bpf::plan(&found, 0).unwrap();
+            let planned = plan::plan(&found, 0).unwrap();
             assert_eq!(
-                config.start_args,
+                planned.config.start_args,
                 u8::from(found.version.at_least(22)),
                 "{what}"
             );
-            assert!(sites.len() >= 3, "{what}");
+            assert!(planned.core.len() >= 3, "{what}");
+            // The site walk's plumbing: a few hundred pages at most,
+            // covering the runtime but not main.
+            let pages = plan::Plumbing::default().pages(&found.symbolizer);
+            assert!(
+                (1..1000).contains(&pages.len()),
+                "{what}: {} pages",
+                pages.len()
+            );
+            let covered = |a: u64| {
+                pages.get(&((a >> 12) as u32)).is_some_and(|bits| {
+                    let i = ((a >> 4) & 0xff) as usize;
+                    bits.0[i / 64] & (1 << (i % 64)) != 0
+                })
+            };
+            for name in probed.iter().chain(["runtime.main"].iter()) {
+                assert!(covered(truth[*name].0), "{what}: {name} not plumbing");
+            }
+            assert!(
+                !covered(truth["main.main"].0),
+                "{what}: main.main is plumbing"
+            );
             if kind == "default" {
                 default_nm = truth;
                 default = Some(found);
@@ -270,7 +291,7 @@ fn noswissmap_builds_are_classic() {
                 args,
                 &[("GOEXPERIMENT", "noswissmap")],
             );
-            let found = inspect::inspect(&bin, bpf::REQUIRED_FUNCTIONS).unwrap();
+            let found = inspect::inspect(&bin, plan::REQUIRED_FUNCTIONS).unwrap();
             assert_eq!(
                 found.version.experiments,
                 vec!["noswissmap"],
@@ -325,7 +346,7 @@ fn bad_input_gets_the_right_error() {
     let mut elf_noise = b"\x7fELF\x02\x01\x01".to_vec();
     elf_noise.extend_from_slice(&random);
     let elf_noise = write("random-elf", &elf_noise);
-    let e = inspect::inspect(&elf_noise, &bpf::wanted_functions()).unwrap_err();
+    let e = inspect::inspect(&elf_noise, &plan::wanted_functions()).unwrap_err();
     assert!(matches!(e, InspectError::Corrupt { .. }), "{e}");
     let script = write("script.sh", b"#!/bin/sh\necho hi\n");
     assert!(matches!(
@@ -352,7 +373,7 @@ fn truncated_go_binaries_are_refused() {
     for (kind, args) in [("default", &[][..]), ("stripped", &["-ldflags=-s -w"][..])] {
         let bin = support::build_fixture("gcload", &go, &format!("1.27.3-{kind}"), args);
         let data = std::fs::read(&bin).unwrap();
-        assert!(inspect::inspect_bytes(&data, bpf::REQUIRED_FUNCTIONS).is_ok());
+        assert!(inspect::inspect_bytes(&data, plan::REQUIRED_FUNCTIONS).is_ok());
         let n = data.len();
         for cut in [
             1,
@@ -366,7 +387,7 @@ fn truncated_go_binaries_are_refused() {
             n - 4096,
             n - 1,
         ] {
-            let Err(e) = inspect::inspect_bytes(&data[..cut], bpf::REQUIRED_FUNCTIONS) else {
+            let Err(e) = inspect::inspect_bytes(&data[..cut], plan::REQUIRED_FUNCTIONS) else {
                 panic!("{kind} cut at {cut} of {n} was accepted");
             };
             match e {
@@ -388,7 +409,7 @@ fn old_go_is_refused_with_the_range() {
         return;
     };
     let bin = support::build_fixture("idle", &go, "debian", &[]);
-    let e = inspect::inspect(&bin, bpf::REQUIRED_FUNCTIONS).unwrap_err();
+    let e = inspect::inspect(&bin, plan::REQUIRED_FUNCTIONS).unwrap_err();
     let msg = e.to_string();
     assert!(
         matches!(e, InspectError::UnsupportedVersion { .. }),

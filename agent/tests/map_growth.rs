@@ -28,6 +28,41 @@ struct Truth {
     sites: BTreeMap<String, Site>,
 }
 
+/// Growths the agent must report, by (site, kind): all the fixture saw but
+/// `small` (swiss `growToSmall`, a new map's first allocation, which is no
+/// growth and not probed).
+fn expected_growths(truth: &Truth) -> BTreeMap<(String, String), f64> {
+    truth
+        .sites
+        .iter()
+        .flat_map(|(site, s)| {
+            s.growths
+                .iter()
+                .filter(|(k, _)| k.as_str() != "small")
+                .map(move |(k, &n)| ((site.clone(), k.clone()), n as f64))
+        })
+        .collect()
+}
+
+/// Hits of every growth probe of a process.
+fn growth_hits(m: &support::Metrics, pid: &str) -> f64 {
+    [
+        "grow_classic",
+        "grow_to_table",
+        "grow_table",
+        "split_table",
+        "prune_table",
+    ]
+    .iter()
+    .map(|probe| {
+        m.value(
+            "gopulse_probe_hits_total",
+            &[("pid", pid), ("probe", probe)],
+        )
+    })
+    .sum()
+}
+
 /// Growths at one site that make a storm in this test.
 const STORM: u64 = 10;
 
@@ -65,15 +100,7 @@ fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], m
     target.send("go");
     let line = target.read_line(Duration::from_secs(60));
     let truth: Truth = serde_json::from_str(&line).expect("fixture truth JSON");
-    let expected: BTreeMap<(String, String), f64> = truth
-        .sites
-        .iter()
-        .flat_map(|(site, s)| {
-            s.growths
-                .iter()
-                .map(move |(k, &n)| ((site.clone(), k.clone()), n as f64))
-        })
-        .collect();
+    let expected = expected_growths(&truth);
     assert!(!expected.is_empty());
     let growths = |m: &support::Metrics, site: &str, kind: &str| {
         m.value(
@@ -95,9 +122,11 @@ fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], m
             "go{version} {kind}: {site} {k} growths (agent vs fixture)"
         );
     }
-    // No growth is attributed to a fixture site the truth does not have.
+    // No growth is attributed to a fixture site the truth does not have,
+    // and none is of kind `small`.
     for s in &after.samples {
         if s.name == "gopulse_map_growths_total" && s.labels.get("pid") == Some(&pid) {
+            assert_ne!(s.labels["kind"], "small", "go{version} {kind}: {s:?}");
             let site = &s.labels["site"];
             if site.starts_with("main.") {
                 let key = (site.clone(), s.labels["kind"].clone());
@@ -112,15 +141,19 @@ fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], m
         after.value("gopulse_events_lost_total", &[("pid", &pid)]),
         0.0
     );
-    for (site, s) in &truth.sites {
-        let total: u64 = s.growths.values().sum();
+    for site in truth.sites.keys() {
+        let total: f64 = expected
+            .iter()
+            .filter(|((s, _), _)| s == site)
+            .map(|(_, n)| n)
+            .sum();
         let storms = after.value(
             "gopulse_map_growth_storms_total",
             &[("pid", &pid), ("site", site)],
         );
         assert_eq!(
             storms,
-            f64::from(u8::from(total > STORM)),
+            f64::from(u8::from(total > STORM as f64)),
             "go{version} {kind}: storms at {site} ({total} growths)"
         );
     }
@@ -152,7 +185,7 @@ fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], m
         assert_eq!(hits("map_assign"), 0.0);
         assert_eq!(after.value("gopulse_map_assign_probes_attached", &l), 0.0);
     }
-    assert!(hits("map_growth") >= expected.values().sum::<f64>());
+    assert!(growth_hits(&after, &pid) >= expected.values().sum::<f64>());
     assert_eq!(after.value("gopulse_map_untracked_total", &l), 0.0);
     let classic = truth.implementation == "classic";
     // Classic growth moves old buckets incrementally: with every write
@@ -329,11 +362,14 @@ fn governor_cuts_costly_assign_probes() {
     );
     target.send("go");
     let truth: Truth = serde_json::from_str(&target.read_line(Duration::from_secs(60))).unwrap();
-    agent.wait_log("over the 0.01% budget", Duration::from_secs(10));
+    agent.wait_log(
+        "map assignment probes spent their budget",
+        Duration::from_secs(10),
+    );
     let m = agent.scrape();
     assert_eq!(m.value("gopulse_map_assign_probes_attached", &l), 0.0);
     let fill_int = &truth.sites["main.fillInt"];
-    for (k, &n) in &fill_int.growths {
+    for (k, &n) in fill_int.growths.iter().filter(|(k, _)| *k != "small") {
         let got = m.value(
             "gopulse_map_growths_total",
             &[("pid", &pid), ("site", "main.fillInt"), ("kind", k)],
@@ -349,9 +385,10 @@ fn governor_cuts_costly_assign_probes() {
 }
 
 /// A process that grows maps nonstop (nine-entry maps, made as fast as it
-/// can) would pay microseconds per growth: the governor cuts the growth
-/// probes within a check, says so on the gauge, and the probes' estimated
-/// cost stays a small part of the run.
+/// can) would pay a probe hit per map: the governor cuts the growth probes
+/// once the burst has spent the budget's whole bucket, says so on the
+/// gauge, and the probes' cost stays within the budget: what the bucket
+/// holds plus its refill, plus at most one check (100 ms) of the storm.
 #[test]
 fn governor_cuts_growth_probes_under_a_growth_storm() {
     if !support::have_root() {
@@ -362,32 +399,57 @@ fn governor_cuts_growth_probes_under_a_growth_storm() {
         return;
     };
     let bin = support::build_fixture_env("maps", &go, "1.27.3-default", &[], &[]);
-    // Default sizes, then 1.5 s of small maps.
-    let mut target = Target::spawn(&bin, &["5000", "5000", "2000", "3000", "360", "2", "1500"]);
-    let mut agent = Agent::spawn_with(&[target.pid], &["--map-assign-probes", "off"]);
+    // Default sizes, then 3 s of small maps.
+    let storm_ms = 3000.0;
+    let mut target = Target::spawn(&bin, &["5000", "5000", "2000", "3000", "360", "2", "3000"]);
+    let (budget, window) = (0.01, 2.0);
+    let mut agent = Agent::spawn_with(
+        &[target.pid],
+        &[
+            "--map-assign-probes",
+            "off",
+            "--overhead-budget",
+            "0.01",
+            "--overhead-window",
+            "2",
+        ],
+    );
     agent.wait_ready(Duration::from_secs(30));
     let pid = target.pid.to_string();
     let l = [("pid", pid.as_str())];
+    let before = agent.scrape();
     target.send("go");
     let line = target.read_line(Duration::from_secs(60));
     let truth: serde_json::Value = serde_json::from_str(&line).unwrap();
     let small_maps = truth["small_maps"].as_f64().unwrap();
     assert!(small_maps > 10_000.0, "only {small_maps} small maps");
-    agent.wait_log("map growth probes cost", Duration::from_secs(10));
-    let m = agent.scrape();
-    assert_eq!(m.value("gopulse_map_growth_probes_attached", &l), 0.0);
-    // Every small map grows twice (growToSmall, growToTable), so probes
-    // attached throughout would see twice as many hits as maps: cut early,
-    // they saw the start of the storm only (a few checks at most, even on a
-    // busy machine).
-    let hits = m.value(
-        "gopulse_probe_hits_total",
-        &[("pid", &pid), ("probe", "map_growth")],
+    agent.wait_log(
+        "map growth probes spent their budget",
+        Duration::from_secs(10),
     );
+    let m = agent.scrape();
+    // Every small map grows once (growToTable): probes attached throughout
+    // would see one hit per map.
+    let hits = growth_hits(&m, &pid) - growth_hits(&before, &pid);
     assert!(
-        hits < small_maps,
+        hits < small_maps / 2.0,
         "{hits} growth hits for {small_maps} small maps"
     );
+    let spent = m.value("gopulse_probe_overhead_seconds_total", &l)
+        - before.value("gopulse_probe_overhead_seconds_total", &l);
+    // The bucket, its refill over the storm, and at most one check (100 ms)
+    // of the storm's full rate per cut (two cuts at most in 3 s).
+    let allowed = budget * (window + storm_ms / 1e3 + 1.0) + 0.2;
+    assert!(
+        spent <= allowed,
+        "probes cost {spent:.3} s of CPU in a {storm_ms} ms storm, over {allowed:.3} s"
+    );
+    // Once the storm is over the bucket refills (one window) and the probes
+    // come back.
+    std::thread::sleep(Duration::from_secs_f64(window + 0.5));
+    let m = agent.scrape();
+    assert_eq!(m.value("gopulse_map_growth_probes_attached", &l), 1.0);
+    agent.wait_log("map growth probes re-attached", Duration::from_secs(1));
     target.send("exit");
     target.finish();
     agent.stop();

@@ -26,6 +26,10 @@ pub const STW_FLAG_NO_START: u8 = 4;
 /// the pause it accounts (`gcMarkTermination`'s `now`), not the later time
 /// the function returns.
 pub const STW_FLAG_END_AT_ENTRY: u8 = 8;
+/// Kept on a process's pending entry between pauses (the agent creates it
+/// so, and the probes write it in place rather than inserting): no stop in
+/// progress. Never set on an event.
+pub const STW_FLAG_IDLE: u8 = 16;
 
 /// How `runtime.startTheWorldWithSema` receives its arguments in a release.
 pub const START_ARGS_NONE: u8 = 0;
@@ -43,8 +47,17 @@ pub struct ProcConfig {
     pub start_args: u8,
     /// `MAP_IMPL_*`: which of the offsets below are valid.
     pub map_impl: u8,
-    pub _pad: [u8; 6],
-    /// Classic `runtime.hmap`: count, flags, B, noverflow.
+    /// Classic maps' `loadFactorNum` (`loadFactorDen` is 2): 12 on Go 1.21,
+    /// 13 after. The growth probe tells a doubling from a same-size growth
+    /// with the runtime's own `overLoadFactor`.
+    pub load_factor_num: u8,
+    pub _pad: [u8; 1],
+    /// The executable's entry in `EXES` (its site ranges).
+    pub exe_id: u32,
+    /// Runtime address minus link-time address (PIE load bias).
+    pub load_bias: u64,
+    /// Classic `runtime.hmap`: count, flags, B, noverflow (offsets within
+    /// the first [`MAP_HEADER_BYTES`]).
     pub hmap_count: u16,
     pub hmap_flags: u16,
     pub hmap_b: u16,
@@ -53,7 +66,8 @@ pub struct ProcConfig {
     pub map_used: u16,
     pub map_dir_len: u16,
     pub map_global_depth: u16,
-    /// Swiss `internal/runtime/maps.table`: used, capacity, growthLeft, localDepth.
+    /// Swiss `internal/runtime/maps.table`: used, capacity, growthLeft,
+    /// localDepth (offsets within the first [`TABLE_HEADER_BYTES`]).
     pub table_used: u16,
     pub table_capacity: u16,
     pub table_growth_left: u16,
@@ -77,18 +91,30 @@ pub struct ProcConfig {
 pub const MAP_IMPL_CLASSIC: u8 = 1;
 pub const MAP_IMPL_SWISS: u8 = 2;
 
-/// Probe classes whose hits are counted per process, for the overhead
-/// estimate: entry probes of the stop-the-world functions (emulated), RET
-/// probes of `startTheWorldWithSema` (single-stepped), map growth, map
-/// assignment and map deletion probes.
-pub const PROBE_STW: usize = 0;
-pub const PROBE_STW_RET: usize = 1;
-pub const PROBE_GROWTH: usize = 2;
-pub const PROBE_ASSIGN: usize = 3;
-pub const PROBE_DELETE: usize = 4;
-/// Classic maps' `runtime.evacuate*`: one old bucket moved per call.
-pub const PROBE_EVACUATE: usize = 5;
-pub const PROBE_CLASSES: usize = 6;
+/// Bytes of a map header the growth probes read in one go: every field they
+/// use lies within them (`runtime.hmap` and `maps.Map` are 48 bytes in every
+/// supported release; the agent refuses offsets past this).
+pub const MAP_HEADER_BYTES: usize = 48;
+/// Bytes of a swiss `maps.table` header read in one go (the struct is 32).
+pub const TABLE_HEADER_BYTES: usize = 32;
+
+/// The BPF programs, as indices of per-program hit counters. Each is one
+/// uprobe program in the eBPF object; the agent names them in
+/// `gopulse_probe_hits_total{probe}` and prices each with the kernel's own
+/// run-time statistics.
+pub const PROG_STW_STOP: usize = 0;
+pub const PROG_STW_START_ENTRY: usize = 1;
+pub const PROG_STW_START_RET: usize = 2;
+pub const PROG_GC_MARK_TERM: usize = 3;
+pub const PROG_GROW_CLASSIC: usize = 4;
+pub const PROG_GROW_TO_TABLE: usize = 5;
+pub const PROG_GROW_TABLE: usize = 6;
+pub const PROG_SPLIT_TABLE: usize = 7;
+pub const PROG_PRUNE_TABLE: usize = 8;
+pub const PROG_MAP_ASSIGN: usize = 9;
+pub const PROG_MAP_DELETE: usize = 10;
+pub const PROG_MAP_EVACUATE: usize = 11;
+pub const PROGRAMS: usize = 12;
 
 /// Maps the assignment probes remember (kernel LRU, all processes).
 pub const MAX_TRACKED_MAPS: u32 = 65536;
@@ -110,54 +136,98 @@ pub struct MapSeen {
     pub seed: u64,
     /// Entries before that operation.
     pub count: u64,
-    /// Return address into the Go function that made it (the site).
-    pub pc: u64,
+    /// Link-time return address into the Go function that owns the map
+    /// (its site, found as for growths).
+    pub site: u64,
 }
 
-/// Which runtime function grew a map (the probe that saw it).
-pub const GROW_CLASSIC: u8 = 1;
-pub const GROW_SWISS_SMALL: u8 = 2;
+/// How a map grew (the probe that saw it, and for classic maps the
+/// runtime's own load-factor test).
+/// Classic `hashGrow` to twice the buckets (the map passed 6.5 entries a
+/// bucket on average).
+pub const GROW_CLASSIC_DOUBLE: u8 = 1;
+/// Classic `hashGrow` keeping the bucket count (too many overflow buckets:
+/// rehashed in place to compact them).
+pub const GROW_CLASSIC_SAME_SIZE: u8 = 2;
+/// Swiss `(*Map).growToTable`: a small map (one 8-slot group) passed 8
+/// entries and became a table.
 pub const GROW_SWISS_TO_TABLE: u8 = 3;
+/// Swiss `(*table).grow`: a full table replaced by one twice its capacity.
 pub const GROW_SWISS_GROW: u8 = 4;
+/// Swiss `(*table).split`: a full table at the 1024-slot maximum split in
+/// two (the directory may double).
 pub const GROW_SWISS_SPLIT: u8 = 5;
+/// Swiss `(*table).pruneTombstones` that pruned (Go 1.25+): a full table
+/// rehashed in place to reclaim deleted slots instead of growing.
 pub const GROW_SWISS_PRUNE: u8 = 6;
 
-/// Return addresses kept per growth event (frame-pointer walk).
-pub const GROWTH_FRAMES: usize = 8;
-/// Size of the map growth ring buffer in bytes.
-pub const GROWTH_RING_BYTES: u32 = 1024 * 1024;
+/// An executable's "plumbing": functions that insert into maps on behalf
+/// of their caller (the runtime, `reflect`, `encoding/*`, ...). The growth
+/// probes walk the caller frames past them to the first function outside,
+/// the site. The kernel holds them as a bitmap per 4 KiB page of text, one
+/// bit per 16 bytes: Go aligns every function to 32 bytes (assembly bodies
+/// to 16), so a 16-byte block lies in one function, and a lookup is one hash
+/// probe with no loop for the verifier to unroll.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageKey {
+    /// The executable (`ProcConfig::exe_id`).
+    pub exe_id: u32,
+    /// Link-time address >> 12.
+    pub page: u32,
+}
 
-/// One map growth, read at the entry of the runtime function doing it.
+/// Bytes of text per bit of a [`PageBits`].
+pub const PLUMBING_BLOCK_SHIFT: u32 = 4;
+/// One bit per 16-byte block of a 4 KiB page, set for plumbing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct GrowthEvent {
+pub struct PageBits(pub [u64; 4]);
+
+/// Pages of plumbing the kernel holds for all executables (a big Go
+/// program has about 450).
+pub const MAX_PLUMBING_PAGES: u32 = 65536;
+/// Frames the probes walk looking for the site.
+pub const MAX_SITE_DEPTH: usize = 32;
+
+/// The site was found: the first frame outside the plumbing.
+pub const SITE_FOUND: u8 = 1;
+/// Every frame walked was plumbing, or the walk stopped (no frame pointer,
+/// [`MAX_SITE_DEPTH`] reached): the site is the outermost frame seen.
+pub const SITE_OUTERMOST: u8 = 2;
+
+/// Growths of one kind at one site of one process, counted in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrowthKey {
     pub pid: u32,
     /// `GROW_*`.
     pub kind: u8,
-    /// Classic: `B` (log2 buckets) before the growth. Swiss: globalDepth.
-    pub b_or_depth: u8,
-    /// Classic: `flags`. Swiss: the growing table's localDepth.
-    pub flags_or_local_depth: u8,
-    /// Return addresses found (`pcs[..nframes]`).
-    pub nframes: u8,
-    /// The map header's address (not a lasting identity).
-    pub map: u64,
-    /// Classic `count` / swiss `used`, before the insert that grows it.
-    pub count: u64,
-    /// Swiss: dirLen (0 for a small map).
-    pub dir_len: u64,
-    /// Classic: noverflow. Swiss: the growing table's capacity.
-    pub noverflow_or_capacity: u16,
-    /// Swiss: the growing table's used and growthLeft.
-    pub table_used: u16,
-    pub table_growth_left: u16,
-    pub _pad: u16,
-    /// The map's seed (see [`ProcConfig::hmap_hash0`]).
-    pub seed: u64,
-    /// Return addresses, innermost first: the caller of the probed runtime
-    /// function, then its callers.
-    pub pcs: [u64; GROWTH_FRAMES],
+    /// `SITE_*`.
+    pub site_flags: u8,
+    pub _pad: [u8; 2],
+    /// Link-time return address into the site function.
+    pub site: u64,
 }
+
+/// The counter and the largest map seen growing under one [`GrowthKey`].
+/// `growths` is added to atomically; the map fields are a hint (written
+/// without a lock, so checked against the map's seed before use).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrowthCount {
+    pub growths: u64,
+    /// The map header's address.
+    pub map: u64,
+    /// Its seed when it grew.
+    pub seed: u64,
+    /// Its entries before the insert that grew it.
+    pub count: u64,
+}
+
+/// Growth keys the kernel holds (all processes); past it growths are
+/// counted per process as unattributed.
+pub const MAX_GROWTH_KEYS: u32 = 32768;
 
 /// Per-process counters kept in the kernel, read by the agent.
 #[repr(C)]
@@ -165,14 +235,17 @@ pub struct GrowthEvent {
 pub struct ProcStats {
     /// Completed GC cycles (`runtime.gcMarkTermination` entries, deduplicated).
     pub gc_cycles: u64,
-    /// Events dropped because the ring buffer was full.
+    /// STW events dropped because the ring buffer was full.
     pub events_lost: u64,
     /// `startTheWorldWithSema` returns with no recorded stop (should stay 0).
     pub stw_unmatched: u64,
-    /// Map growths seen (events sent or lost).
+    /// Map growths counted (with or without a site).
     pub map_growths: u64,
-    /// Probe hits by class (`PROBE_*`).
-    pub hits: [u64; PROBE_CLASSES],
+    /// Growths the kernel's growth table had no room for: in
+    /// `map_growths`, under no site.
+    pub growths_unattributed: u64,
+    /// Uprobe hits by program (`PROG_*`).
+    pub hits: [u64; PROGRAMS],
     /// Maps the assignment probes added to the LRU (first seen, or seen
     /// again after the agent took them): with what the agent took, tells
     /// how many the LRU evicted unread.
@@ -183,6 +256,8 @@ pub struct ProcStats {
     /// function through `morestack` and back to its start: the hit after
     /// the restart is the one counted.
     pub growth_refires: u64,
+    /// Growths whose site walk ended without leaving the plumbing ranges.
+    pub sites_outermost: u64,
 }
 
 /// A stop-the-world in progress, one per process (Go's `worldsema`
@@ -227,7 +302,10 @@ mod pod {
     unsafe impl aya::Pod for super::ProcStats {}
     unsafe impl aya::Pod for super::PendingStw {}
     unsafe impl aya::Pod for super::StwEvent {}
-    unsafe impl aya::Pod for super::GrowthEvent {}
+    unsafe impl aya::Pod for super::GrowthKey {}
+    unsafe impl aya::Pod for super::GrowthCount {}
+    unsafe impl aya::Pod for super::PageKey {}
+    unsafe impl aya::Pod for super::PageBits {}
     unsafe impl aya::Pod for super::MapKey {}
     unsafe impl aya::Pod for super::MapSeen {}
 }

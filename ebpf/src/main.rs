@@ -6,26 +6,42 @@
 //! `startTheWorldWithSema` read the start-the-world time it returns and emit
 //! one event per pause. `runtime.gcMarkTermination` entry counts completed GC
 //! cycles. No uretprobes: they corrupt Go stacks when goroutine stacks move.
+//!
+//! Map growth is counted here, in the kernel, per (process, kind, site): a
+//! growth hit reads the map header (and the swiss table header) in one read
+//! each, walks frame pointers only until it leaves the runtime and the other
+//! "plumbing" ranges the agent gave for the executable, and adds one to a
+//! counter. Nothing is sent per growth and nobody is woken.
 #![no_std]
 #![no_main]
+// An atomic add to a map value (the BPF XADD instruction) needs the
+// intrinsic: the BPF target has no `AtomicU64::fetch_add`. This crate is
+// only ever built with the pinned nightly.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 #[cfg(not(bpf_target_arch = "x86_64"))]
 compile_error!("gopulse reads Go's amd64 register ABI; only x86_64 is supported");
 
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
 use aya_ebpf::{
-    bindings::{BPF_ANY, pt_regs},
+    bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
     maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
     programs::ProbeContext,
 };
 use gopulse_common::{
-    GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
-    GROW_SWISS_TO_TABLE, GROWTH_FRAMES, GROWTH_RING_BYTES, GrowthEvent, MAP_IMPL_CLASSIC,
-    MAX_PROCS, MAX_TRACKED_MAPS, MapKey, MapSeen, PROBE_ASSIGN, PROBE_DELETE, PROBE_EVACUATE,
-    PROBE_GROWTH, PROBE_STW, PROBE_STW_RET, PendingStw, ProcConfig, ProcStats,
+    GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
+    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, MAP_HEADER_BYTES,
+    MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS, MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH,
+    MAX_TRACKED_MAPS, MapKey, MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC,
+    PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE,
+    PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP,
+    PageBits, PageKey, PendingStw, ProcConfig, ProcStats, SITE_FOUND, SITE_OUTERMOST,
     START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
-    STW_FLAG_NO_START, STW_RING_BYTES, StwEvent,
+    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_RING_BYTES, StwEvent, TABLE_HEADER_BYTES,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -33,16 +49,29 @@ const STW_REASON_GC_MARK_TERM: u8 = 1;
 /// Go's `stwGCSweepTerm`, the reason of a cycle's first pause.
 const STW_REASON_GC_SWEEP_TERM: u8 = 2;
 
+/// `bpf_ringbuf_*` flags and query.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// The agent drains the STW ring on its own schedule; it is woken only when
+/// the ring is a quarter full.
+const STW_WAKEUP_BYTES: u64 = STW_RING_BYTES as u64 / 4;
+
 /// Processes the agent watches, with their release-specific settings.
 #[map]
 static PROCS: HashMap<u32, ProcConfig> = HashMap::with_max_entries(MAX_PROCS, 0);
+
+/// Per executable and page of text: which 16-byte blocks are plumbing, the
+/// functions the site walk steps over.
+#[map]
+static PLUMBING: HashMap<PageKey, PageBits> = HashMap::with_max_entries(MAX_PLUMBING_PAGES, 0);
 
 /// Per-process counters, one copy per CPU so increments need no atomics; the
 /// agent creates the entry before attaching and sums the CPUs.
 #[map]
 static STATS: PerCpuHashMap<u32, ProcStats> = PerCpuHashMap::with_max_entries(MAX_PROCS, 0);
 
-/// The stop-the-world in progress per process.
+/// The stop-the-world in progress per process (created by the agent).
 #[map]
 static PENDING: HashMap<u32, PendingStw> = HashMap::with_max_entries(MAX_PROCS, 0);
 
@@ -50,9 +79,9 @@ static PENDING: HashMap<u32, PendingStw> = HashMap::with_max_entries(MAX_PROCS, 
 #[map]
 static STW_EVENTS: RingBuf = RingBuf::with_byte_size(STW_RING_BYTES, 0);
 
-/// One `GrowthEvent` per map growth.
+/// Map growths per (process, kind, site), with the largest map seen there.
 #[map]
-static GROWTH_EVENTS: RingBuf = RingBuf::with_byte_size(GROWTH_RING_BYTES, 0);
+static GROWTHS: HashMap<GrowthKey, GrowthCount> = HashMap::with_max_entries(MAX_GROWTH_KEYS, 0);
 
 /// The maps assignments and deletions touched: latest count, seed and site.
 #[map]
@@ -87,34 +116,62 @@ fn watched(pid: u32) -> Option<&'static ProcConfig> {
     unsafe { PROCS.get(pid) }
 }
 
+/// This CPU's counters of a watched process, with the program's hit
+/// counted: one lookup per run.
 #[inline(always)]
-fn bump<F: FnOnce(&mut ProcStats) -> &mut u64>(pid: u32, field: F) {
-    if let Some(stats) = STATS.get_ptr_mut(pid) {
-        // SAFETY: this CPU's copy of a live map value; BPF programs are not
-        // preempted by others on the same CPU.
-        unsafe {
-            let counter = field(&mut *stats);
-            *counter += 1;
-        }
+fn hit(pid: u32, program: usize) -> Option<&'static mut ProcStats> {
+    let stats = STATS.get_ptr_mut(pid)?;
+    // SAFETY: this CPU's copy of a live map value; BPF programs of this
+    // object do not nest on one CPU.
+    let stats = unsafe { &mut *stats };
+    if let Some(h) = stats.hits.get_mut(program) {
+        *h += 1;
     }
+    Some(stats)
+}
+
+/// A watched process's config and counters, or `None` for any other.
+#[inline(always)]
+fn enter(program: usize) -> Option<(u32, &'static ProcConfig, &'static mut ProcStats)> {
+    let pid = current_pid();
+    let cfg = watched(pid)?;
+    let stats = hit(pid, program)?;
+    Some((pid, cfg, stats))
+}
+
+#[inline(always)]
+fn read<T: Copy + Default>(addr: u64) -> T {
+    // SAFETY: bpf_probe_read_user copes with any address; a fault gives 0.
+    unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
 }
 
 /// `runtime.stopTheWorldWithSema(reason stwReason)`: AL = reason (Go 1.21+).
 #[uprobe]
 pub fn stw_stop(ctx: ProbeContext) -> u32 {
-    let pid = current_pid();
-    if watched(pid).is_none() {
+    let Some((pid, _, _)) = enter(PROG_STW_STOP) else {
         return 0;
-    }
-    bump(pid, |s| &mut s.hits[PROBE_STW]);
-    let pending = PendingStw {
-        start_ns: unsafe { bpf_ktime_get_ns() },
-        reason: regs(&ctx).rax as u8,
-        flags: 0,
-        _pad: [0; 6],
-        start_entry_ns: 0,
     };
-    let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
+    let start_ns = unsafe { bpf_ktime_get_ns() };
+    let reason = regs(&ctx).rax as u8;
+    // The agent creates the entry: overwrite it in place (no allocation).
+    match PENDING.get_ptr_mut(pid) {
+        Some(p) => unsafe {
+            (*p).start_ns = start_ns;
+            (*p).reason = reason;
+            (*p).flags = 0;
+            (*p).start_entry_ns = 0;
+        },
+        None => {
+            let pending = PendingStw {
+                start_ns,
+                reason,
+                flags: 0,
+                _pad: [0; 6],
+                start_entry_ns: 0,
+            };
+            let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
+        }
+    }
     0
 }
 
@@ -122,9 +179,9 @@ pub fn stw_stop(ctx: ProbeContext) -> u32 {
 /// take Go's own stop timestamp and reason, so our pause is Go's pause.
 #[uprobe]
 pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
-    let pid = current_pid();
-    let Some(cfg) = watched(pid) else { return 0 };
-    bump(pid, |s| &mut s.hits[PROBE_STW]);
+    let Some((pid, cfg, _)) = enter(PROG_STW_START_ENTRY) else {
+        return 0;
+    };
     if cfg.start_args != START_ARGS_WORLDSTOP {
         // Go 1.21 passes nothing: note when the restart began.
         if let Some(p) = PENDING.get_ptr_mut(pid) {
@@ -140,7 +197,7 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
         Some(p) => unsafe {
             (*p).start_ns = start_ns;
             (*p).reason = reason;
-            (*p).flags = ((*p).flags & !STW_FLAG_NO_START) | STW_FLAG_GO_START;
+            (*p).flags = ((*p).flags & !(STW_FLAG_NO_START | STW_FLAG_IDLE)) | STW_FLAG_GO_START;
         },
         None => {
             let pending = PendingStw {
@@ -160,15 +217,22 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
 /// time it returns (Go's `now`). Emits the pause.
 #[uprobe]
 pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
-    let pid = current_pid();
-    let Some(cfg) = watched(pid) else { return 0 };
-    bump(pid, |s| &mut s.hits[PROBE_STW_RET]);
-    let mut end_ns = regs(&ctx).rax;
-    // SAFETY: read once and copied; the entry is removed below.
-    let Some(mut pending) = (unsafe { PENDING.get(pid) }).copied() else {
-        bump(pid, |s| &mut s.stw_unmatched);
+    let Some((pid, cfg, stats)) = enter(PROG_STW_START_RET) else {
         return 0;
     };
+    let mut end_ns = regs(&ctx).rax;
+    let Some(p) = PENDING.get_ptr_mut(pid) else {
+        stats.stw_unmatched += 1;
+        return 0;
+    };
+    // SAFETY: this process's pending stop; Go's worldsema serialises
+    // stops, so no other hit of this process writes it meanwhile.
+    let mut pending = unsafe { *p };
+    if pending.flags & STW_FLAG_IDLE != 0 {
+        // No stop seen since the last pause (or since attaching).
+        stats.stw_unmatched += 1;
+        return 0;
+    }
     // Go 1.21 times GC pauses from work.pauseStart and ends a cycle's
     // mark-termination pause at gcMarkTermination's `now` (stored in
     // memstats.last_gc_nanotime), just before restarting the world. Later
@@ -194,7 +258,14 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
         end_ns = pending.start_entry_ns;
         pending.flags |= STW_FLAG_END_AT_ENTRY;
     }
-    let _ = PENDING.remove(pid);
+    // Back to idle in place (the entry stays for the next stop): a second
+    // return without a stop is unmatched.
+    unsafe {
+        (*p).start_ns = 0;
+        (*p).reason = 0;
+        (*p).flags = STW_FLAG_IDLE;
+        (*p).start_entry_ns = 0;
+    }
     match STW_EVENTS.reserve::<StwEvent>(0) {
         Some(mut entry) => {
             entry.write(StwEvent {
@@ -205,9 +276,16 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
                 start_ns: pending.start_ns,
                 end_ns,
             });
-            entry.submit(0);
+            // Wake the agent only when the ring fills up; it drains on its
+            // own schedule otherwise.
+            let wake = if STW_EVENTS.query(BPF_RB_AVAIL_DATA) >= STW_WAKEUP_BYTES {
+                BPF_RB_FORCE_WAKEUP
+            } else {
+                BPF_RB_NO_WAKEUP
+            };
+            entry.submit(wake);
         }
-        None => bump(pid, |s| &mut s.events_lost),
+        None => stats.events_lost += 1,
     }
     0
 }
@@ -217,17 +295,20 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
 /// second hit when the stack check sends the function through `morestack`.
 #[uprobe]
 pub fn gc_mark_termination(ctx: ProbeContext) -> u32 {
-    let pid = current_pid();
-    if watched(pid).is_none() {
+    let Some((pid, _, stats)) = enter(PROG_GC_MARK_TERM) else {
         return 0;
-    }
-    bump(pid, |s| &mut s.hits[PROBE_STW]);
+    };
     if will_restart(&ctx) {
         return 0;
     }
     match PENDING.get_ptr_mut(pid) {
         Some(p) => unsafe {
-            if (*p).flags & STW_FLAG_CYCLE_DONE != 0 {
+            if (*p).flags & STW_FLAG_IDLE != 0 {
+                // Attached while the world was stopped: no stop seen.
+                (*p).start_ns = 0;
+                (*p).reason = STW_REASON_GC_MARK_TERM;
+                (*p).flags = STW_FLAG_NO_START;
+            } else if (*p).flags & STW_FLAG_CYCLE_DONE != 0 {
                 return 0;
             }
             (*p).flags |= STW_FLAG_CYCLE_DONE;
@@ -245,161 +326,302 @@ pub fn gc_mark_termination(ctx: ProbeContext) -> u32 {
             let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
         }
     }
-    bump(pid, |s| &mut s.gc_cycles);
+    stats.gc_cycles += 1;
     0
 }
 
-#[inline(always)]
-fn read<T: Copy + Default>(addr: u64) -> T {
-    // SAFETY: bpf_probe_read_user copes with any address; a fault gives 0.
-    unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
+/// A header read in one go, as little-endian words.
+#[derive(Clone, Copy)]
+struct Header<const W: usize>([u64; W]);
+
+impl<const W: usize> Header<W> {
+    /// Reads `W` words at `addr`; `None` if the memory is not readable.
+    #[inline(always)]
+    fn read(addr: u64) -> Option<Self> {
+        // SAFETY: bpf_probe_read_user copes with any address.
+        unsafe { bpf_probe_read_user(addr as *const [u64; W]) }
+            .ok()
+            .map(Self)
+    }
+
+    /// The `bytes`-byte unsigned field at byte offset `off`. Go aligns every
+    /// field to its size, so a field never straddles two words; the agent
+    /// checked the offsets lie within the header.
+    #[inline(always)]
+    fn field(&self, off: u16, bytes: u32) -> u64 {
+        let word = match self.0.get(usize::from(off / 8)) {
+            Some(w) => *w,
+            None => return 0,
+        };
+        let shifted = word >> (u32::from(off % 8) * 8);
+        if bytes >= 8 {
+            shifted
+        } else {
+            shifted & ((1u64 << (bytes * 8)) - 1)
+        }
+    }
 }
 
-/// A growth probe's common part: `map` is the map header, `table` the
-/// growing swiss table (0 for classic and whole-map growths).
-#[inline(always)]
-fn on_growth(ctx: &ProbeContext, kind: u8, map: u64, table: u64) -> u32 {
-    let pid = current_pid();
-    let Some(cfg) = watched(pid) else { return 0 };
-    bump(pid, |s| &mut s.hits[PROBE_GROWTH]);
-    if map == 0 {
-        return 0;
-    }
-    if kind == GROW_SWISS_PRUNE {
-        // pruneTombstones returns at once unless tombstones are at least 10%
-        // of the table (Go's own test): count only the prunes that happen.
-        let cap = read::<u16>(table + u64::from(cfg.table_capacity));
-        let used = read::<u16>(table + u64::from(cfg.table_used));
-        let left = read::<u16>(table + u64::from(cfg.table_growth_left));
-        let tombstones = (cap.wrapping_mul(7) / 8)
-            .wrapping_sub(used)
-            .wrapping_sub(left);
-        if u32::from(tombstones) * 10 < u32::from(cap) {
-            return 0;
-        }
-    }
-    let classic = kind == GROW_CLASSIC;
-    let count = if classic {
-        read::<u64>(map + u64::from(cfg.hmap_count))
-    } else {
-        read::<u64>(map + u64::from(cfg.map_used))
-    };
-    if will_restart(ctx) {
-        bump(pid, |s| &mut s.growth_refires);
-        return 0;
-    }
-    bump(pid, |s| &mut s.map_growths);
+type MapHeader = Header<{ MAP_HEADER_BYTES / 8 }>;
+type TableHeader = Header<{ TABLE_HEADER_BYTES / 8 }>;
 
-    let r = regs(ctx);
-    let mut ev = GrowthEvent {
-        pid,
-        kind,
-        map,
-        count,
-        ..GrowthEvent::default()
+/// Whether link-time address `a` of executable `exe_id` is plumbing.
+#[inline(always)]
+fn in_plumbing(exe_id: u32, a: u64) -> bool {
+    let key = PageKey {
+        exe_id,
+        page: (a >> 12) as u32,
     };
-    if classic {
-        ev.seed = u64::from(read::<u32>(map + u64::from(cfg.hmap_hash0)));
-        ev.flags_or_local_depth = read::<u8>(map + u64::from(cfg.hmap_flags));
-        ev.b_or_depth = read::<u8>(map + u64::from(cfg.hmap_b));
-        ev.noverflow_or_capacity = read::<u16>(map + u64::from(cfg.hmap_noverflow));
-    } else {
-        ev.seed = read::<u64>(map + u64::from(cfg.map_seed));
-        ev.dir_len = read::<u64>(map + u64::from(cfg.map_dir_len));
-        ev.b_or_depth = read::<u8>(map + u64::from(cfg.map_global_depth));
-        if table != 0 {
-            ev.noverflow_or_capacity = read::<u16>(table + u64::from(cfg.table_capacity));
-            ev.table_used = read::<u16>(table + u64::from(cfg.table_used));
-            ev.table_growth_left = read::<u16>(table + u64::from(cfg.table_growth_left));
-            ev.flags_or_local_depth = read::<u8>(table + u64::from(cfg.table_local_depth));
-        }
+    // SAFETY: read once; the agent removes an executable's pages only after
+    // detaching its processes.
+    let Some(bits) = (unsafe { PLUMBING.get(key) }) else {
+        return false;
+    };
+    let block = ((a >> PLUMBING_BLOCK_SHIFT) & 0xff) as usize;
+    match bits.0.get(block / 64) {
+        Some(w) => w & (1 << (block % 64)) != 0,
+        None => false,
     }
-    // The probe sits before the frame is built: [RSP] is the return address
-    // into the caller and RBP still the caller's frame pointer.
-    ev.pcs[0] = read::<u64>(r.rsp);
+}
+
+/// The site of a map operation seen at a runtime function's entry: the
+/// first caller frame outside the executable's plumbing, as a
+/// link-time return address, with `SITE_*`. The probe sits before the frame
+/// is built, so [RSP] is the return address into the caller and RBP still
+/// the caller's frame pointer; each further frame is one 16-byte read.
+#[inline(always)]
+fn find_site(cfg: &ProcConfig, r: &pt_regs) -> (u64, u8) {
+    let bias = cfg.load_bias;
+    let ret0 = read::<u64>(r.rsp);
+    if ret0 == 0 {
+        return (0, SITE_OUTERMOST);
+    }
+    let a0 = ret0.wrapping_sub(bias);
+    let exe = cfg.exe_id;
+    if !in_plumbing(exe, a0) {
+        return (a0, SITE_FOUND);
+    }
+    let mut last = a0;
     let mut fp = r.rbp;
-    let mut n = 1;
-    while n < GROWTH_FRAMES {
+    for _ in 0..MAX_SITE_DEPTH {
         if fp == 0 {
             break;
         }
-        let ret = read::<u64>(fp + 8);
+        // [fp] is the caller's saved frame pointer, [fp+8] the return
+        // address into it.
+        let Some(Header([next, ret])) = Header::<2>::read(fp) else {
+            break;
+        };
         if ret == 0 {
             break;
         }
-        ev.pcs[n] = ret;
-        fp = read::<u64>(fp);
-        n += 1;
-    }
-    ev.nframes = n as u8;
-    match GROWTH_EVENTS.reserve::<GrowthEvent>(0) {
-        Some(mut entry) => {
-            entry.write(ev);
-            entry.submit(0);
+        let a = ret.wrapping_sub(bias);
+        if !in_plumbing(exe, a) {
+            return (a, SITE_FOUND);
         }
-        None => bump(pid, |s| &mut s.events_lost),
+        last = a;
+        fp = next;
     }
+    (last, SITE_OUTERMOST)
+}
+
+/// What a growth probe learnt of the map that grew.
+struct Grown {
+    kind: u8,
+    map: u64,
+    seed: u64,
+    count: u64,
+}
+
+/// Whether the map recorded in a hint no longer holds its seed (freed, its
+/// memory reused): any map growing at the site may replace it.
+#[inline(always)]
+fn gone(cfg: &ProcConfig, hint: &GrowthCount) -> bool {
+    if cfg.map_impl == MAP_IMPL_CLASSIC {
+        u64::from(read::<u32>(
+            hint.map.wrapping_add(u64::from(cfg.hmap_hash0)),
+        )) != hint.seed
+    } else {
+        read::<u64>(hint.map.wrapping_add(u64::from(cfg.map_seed))) != hint.seed
+    }
+}
+
+/// Counts a growth under its site, keeping the largest map seen there.
+#[inline(always)]
+fn record_growth(ctx: &ProbeContext, pid: u32, cfg: &ProcConfig, stats: &mut ProcStats, g: Grown) {
+    stats.map_growths += 1;
+    let (site, site_flags) = find_site(cfg, regs(ctx));
+    if site_flags != SITE_FOUND {
+        stats.sites_outermost += 1;
+    }
+    let key = GrowthKey {
+        pid,
+        kind: g.kind,
+        site_flags,
+        _pad: [0; 2],
+        site,
+    };
+    let existing = match GROWTHS.get_ptr_mut(key) {
+        Some(v) => Some(v),
+        None => {
+            let first = GrowthCount {
+                growths: 1,
+                map: g.map,
+                seed: g.seed,
+                count: g.count,
+            };
+            match GROWTHS.insert(key, first, BPF_NOEXIST as u64) {
+                Ok(()) => return,
+                // Another CPU added it meanwhile: count into that one.
+                Err(_) => GROWTHS.get_ptr_mut(key),
+            }
+        }
+    };
+    let Some(v) = existing else {
+        stats.growths_unattributed += 1;
+        return;
+    };
+    // SAFETY: a live value of the growth table; the counter is shared by
+    // every CPU (atomic add), the hint fields are advisory.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).growths, 1);
+        let hint = &mut *v;
+        if hint.map == g.map || g.count >= hint.count || gone(cfg, hint) {
+            hint.map = g.map;
+            hint.seed = g.seed;
+            hint.count = g.count;
+        }
+    }
+}
+
+/// Classic `runtime.hashGrow(t *maptype, h *hmap)`: RBX = h. A doubling
+/// unless the map is under its load factor (then it grew for too many
+/// overflow buckets): the runtime's own `overLoadFactor(count+1, B)`.
+#[uprobe]
+pub fn grow_classic(ctx: ProbeContext) -> u32 {
+    let Some((pid, cfg, stats)) = enter(PROG_GROW_CLASSIC) else {
+        return 0;
+    };
+    if will_restart(&ctx) {
+        stats.growth_refires += 1;
+        return 0;
+    }
+    let h = regs(&ctx).rbx;
+    let Some(hdr) = MapHeader::read(h) else {
+        return 0;
+    };
+    let count = hdr.field(cfg.hmap_count, 8);
+    let b = hdr.field(cfg.hmap_b, 1);
+    let seed = hdr.field(cfg.hmap_hash0, 4);
+    // overLoadFactor: count > bucketCnt && count > loadFactorNum*(2^B/2).
+    // (B is at most 56 in Go: beyond, no map fits in memory.)
+    let after = count.wrapping_add(1);
+    let over = b <= 56 && after > 8 && after > u64::from(cfg.load_factor_num) * ((1u64 << b) / 2);
+    let kind = if over {
+        GROW_CLASSIC_DOUBLE
+    } else {
+        GROW_CLASSIC_SAME_SIZE
+    };
+    let g = Grown {
+        kind,
+        map: h,
+        seed,
+        count,
+    };
+    record_growth(&ctx, pid, cfg, stats, g);
     0
 }
 
-/// Classic `runtime.hashGrow(t *maptype, h *hmap)`: RBX = h.
-#[uprobe]
-pub fn grow_classic(ctx: ProbeContext) -> u32 {
-    let h = regs(&ctx).rbx;
-    on_growth(&ctx, GROW_CLASSIC, h, 0)
-}
-
-/// `internal/runtime/maps.(*Map).growToSmall(typ)`: RAX = m.
-#[uprobe]
-pub fn grow_small(ctx: ProbeContext) -> u32 {
-    let m = regs(&ctx).rax;
-    on_growth(&ctx, GROW_SWISS_SMALL, m, 0)
+/// A swiss growth: `m` is the map header.
+#[inline(always)]
+fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64) -> u32 {
+    let Some((pid, cfg, stats)) = enter(program) else {
+        return 0;
+    };
+    if will_restart(ctx) {
+        stats.growth_refires += 1;
+        return 0;
+    }
+    let Some(hdr) = MapHeader::read(m) else {
+        return 0;
+    };
+    let g = Grown {
+        kind,
+        map: m,
+        seed: hdr.field(cfg.map_seed, 8),
+        count: hdr.field(cfg.map_used, 8),
+    };
+    record_growth(ctx, pid, cfg, stats, g);
+    0
 }
 
 /// `(*Map).growToTable(typ)`: RAX = m.
 #[uprobe]
 pub fn grow_to_table(ctx: ProbeContext) -> u32 {
     let m = regs(&ctx).rax;
-    on_growth(&ctx, GROW_SWISS_TO_TABLE, m, 0)
+    swiss_growth(&ctx, PROG_GROW_TO_TABLE, GROW_SWISS_TO_TABLE, m)
 }
 
 /// `(*table).grow(typ, m, newCapacity)`: RAX = t, RCX = m.
 #[uprobe]
 pub fn grow_table(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
-    let (t, m) = (r.rax, r.rcx);
-    on_growth(&ctx, GROW_SWISS_GROW, m, t)
+    let m = regs(&ctx).rcx;
+    swiss_growth(&ctx, PROG_GROW_TABLE, GROW_SWISS_GROW, m)
 }
 
 /// `(*table).split(typ, m)`: RAX = t, RCX = m.
 #[uprobe]
 pub fn split_table(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
-    let (t, m) = (r.rax, r.rcx);
-    on_growth(&ctx, GROW_SWISS_SPLIT, m, t)
+    let m = regs(&ctx).rcx;
+    swiss_growth(&ctx, PROG_SPLIT_TABLE, GROW_SWISS_SPLIT, m)
 }
 
 /// `(*table).pruneTombstones(typ, m)` (Go 1.25+): RAX = t, RCX = m. Called
-/// before every rehash; counted only when it will prune.
+/// before every rehash; it returns at once unless tombstones are at least
+/// 10% of the table (Go's own test): count only the prunes that happen.
 #[uprobe]
 pub fn prune_table(ctx: ProbeContext) -> u32 {
+    let Some((pid, cfg, stats)) = enter(PROG_PRUNE_TABLE) else {
+        return 0;
+    };
+    if will_restart(&ctx) {
+        stats.growth_refires += 1;
+        return 0;
+    }
     let r = regs(&ctx);
     let (t, m) = (r.rax, r.rcx);
-    on_growth(&ctx, GROW_SWISS_PRUNE, m, t)
+    let Some(table) = TableHeader::read(t) else {
+        return 0;
+    };
+    let cap = table.field(cfg.table_capacity, 2);
+    let used = table.field(cfg.table_used, 2);
+    let left = table.field(cfg.table_growth_left, 2);
+    // tombstones() = capacity*7/8 - used - growthLeft, in uint16 as Go has it.
+    let tombstones = (cap * 7 / 8).wrapping_sub(used).wrapping_sub(left) & 0xffff;
+    if tombstones * 10 < cap {
+        return 0;
+    }
+    let Some(hdr) = MapHeader::read(m) else {
+        return 0;
+    };
+    let g = Grown {
+        kind: GROW_SWISS_PRUNE,
+        map: m,
+        seed: hdr.field(cfg.map_seed, 8),
+        count: hdr.field(cfg.map_used, 8),
+    };
+    record_growth(&ctx, pid, cfg, stats, g);
+    0
 }
 
 /// An assignment or deletion: remember the map's count, seed and the Go
-/// function that called the runtime (its site). Hot: nanoseconds of work
-/// per call in Go, so these probes are attached only when asked to.
+/// function that owns it (its site). Hot: nanoseconds of work per call in
+/// Go, so these probes are attached only when asked to.
 #[inline(always)]
-fn on_access(ctx: &ProbeContext, class: usize) -> u32 {
-    let pid = current_pid();
-    let Some(cfg) = watched(pid) else { return 0 };
-    if class == PROBE_ASSIGN {
-        bump(pid, |s| &mut s.hits[PROBE_ASSIGN]);
-    } else {
-        bump(pid, |s| &mut s.hits[PROBE_DELETE]);
-    }
+fn on_access(ctx: &ProbeContext, program: usize) -> u32 {
+    let Some((pid, cfg, stats)) = enter(program) else {
+        return 0;
+    };
     if will_restart(ctx) {
         return 0;
     }
@@ -408,26 +630,20 @@ fn on_access(ctx: &ProbeContext, class: usize) -> u32 {
     if map == 0 {
         return 0; // a nil map: the runtime panics (assign) or returns
     }
+    let Some(hdr) = MapHeader::read(map) else {
+        return 0;
+    };
     let (count, seed) = if cfg.map_impl == MAP_IMPL_CLASSIC {
-        (
-            read::<u64>(map + u64::from(cfg.hmap_count)),
-            u64::from(read::<u32>(map + u64::from(cfg.hmap_hash0))),
-        )
+        (hdr.field(cfg.hmap_count, 8), hdr.field(cfg.hmap_hash0, 4))
     } else {
-        (
-            read::<u64>(map + u64::from(cfg.map_used)),
-            read::<u64>(map + u64::from(cfg.map_seed)),
-        )
+        (hdr.field(cfg.map_used, 8), hdr.field(cfg.map_seed, 8))
     };
     let key = MapKey { pid, _pad: 0, map };
     if MAP_SEEN.get_ptr(key).is_none() {
-        bump(pid, |s| &mut s.maps_added);
+        stats.maps_added += 1;
     }
-    let seen = MapSeen {
-        seed,
-        count,
-        pc: read::<u64>(r.rsp),
-    };
+    let (site, _) = find_site(cfg, r);
+    let seen = MapSeen { seed, count, site };
     let _ = MAP_SEEN.insert(key, seen, BPF_ANY as u64);
     0
 }
@@ -435,13 +651,13 @@ fn on_access(ctx: &ProbeContext, class: usize) -> u32 {
 /// `runtime.mapassign*(typ, m, key)`: RAX = typ, RBX = m.
 #[uprobe]
 pub fn map_assign(ctx: ProbeContext) -> u32 {
-    on_access(&ctx, PROBE_ASSIGN)
+    on_access(&ctx, PROG_MAP_ASSIGN)
 }
 
 /// `runtime.mapdelete*(typ, m, key)`: RAX = typ, RBX = m.
 #[uprobe]
 pub fn map_delete(ctx: ProbeContext) -> u32 {
-    on_access(&ctx, PROBE_DELETE)
+    on_access(&ctx, PROG_MAP_DELETE)
 }
 
 /// Classic `runtime.evacuate*(t, h, oldbucket)`: RAX = t, RBX = h, RCX =
@@ -452,9 +668,9 @@ pub fn map_delete(ctx: ProbeContext) -> u32 {
 /// as writes while a map grows).
 #[uprobe]
 pub fn map_evacuate(ctx: ProbeContext) -> u32 {
-    let pid = current_pid();
-    let Some(cfg) = watched(pid) else { return 0 };
-    bump(pid, |s| &mut s.hits[PROBE_EVACUATE]);
+    let Some((_, cfg, stats)) = enter(PROG_MAP_EVACUATE) else {
+        return 0;
+    };
     if will_restart(&ctx) {
         return 0;
     }
@@ -467,8 +683,15 @@ pub fn map_evacuate(ctx: ProbeContext) -> u32 {
     }
     let top = read::<u8>(old.wrapping_add(oldbucket.wrapping_mul(size)));
     if !(2..=4).contains(&top) {
-        bump(pid, |s| &mut s.evacuations);
+        stats.evacuations += 1;
     }
+    0
+}
+
+/// Does nothing: the agent attaches it to a function of its own to time
+/// what a uprobe trap costs on this machine.
+#[uprobe]
+pub fn calibrate(_ctx: ProbeContext) -> u32 {
     0
 }
 

@@ -188,6 +188,37 @@ impl Symbolizer {
             .map(|&(entry, _, _)| entry)
     }
 
+    /// The address ranges `[start, end)` covered by runs of consecutive
+    /// functions that `class` puts in (`Some(true)`), in ascending order.
+    /// Functions it calls neutral (`None`) join a range only between two
+    /// that are in; those out (`Some(false)`) end it.
+    pub fn ranges(&self, mut class: impl FnMut(&str) -> Option<bool>) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        // The open range: its start and the end of its last function in.
+        let mut open: Option<(u64, u64)> = None;
+        for (i, &(entry, at, len)) in self.entries.iter().enumerate() {
+            let name = self
+                .names
+                .get(at as usize..(at + len) as usize)
+                .unwrap_or("");
+            let end = self
+                .entries
+                .get(i + 1)
+                .map_or(self.text_end, |&(next, _, _)| next);
+            match (class(name), open) {
+                (Some(true), None) => open = Some((entry, end)),
+                (Some(true), Some((start, _))) => open = Some((start, end)),
+                (Some(false), Some(range)) => {
+                    out.push(range);
+                    open = None;
+                }
+                _ => {}
+            }
+        }
+        out.extend(open);
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -242,6 +273,16 @@ mod tests {
         assert_eq!(s.function_at(0x401060), None);
         assert_eq!(s.function_at(0x400fff), None);
         assert_eq!(s.entry_of("b"), Some(0x401020));
+        assert_eq!(s.ranges(|n| Some(n == "a")), vec![(0x401000, 0x401020)]);
+        assert_eq!(s.ranges(|n| Some(n == "b")), vec![(0x401020, 0x401060)]);
+        assert_eq!(s.ranges(|_| Some(true)), vec![(0x401000, 0x401060)]);
+        assert!(s.ranges(|_| Some(false)).is_empty());
+        // A neutral function neither starts nor ends a range.
+        assert_eq!(
+            s.ranges(|n| (n == "a").then_some(true)),
+            vec![(0x401000, 0x401020)]
+        );
+        assert!(s.ranges(|n| (n == "b").then_some(false)).is_empty());
     }
 
     #[test]

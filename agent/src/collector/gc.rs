@@ -10,7 +10,7 @@ use crate::{
 impl Collector {
     pub(super) fn drain_stw(&mut self) {
         let mut events = Vec::new();
-        while let Some(item) = self.ring.next() {
+        while let Some(item) = self.maps.stw_ring.next() {
             if item.len() < size_of::<StwEvent>() {
                 tracing::warn!(len = item.len(), "short event in the ring buffer");
                 continue;

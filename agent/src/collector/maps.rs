@@ -1,7 +1,10 @@
-//! Map growth events, sites, and the shape of each site's largest map.
+//! Map growth counts per site, storms, and the shape of each site's largest
+//! map.
+use std::{collections::BTreeMap, time::Instant};
+
 use gopulse_common::{
-    GROW_CLASSIC, GROW_SWISS_GROW, GROW_SWISS_PRUNE, GROW_SWISS_SMALL, GROW_SWISS_SPLIT,
-    GROW_SWISS_TO_TABLE, GrowthEvent, MapSeen, ProcStats,
+    GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
+    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, MapKey, MapSeen, ProcStats,
 };
 
 use super::{Collector, Proc};
@@ -27,29 +30,32 @@ pub(super) struct MapRef {
     pub(super) gone: bool,
 }
 
+/// The `kind` label of a kernel growth kind.
+fn kind_label(kind: u8) -> Option<&'static str> {
+    Some(match kind {
+        GROW_CLASSIC_DOUBLE => "double",
+        GROW_CLASSIC_SAME_SIZE => "same_size",
+        GROW_SWISS_TO_TABLE => "to_table",
+        GROW_SWISS_GROW => "grow",
+        GROW_SWISS_SPLIT => "split",
+        GROW_SWISS_PRUNE => "prune",
+        _ => return None,
+    })
+}
+
 impl Proc {
-    /// The first Go function outside the runtime among the return addresses.
-    fn site(&self, pcs: &[u64]) -> String {
-        let mut innermost = None;
-        for &pc in pcs {
-            // A return address points after the call; step back into it.
-            let Some(name) = self
-                .symbolizer
-                .function_at(pc.wrapping_sub(self.load_bias).wrapping_sub(1))
-            else {
-                continue;
-            };
-            innermost.get_or_insert(name);
-            if !name.starts_with("runtime.") && !name.starts_with("internal/runtime/") {
-                return name.to_owned();
-            }
-        }
-        // Growth inside the runtime itself, or a stack we could not walk.
-        innermost.unwrap_or("unknown").to_owned()
+    /// The Go function a site address (a link-time return address) lies in.
+    fn site_name(&self, site: u64) -> String {
+        // A return address points after the call; step back into it.
+        self.symbolizer
+            .function_at(site.wrapping_sub(1))
+            .unwrap_or("unknown")
+            .to_owned()
     }
 
-    /// Site label for a new observation, within the per-process bound.
-    fn bounded_site(&mut self, site: String, max_sites: usize, m: &Metrics) -> String {
+    /// Site label for a new observation, within the per-process bound:
+    /// the site itself, or [`OTHER_SITE`] past `max_sites`.
+    fn bounded_site(&mut self, site: String, max_sites: usize) -> String {
         if self.sites.contains(&site) {
             return site;
         }
@@ -57,7 +63,6 @@ impl Proc {
             self.sites.insert(site.clone());
             site
         } else {
-            m.map_sites_dropped.get_or_create(&self.labels).inc();
             OTHER_SITE.to_owned()
         }
     }
@@ -74,83 +79,121 @@ impl Proc {
             })
             .or_insert(seen);
     }
-
-    /// Classic `overLoadFactor(count, B)`.
-    fn over_load_factor(&self, count: u64, b: u8) -> bool {
-        let buckets = 1u64.checked_shl(u32::from(b)).unwrap_or(u64::MAX);
-        count > 8 && count > self.load_factor_num.saturating_mul(buckets / 2)
-    }
 }
 
 impl Collector {
-    pub(super) fn on_growth(&mut self, ev: GrowthEvent) {
-        let Some(p) = self.procs.get_mut(&ev.pid) else {
-            return;
-        };
-        let kind = match ev.kind {
-            // hashGrow doubles unless the map is under its load factor (then
-            // it grew for too many overflow buckets): the runtime's own test.
-            GROW_CLASSIC if p.over_load_factor(ev.count.saturating_add(1), ev.b_or_depth) => {
-                "double"
+    /// Reads the kernel's growth table (every process) and folds what is
+    /// new into counters, storms and the largest map per site.
+    pub(super) fn fold_growths(&mut self, now: Instant) {
+        let mut table: Vec<(GrowthKey, GrowthCount)> = Vec::new();
+        for key in self.maps.growths.keys().filter_map(Result::ok) {
+            // A key can be removed between listing and reading: skip it.
+            if let Ok(v) = self.maps.growths.get(&key, 0) {
+                table.push((key, v));
             }
-            GROW_CLASSIC => "same_size",
-            GROW_SWISS_SMALL => "small",
-            GROW_SWISS_TO_TABLE => "to_table",
-            GROW_SWISS_GROW => "grow",
-            GROW_SWISS_SPLIT => "split",
-            GROW_SWISS_PRUNE => "prune",
-            other => {
-                tracing::warn!(kind = other, "unknown growth kind");
-                return;
+        }
+        // Per process and site, growths new since the last collection.
+        let mut new_at: BTreeMap<(u32, String), u64> = BTreeMap::new();
+        for (key, v) in table {
+            let Some(p) = self.procs.get_mut(&key.pid) else {
+                continue; // removed a moment ago, its keys with it
+            };
+            let Some(kind) = kind_label(key.kind) else {
+                tracing::warn!(kind = key.kind, "unknown growth kind in the kernel table");
+                continue;
+            };
+            let (counted, site) = match p.growth_keys.get(&key) {
+                Some((n, site)) => (*n, site.clone()),
+                None => (0, p.site_name(key.site)),
+            };
+            let new = v.growths.saturating_sub(counted);
+            p.growth_keys.insert(key, (v.growths, site.clone()));
+            if new == 0 {
+                continue;
             }
-        };
-        let frames = usize::from(ev.nframes).min(ev.pcs.len());
-        let site = p.site(&ev.pcs[..frames]);
-        let site = p.bounded_site(site, self.max_sites, &self.metrics);
-        p.growth_series.insert((site.clone(), kind));
-        p.note_map(
-            &site,
-            MapRef {
-                addr: ev.map,
-                seed: ev.seed,
-                count: ev.count,
-                gone: false,
-            },
-        );
-        let storm = p
-            .storms
-            .entry(site.clone())
-            .or_default()
-            .record(std::time::Instant::now(), self.storm_rule);
-        if let Some(growths) = storm {
-            let rule = self.storm_rule;
+            *new_at.entry((key.pid, site.clone())).or_default() += new;
+            let label = p.bounded_site(site, self.max_sites);
+            if label == OTHER_SITE {
+                self.metrics
+                    .map_sites_dropped
+                    .get_or_create(&p.labels)
+                    .inc_by(new);
+            }
+            p.growth_series.insert((label.clone(), kind));
+            p.note_map(
+                &label,
+                MapRef {
+                    addr: v.map,
+                    seed: v.seed,
+                    count: v.count,
+                    gone: false,
+                },
+            );
+            self.metrics
+                .map_growths
+                .get_or_create(&GrowthLabels {
+                    proc: p.labels.clone(),
+                    site: label,
+                    kind,
+                })
+                .inc_by(new);
+        }
+        // Storms are judged at the real site, whatever its label.
+        let rule = self.storm_rule;
+        for ((pid, site), n) in new_at {
+            let Some(p) = self.procs.get_mut(&pid) else {
+                continue;
+            };
+            let Some(growths) = p
+                .storms
+                .entry(site.clone())
+                .or_default()
+                .record(now, n, rule)
+            else {
+                continue;
+            };
             tracing::warn!(
-                pid = ev.pid,
+                pid,
                 exe = %p.labels.exe,
                 site = %site,
                 growths,
                 window_ms = rule.window.as_millis() as u64,
-                "map growth storm: pid {} ({}) site {site}: {growths} growths within {:?}",
-                ev.pid,
+                "map growth storm: pid {pid} ({}) site {site}: {growths} growths within {:?}",
                 p.labels.exe,
                 rule.window
             );
+            p.storm_sites.insert(site.clone());
             self.metrics
                 .map_growth_storms
                 .get_or_create(&SiteLabels {
                     proc: p.labels.clone(),
-                    site: site.clone(),
+                    site,
                 })
                 .inc();
         }
-        self.metrics
-            .map_growths
-            .get_or_create(&GrowthLabels {
-                proc: p.labels.clone(),
-                site,
-                kind,
-            })
-            .inc();
+        // Sites that saw nothing this time still age their storm windows
+        // (so a storm ends, and the next burst is a new one).
+        for p in self.procs.values_mut() {
+            for s in p.storms.values_mut() {
+                let _ = s.record(now, 0, rule);
+            }
+        }
+    }
+
+    /// Takes (reads and removes) what the assignment probes saw since the
+    /// last call, by process: one pass over the kernel's table.
+    pub(super) fn take_seen(&mut self) -> anyhow::Result<BTreeMap<u32, Vec<(u64, MapSeen)>>> {
+        let seen = &mut self.maps.seen;
+        let keys: Vec<MapKey> = seen.keys().filter_map(Result::ok).collect();
+        let mut out: BTreeMap<u32, Vec<(u64, MapSeen)>> = BTreeMap::new();
+        for key in keys {
+            // An entry can be evicted between listing and reading: skip it.
+            if let Ok(v) = seen.get(&key, 0) {
+                out.entry(key.pid).or_default().push((key.map, v));
+            }
+            let _ = seen.remove(&key);
+        }
+        Ok(out)
     }
 }
 
@@ -164,8 +207,9 @@ pub(super) fn fold_seen(
     stats: &ProcStats,
     seen: Vec<(u64, MapSeen)>,
 ) {
-    // Every map added and not taken was evicted, up to the few added since
-    // the counters were read.
+    // The counters were read before the table was taken: every map they
+    // count as added and that was not taken by now was evicted (a lower
+    // bound: maps added since are taken too, before they are counted).
     p.maps_taken += seen.len() as u64;
     let untracked = stats.maps_added.saturating_sub(p.maps_taken);
     if untracked > p.maps_untracked {
@@ -176,8 +220,8 @@ pub(super) fn fold_seen(
         p.maps_untracked = untracked;
     }
     for (i, (addr, s)) in seen.into_iter().enumerate() {
-        let site = p.site(&[s.pc]);
-        let site = p.bounded_site(site, max_sites, metrics);
+        let site = p.site_name(s.site);
+        let site = p.bounded_site(site, max_sites);
         p.note_map(
             &site,
             MapRef {

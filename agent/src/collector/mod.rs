@@ -1,30 +1,44 @@
-//! Turns kernel events and counters into metrics, per watched process:
-//! GC and stop-the-world pauses (`gc`), map growth, sites and shapes
-//! (`maps`), and what the probes cost and when they are cut (`governor`).
+//! The collection stage: kernel counters, tables and events become metrics,
+//! per watched process: GC and stop-the-world pauses (`gc`), map growth,
+//! sites and shapes (`maps`), and probe hits and what they cost. It reads
+//! the kernel maps through its own handles; attaching, detaching and the
+//! budget belong to the attach stage (`crate::probes`).
 mod gc;
-mod governor;
 mod maps;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
-use anyhow::Context as _;
-use aya::maps::{MapData, RingBuf};
-use gopulse_common::{GrowthEvent, ProcStats};
+use gopulse_common::{GrowthKey, ProcStats};
 
-pub use governor::{PROBE_COST_S, PROBE_NAMES};
 use maps::MapRef;
 pub use maps::OTHER_SITE;
 
 use crate::{
-    bpf::{self, Attachment, Bpf, ProbeSite},
-    inspect::{self, MapOffsets, Symbolizer},
-    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProcLabels},
+    bpf::{self, CollectorMaps},
+    cost::Costs,
+    inspect::{MapOffsets, Symbolizer},
+    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProbeLabels, ProcLabels},
+    plan::PROGRAM_TABLE,
     procfs,
     storm::{StormRule, StormTracker},
-    stw::{self, Reason},
+    stw::Reason,
 };
 
-/// A process whose probes are attached.
+/// What the collector needs to know of a process it starts watching.
+pub struct NewProc {
+    pub pid: u32,
+    pub labels: ProcLabels,
+    pub reasons: &'static [Reason],
+    pub start_time: u64,
+    /// Link-time PC → Go function, for sites.
+    pub symbolizer: Symbolizer,
+    pub map_offsets: MapOffsets,
+}
+
+/// A watched process, as collection sees it.
 struct Proc {
     labels: ProcLabels,
     reasons: &'static [Reason],
@@ -34,43 +48,30 @@ struct Proc {
     mark_carry_ns: u64,
     /// Kernel counters already folded into the metrics.
     synced: ProcStats,
-    attachment: Attachment,
     start_time: u64,
-    /// PC → Go function, for growth sites.
     symbolizer: Symbolizer,
-    /// Runtime address minus link-time address (PIE load bias).
-    load_bias: u64,
-    /// Classic maps' loadFactorNum (loadFactorDen is 2): 12 on Go 1.21, 13 after.
-    load_factor_num: u64,
+    /// Growths already counted per kernel key, and the key's site label.
+    growth_keys: BTreeMap<GrowthKey, (u64, String)>,
     /// (site, kind) pairs with series, to remove them with the process.
     growth_series: BTreeSet<(String, &'static str)>,
+    /// Site labels in use (bounded by `--max-map-sites`).
     sites: BTreeSet<String>,
+    /// Storm state by real site (never "other").
     storms: BTreeMap<String, StormTracker>,
+    /// Sites with a storm series.
+    storm_sites: BTreeSet<String>,
     /// The largest map seen growing at each site.
     largest: BTreeMap<String, MapRef>,
     map_offsets: MapOffsets,
-    /// Assignment/deletion probes: where they go, and their links while
-    /// attached.
-    access_sites: Vec<ProbeSite>,
-    access: Option<Attachment>,
-    /// Assignment+deletion hits at the last governor check, and when.
-    access_mark: (std::time::Instant, u64),
-    /// Growth probes: sites, links while attached, hits at the last
-    /// governor check, and until when the governor has cut them.
-    growth_sites: Vec<ProbeSite>,
-    growth: Option<Attachment>,
-    growth_mark: (std::time::Instant, u64),
-    growth_cut_until: Option<std::time::Instant>,
     /// Maps taken from the kernel LRU so far, and evictions reported.
     maps_taken: u64,
     maps_untracked: u64,
 }
 
 pub struct Collector {
-    bpf: Bpf,
-    ring: RingBuf<MapData>,
-    growth_ring: RingBuf<MapData>,
+    maps: CollectorMaps,
     metrics: Metrics,
+    costs: Arc<Costs>,
     procs: BTreeMap<u32, Proc>,
     requested: BTreeSet<u32>,
     max_sites: usize,
@@ -79,18 +80,16 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(
-        bpf: Bpf,
-        ring: RingBuf<MapData>,
-        growth_ring: RingBuf<MapData>,
+        maps: CollectorMaps,
         metrics: Metrics,
+        costs: Arc<Costs>,
         max_sites: usize,
         storm_rule: StormRule,
     ) -> Self {
         Self {
-            bpf,
-            ring,
-            growth_ring,
+            maps,
             metrics,
+            costs,
             procs: BTreeMap::new(),
             requested: BTreeSet::new(),
             max_sites,
@@ -98,140 +97,86 @@ impl Collector {
         }
     }
 
-    /// The ring buffers, for readiness polling.
-    pub fn rings(&self) -> [&RingBuf<MapData>; 2] {
-        [&self.ring, &self.growth_ring]
+    /// The STW ring buffer, for readiness polling.
+    pub fn ring(&self) -> &aya::maps::RingBuf<aya::maps::MapData> {
+        &self.maps.stw_ring
     }
 
-    /// Starts watching `pid`. The error says why it cannot be watched.
-    pub fn add_process(&mut self, pid: u32) -> anyhow::Result<usize> {
+    /// Notes a process the user asked for (ready once it is watched).
+    pub fn request(&mut self, pid: u32) {
         self.requested.insert(pid);
-        if self.procs.contains_key(&pid) {
-            return Ok(self.procs[&pid].attachment.probe_count());
-        }
-        let start_time =
-            procfs::start_time(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-        let exe = procfs::exe_name(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-        let bin = inspect::inspect(&procfs::exe_path(pid), &bpf::wanted_functions())
-            .with_context(|| exe.clone())?;
-        let load_bias = procfs::exe_mapping_start(pid)
-            .map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?
-            .wrapping_sub(bin.image_base);
-        let (sites, config) =
-            bpf::plan(&bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
-        let access_sites = bpf::plan_access(&bin)?;
-        let (growth_sites, core_sites): (Vec<_>, Vec<_>) =
-            sites.into_iter().partition(bpf::is_growth);
-        let attachment = self.bpf.attach(pid, &core_sites, config)?;
-        let growth = match self.bpf.attach_sites(pid, &growth_sites) {
-            Ok(g) => g,
-            Err(e) => {
-                self.bpf.detach(pid, attachment);
-                return Err(e);
-            }
-        };
-        let labels = ProcLabels {
-            pid: pid.to_string(),
-            exe,
-            go_version: bin.version.short(),
-        };
-        let probes = attachment.probe_count() + growth.probe_count();
+    }
+
+    /// Starts collecting for a process whose probes are attached.
+    pub fn add(&mut self, p: NewProc) {
+        let labels = p.labels;
         // Create the series now, so they read 0 rather than being absent.
         let _ = self.metrics.gc_cycles.get_or_create(&labels);
         let _ = self.metrics.events_lost.get_or_create(&labels);
         let _ = self.metrics.map_sites_dropped.get_or_create(&labels);
         let _ = self.metrics.maps_untracked.get_or_create(&labels);
-        self.metrics
-            .map_growth_attached
-            .get_or_create(&labels)
-            .set(1);
-        self.metrics
-            .map_assign_attached
-            .get_or_create(&labels)
-            .set(0);
-        self.metrics
-            .probes_attached
-            .get_or_create(&labels)
-            .set(probes as i64);
+        let _ = self.metrics.map_growths_unattributed.get_or_create(&labels);
+        let _ = self.metrics.probe_overhead.get_or_create(&labels);
         for phase in [PHASE_SWEEP, PHASE_MARK] {
             let _ = self.metrics.gc_pause.get_or_create(&PhaseLabels {
                 proc: labels.clone(),
                 phase,
             });
         }
-        tracing::info!(
-            pid,
-            exe = %labels.exe,
-            go_version = %bin.version,
-            build_mode = bin.build.settings.get("-buildmode").map_or("exe", String::as_str),
-            cgo = bin.build.settings.get("CGO_ENABLED").map_or("?", String::as_str),
-            pie = bin.pie,
-            stripped = bin.stripped,
-            maps = ?bin.map_impl,
-            probes,
-            "watching process"
-        );
         self.procs.insert(
-            pid,
+            p.pid,
             Proc {
                 labels,
-                reasons: stw::table_for(&bin.version),
+                reasons: p.reasons,
                 seen_reasons: BTreeSet::new(),
                 mark_carry_ns: 0,
                 synced: ProcStats::default(),
-                attachment,
-                start_time,
-                load_factor_num: if bin.version.at_least(22) { 13 } else { 12 },
-                symbolizer: bin.symbolizer,
-                load_bias,
+                start_time: p.start_time,
+                symbolizer: p.symbolizer,
+                growth_keys: BTreeMap::new(),
                 growth_series: BTreeSet::new(),
                 sites: BTreeSet::new(),
                 storms: BTreeMap::new(),
+                storm_sites: BTreeSet::new(),
                 largest: BTreeMap::new(),
-                map_offsets: bin.offsets.map,
-                access_sites,
-                access: None,
-                access_mark: (std::time::Instant::now(), 0),
-                growth_sites,
-                growth: Some(growth),
-                growth_mark: (std::time::Instant::now(), 0),
-                growth_cut_until: None,
+                map_offsets: p.map_offsets,
                 maps_taken: 0,
                 maps_untracked: 0,
             },
         );
-        Ok(probes)
     }
 
-    /// Every requested process has all its probes attached.
+    /// Every requested process is watched.
     pub fn ready(&self) -> bool {
         self.requested
             .iter()
             .all(|pid| self.procs.contains_key(pid))
     }
 
-    /// Reads every pending event from the ring buffers.
+    /// Reads every pending event from the ring buffer.
     pub fn drain(&mut self) {
         self.drain_stw();
-        let mut growths = Vec::new();
-        while let Some(item) = self.growth_ring.next() {
-            if item.len() < size_of::<GrowthEvent>() {
-                tracing::warn!(len = item.len(), "short growth event in the ring buffer");
-                continue;
-            }
-            // SAFETY: a whole GrowthEvent (checked length), read unaligned.
-            growths.push(unsafe { item.as_ptr().cast::<GrowthEvent>().read_unaligned() });
-        }
-        for ev in growths {
-            self.on_growth(ev);
-        }
     }
 
-    /// Folds the kernel counters, and what the assignment probes saw,
-    /// into the metrics.
+    /// Folds the kernel counters, the growth table and what the assignment
+    /// probes saw into the metrics.
     pub fn sync(&mut self) {
+        let now = std::time::Instant::now();
+        self.fold_growths(now);
+        // Counters first, then the assignment probes' table: every map the
+        // counters say was added is then either in the table or evicted, so
+        // the eviction estimate never counts one still on its way in.
+        let mut counters = BTreeMap::new();
+        for &pid in self.procs.keys() {
+            match bpf::read_stats(&self.maps.stats, pid) {
+                Ok(s) => {
+                    counters.insert(pid, s);
+                }
+                Err(e) => tracing::debug!(pid, "reading kernel counters: {e}"),
+            }
+        }
         // One pass over the kernel's map table for every process.
-        let mut seen = match self.bpf.take_seen() {
+        let mut seen = match self.take_seen() {
             Ok(seen) => seen,
             Err(e) => {
                 tracing::debug!("reading assignment probe state: {e}");
@@ -239,26 +184,26 @@ impl Collector {
             }
         };
         for (&pid, p) in &mut self.procs {
-            let stats = match self.bpf.stats(pid) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::debug!(pid, "reading kernel counters: {e}");
-                    continue;
-                }
+            let Some(stats) = counters.remove(&pid) else {
+                continue;
             };
             let taken = seen.remove(&pid).unwrap_or_default();
             maps::fold_seen(&self.metrics, self.max_sites, pid, p, &stats, taken);
-            governor::fold_overhead(&self.metrics, p, &stats);
-            let cycles = stats.gc_cycles.saturating_sub(p.synced.gc_cycles);
-            self.metrics
-                .gc_cycles
+            fold_hits(&self.metrics, &self.costs, p, &stats);
+            let m = &self.metrics;
+            let d = |now: u64, then: u64| now.saturating_sub(then);
+            m.gc_cycles
                 .get_or_create(&p.labels)
-                .inc_by(cycles);
-            let lost = stats.events_lost.saturating_sub(p.synced.events_lost);
-            self.metrics
-                .events_lost
+                .inc_by(d(stats.gc_cycles, p.synced.gc_cycles));
+            m.events_lost
                 .get_or_create(&p.labels)
-                .inc_by(lost);
+                .inc_by(d(stats.events_lost, p.synced.events_lost));
+            m.map_growths_unattributed
+                .get_or_create(&p.labels)
+                .inc_by(d(stats.growths_unattributed, p.synced.growths_unattributed));
+            m.map_evacuated_buckets
+                .get_or_create(&p.labels)
+                .inc_by(d(stats.evacuations, p.synced.evacuations));
             maps::refresh_shapes(&self.metrics, pid, p);
             if stats.stw_unmatched > p.synced.stw_unmatched {
                 tracing::debug!(
@@ -271,25 +216,62 @@ impl Collector {
         }
     }
 
-    /// Stops watching processes that exited (or whose pid was reused).
-    pub fn reap(&mut self) {
-        let gone: Vec<u32> = self
-            .procs
+    /// Watched processes that exited (or whose pid was reused): detach
+    /// them, then [`Collector::remove`] them.
+    /// (Returns each with its executable's name, for the log.)
+    pub fn exited(&self) -> Vec<(u32, String)> {
+        self.procs
             .iter()
             .filter(|(pid, p)| procfs::start_time(**pid).ok() != Some(p.start_time))
-            .map(|(pid, _)| *pid)
-            .collect();
-        for pid in gone {
-            if let Some(p) = self.procs.remove(&pid) {
-                tracing::info!(pid, exe = %p.labels.exe, "process exited; detaching");
-                for a in [p.access, p.growth].into_iter().flatten() {
-                    self.bpf.detach_links(pid, a);
-                }
-                self.bpf.detach(pid, p.attachment);
-                let reasons: Vec<String> = p.seen_reasons.into_iter().collect();
-                let growths: Vec<_> = p.growth_series.into_iter().collect();
-                self.metrics.remove_process(&p.labels, &reasons, &growths);
-            }
-        }
+            .map(|(pid, p)| (*pid, p.labels.exe.clone()))
+            .collect()
     }
+
+    /// Forgets a process whose probes are detached: its series and its
+    /// entries in the kernel's growth table.
+    pub fn remove(&mut self, pid: u32) {
+        self.requested.remove(&pid);
+        let Some(p) = self.procs.remove(&pid) else {
+            return;
+        };
+        tracing::debug!(pid, exe = %p.labels.exe, "removing the series of a process");
+        let stale: Vec<GrowthKey> = self
+            .maps
+            .growths
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pid == pid)
+            .collect();
+        for k in stale {
+            let _ = self.maps.growths.remove(&k);
+        }
+        let reasons: Vec<String> = p.seen_reasons.into_iter().collect();
+        let growths: Vec<_> = p.growth_series.into_iter().collect();
+        let storms: Vec<_> = p.storm_sites.into_iter().collect();
+        self.metrics
+            .remove_process(&p.labels, &reasons, &growths, &storms);
+    }
+}
+
+/// Folds probe hits, and what they cost, into the metrics.
+fn fold_hits(metrics: &Metrics, costs: &Costs, p: &Proc, stats: &ProcStats) {
+    let mut overhead = 0.0;
+    for (i, prog) in PROGRAM_TABLE.iter().enumerate() {
+        let hits = stats.hits[i].saturating_sub(p.synced.hits[i]);
+        if hits == 0 && p.synced.hits[i] == 0 && stats.hits[i] == 0 {
+            continue; // no series for probes that never ran
+        }
+        overhead += hits as f64 * costs.per_hit_s(i);
+        metrics
+            .probe_hits
+            .get_or_create(&ProbeLabels {
+                proc: p.labels.clone(),
+                probe: prog.name,
+            })
+            .inc_by(hits);
+    }
+    metrics
+        .probe_overhead
+        .get_or_create(&p.labels)
+        .inc_by(overhead);
 }

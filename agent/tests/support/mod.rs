@@ -423,3 +423,10 @@ impl Metrics {
         })
     }
 }
+
+impl Agent {
+    /// Whether the agent has logged a line containing `needle` so far.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}

@@ -1,0 +1,460 @@
+//! Where the probes go in a Go executable, and what the kernel must know
+//! of it: the per-process config and the executable's plumbing.
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, bail};
+use gopulse_common::{
+    MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
+    PROG_GROW_CLASSIC, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE,
+    PROG_MAP_EVACUATE, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
+    PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, ProcConfig, START_ARGS_NONE,
+    START_ARGS_WORLDSTOP, TABLE_HEADER_BYTES,
+};
+
+use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets, Symbolizer};
+
+pub const STOP_FN: &str = "runtime.stopTheWorldWithSema";
+pub const START_FN: &str = "runtime.startTheWorldWithSema";
+pub const MARK_TERM_FN: &str = "runtime.gcMarkTermination";
+/// Functions the probes need in every supported release.
+pub const REQUIRED_FUNCTIONS: &[&str] = &[STOP_FN, START_FN, MARK_TERM_FN];
+
+/// Map growth: the runtime function and the program that watches it.
+/// Swiss `(*Map).growToSmall` is not one: it allocates the first group of a
+/// map made without a size hint, on its first insert (classic maps do the
+/// same inline), and it runs once per new map, so it is not probed.
+pub const CLASSIC_GROWTH: &[(&str, usize)] = &[("runtime.hashGrow", PROG_GROW_CLASSIC)];
+pub const SWISS_GROWTH: &[(&str, usize)] = &[
+    (
+        "internal/runtime/maps.(*Map).growToTable",
+        PROG_GROW_TO_TABLE,
+    ),
+    ("internal/runtime/maps.(*table).grow", PROG_GROW_TABLE),
+    ("internal/runtime/maps.(*table).split", PROG_SPLIT_TABLE),
+];
+/// Go 1.25+ prunes tombstones before growing a table.
+pub const SWISS_PRUNE_FN: &str = "internal/runtime/maps.(*table).pruneTombstones";
+
+/// Map assignment and deletion: hot, attached only as `--map-assign-probes`
+/// says. Any of them may be absent (the linker keeps only what is used).
+pub const ASSIGN_FUNCTIONS: &[&str] = &[
+    "runtime.mapassign",
+    "runtime.mapassign_fast32",
+    "runtime.mapassign_fast64",
+    "runtime.mapassign_fast64ptr",
+    "runtime.mapassign_faststr",
+];
+pub const DELETE_FUNCTIONS: &[&str] = &[
+    "runtime.mapdelete",
+    "runtime.mapdelete_fast32",
+    "runtime.mapdelete_fast64",
+    "runtime.mapdelete_faststr",
+];
+
+/// Classic maps' incremental evacuation (absent from swiss builds).
+pub const EVACUATE_FUNCTIONS: &[&str] = &[
+    "runtime.evacuate",
+    "runtime.evacuate_fast32",
+    "runtime.evacuate_fast64",
+    "runtime.evacuate_faststr",
+];
+
+/// Every function any release may need, for [`crate::inspect::inspect`]:
+/// the lists above, in one.
+pub fn wanted_functions() -> Vec<&'static str> {
+    let mut all = REQUIRED_FUNCTIONS.to_vec();
+    for list in [CLASSIC_GROWTH, SWISS_GROWTH] {
+        all.extend(list.iter().map(|(f, _)| *f));
+    }
+    all.push(SWISS_PRUNE_FN);
+    all.extend_from_slice(ASSIGN_FUNCTIONS);
+    all.extend_from_slice(DELETE_FUNCTIONS);
+    all.extend_from_slice(EVACUATE_FUNCTIONS);
+    all
+}
+
+/// How the kernel handles the instruction a probe sits on, which sets the
+/// price of a hit before our program runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trap {
+    /// The `JBE` of a stack check: emulated.
+    Emulated,
+    /// A `RET`: single-stepped out of line.
+    SingleStep,
+}
+
+/// The group a program's probes are attached and cut with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Group {
+    /// GC and stop-the-world: always attached.
+    Core,
+    /// Map growth: attached unless the governor cuts them.
+    Growth,
+    /// Map assignment, deletion and evacuation: as `--map-assign-probes`.
+    Access,
+}
+
+/// One BPF program of the eBPF object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Program {
+    /// Its name in the object, and the `probe` label of its hits.
+    pub name: &'static str,
+    pub trap: Trap,
+    pub group: Group,
+}
+
+const fn prog(name: &'static str, trap: Trap, group: Group) -> Program {
+    Program { name, trap, group }
+}
+
+/// Every program, by its `PROG_*` index.
+pub const PROGRAM_TABLE: [Program; PROGRAMS] = {
+    use Group::*;
+    use Trap::*;
+    let mut t = [prog("", Emulated, Core); PROGRAMS];
+    t[PROG_STW_STOP] = prog("stw_stop", Emulated, Core);
+    t[PROG_STW_START_ENTRY] = prog("stw_start_entry", Emulated, Core);
+    t[PROG_STW_START_RET] = prog("stw_start_ret", SingleStep, Core);
+    t[PROG_GC_MARK_TERM] = prog("gc_mark_termination", Emulated, Core);
+    t[PROG_GROW_CLASSIC] = prog("grow_classic", Emulated, Growth);
+    t[PROG_GROW_TO_TABLE] = prog("grow_to_table", Emulated, Growth);
+    t[PROG_GROW_TABLE] = prog("grow_table", Emulated, Growth);
+    t[PROG_SPLIT_TABLE] = prog("split_table", Emulated, Growth);
+    t[PROG_PRUNE_TABLE] = prog("prune_table", Emulated, Growth);
+    t[PROG_MAP_ASSIGN] = prog("map_assign", Emulated, Access);
+    t[PROG_MAP_DELETE] = prog("map_delete", Emulated, Access);
+    t[PROG_MAP_EVACUATE] = prog("map_evacuate", Emulated, Access);
+    t
+};
+
+/// One uprobe to attach: which program, at which file offset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProbeSite {
+    /// `PROG_*`.
+    pub program: usize,
+    pub function: &'static str,
+    pub file_offset: u64,
+}
+
+/// Where an entry probe goes: on the `JBE` of the function's stack check.
+/// The kernel emulates that instruction (about 0.8 µs a hit here) where the
+/// first one, a CMP, is single-stepped (5-7 µs); the argument registers are
+/// the same at both, and the CMP's flags tell the probe whether the function
+/// is about to restart through `morestack` (so each call counts once).
+pub fn entry_offset(f: &Function) -> anyhow::Result<u64> {
+    f.stack_check_jump_offset().with_context(|| {
+        format!(
+            "{} has no stack check at its entry; refusing to place a probe that could count \
+             a call twice",
+            f.name
+        )
+    })
+}
+
+/// Which functions the site walk steps over: those that insert into maps
+/// on behalf of their caller. The site of a growth is the first caller
+/// frame outside them.
+#[derive(Clone, Debug)]
+pub struct Plumbing {
+    prefixes: Vec<String>,
+}
+
+/// The runtime and what only carries a caller's map to it: `reflect`
+/// (`Value.SetMapIndex`; the runtime's `reflect.mapassign*`), decoders of the
+/// standard library (`encoding/json`, `encoding/gob`, ...), the `maps`
+/// package, `sync` (`sync.Map` before Go 1.24), and the standard library's
+/// internal packages.
+pub const DEFAULT_PLUMBING: &[&str] = &[
+    "runtime.",
+    "internal/",
+    "reflect.",
+    "encoding/",
+    "maps.",
+    "sync.",
+    "sync/atomic.",
+];
+
+impl Default for Plumbing {
+    fn default() -> Self {
+        Self::new(&[])
+    }
+}
+
+impl Plumbing {
+    /// The default prefixes plus `extra` (for third-party decoders such as
+    /// `gopkg.in/yaml.v3.`).
+    pub fn new(extra: &[String]) -> Self {
+        let mut prefixes: Vec<String> = DEFAULT_PLUMBING.iter().map(|p| (*p).to_owned()).collect();
+        prefixes.extend(extra.iter().cloned());
+        Self { prefixes }
+    }
+
+    /// In (`Some(true)`), out, or neutral (`None`): compiler-generated
+    /// functions (`type:.eq.*`), linker markers (`go:*`) and assembly
+    /// helpers without a package never grow a map or call code that does, so
+    /// they may sit inside a range between two plumbing functions.
+    pub fn class(&self, name: &str) -> Option<bool> {
+        if self.prefixes.iter().any(|p| name.starts_with(p.as_str())) {
+            Some(true)
+        } else if name.starts_with("type:") || name.starts_with("go:") || !name.contains('.') {
+            None
+        } else {
+            Some(false)
+        }
+    }
+
+    /// The executable's plumbing as the kernel holds it: per page of text
+    /// (link-time address >> 12), a bit per 16-byte block.
+    pub fn pages(&self, symbolizer: &Symbolizer) -> BTreeMap<u32, PageBits> {
+        pages(&symbolizer.ranges(|n| self.class(n)))
+    }
+}
+
+/// The blocks of `ranges` as page bitmaps. A block is marked when it
+/// starts inside a range: every function starts on a block boundary.
+fn pages(ranges: &[(u64, u64)]) -> BTreeMap<u32, PageBits> {
+    let block = 1u64 << PLUMBING_BLOCK_SHIFT;
+    let mut out: BTreeMap<u32, PageBits> = BTreeMap::new();
+    for &(lo, hi) in ranges {
+        let mut b = lo.next_multiple_of(block);
+        while b < hi {
+            let Ok(page) = u32::try_from(b >> 12) else {
+                break; // past 16 TiB: no Go text lives there
+            };
+            let i = ((b >> PLUMBING_BLOCK_SHIFT) & 0xff) as usize;
+            out.entry(page).or_default().0[i / 64] |= 1 << (i % 64);
+            b += block;
+        }
+    }
+    out
+}
+
+/// Everything to attach to one process.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// GC and stop-the-world probes.
+    pub core: Vec<ProbeSite>,
+    /// Map growth probes.
+    pub growth: Vec<ProbeSite>,
+    /// Assignment, deletion and evacuation probes (those the binary has).
+    pub access: Vec<ProbeSite>,
+    /// The process's config, but for `exe_id` (set when registered).
+    pub config: ProcConfig,
+}
+
+/// The assignment, deletion and evacuation probes of this binary (those it
+/// has).
+fn plan_access(bin: &GoBinary) -> anyhow::Result<Vec<ProbeSite>> {
+    let mut sites = Vec::new();
+    for (functions, program) in [
+        (ASSIGN_FUNCTIONS, PROG_MAP_ASSIGN),
+        (DELETE_FUNCTIONS, PROG_MAP_DELETE),
+        (EVACUATE_FUNCTIONS, PROG_MAP_EVACUATE),
+    ] {
+        for &function in functions {
+            if let Some(f) = bin.functions.get(function) {
+                sites.push(ProbeSite {
+                    program,
+                    function,
+                    file_offset: entry_offset(f)?,
+                });
+            }
+        }
+    }
+    Ok(sites)
+}
+
+/// A header field the probes read, checked to lie within what they read.
+fn header_field(name: &str, off: u16, bytes: usize, header: usize) -> anyhow::Result<u16> {
+    if usize::from(off) + bytes > header || usize::from(off) % bytes != 0 {
+        bail!(
+            "unexpected map layout: {name} at offset {off} ({bytes} bytes) is not an aligned \
+             field of the first {header} bytes the probes read"
+        );
+    }
+    Ok(off)
+}
+
+/// Where each program goes in this binary, and the per-process config.
+/// `load_bias` turns the binary's addresses into the process's (PIE).
+pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
+    let stop = bin.function(STOP_FN)?;
+    let start = bin.function(START_FN)?;
+    let mark = bin.function(MARK_TERM_FN)?;
+    // Go 1.22 added `(now int64, w worldStop)` to startTheWorldWithSema.
+    let start_args = if bin.version.at_least(22) {
+        START_ARGS_WORLDSTOP
+    } else {
+        START_ARGS_NONE
+    };
+    let mut core = vec![
+        ProbeSite {
+            program: PROG_GC_MARK_TERM,
+            function: MARK_TERM_FN,
+            file_offset: entry_offset(mark)?,
+        },
+        ProbeSite {
+            program: PROG_STW_STOP,
+            function: STOP_FN,
+            file_offset: entry_offset(stop)?,
+        },
+        // 1.22+: Go's own stop time and reason; 1.21: when the restart began.
+        ProbeSite {
+            program: PROG_STW_START_ENTRY,
+            function: START_FN,
+            file_offset: entry_offset(start)?,
+        },
+    ];
+    for &ret in &start.ret_offsets {
+        core.push(ProbeSite {
+            program: PROG_STW_START_RET,
+            function: START_FN,
+            file_offset: ret,
+        });
+    }
+    let mut config = ProcConfig {
+        start_args,
+        map_impl: match bin.map_impl {
+            MapImpl::Classic => MAP_IMPL_CLASSIC,
+            MapImpl::Swiss => MAP_IMPL_SWISS,
+        },
+        // Go 1.22 raised loadFactorNum from 12 to 13 (6.5 entries a bucket).
+        load_factor_num: if bin.version.at_least(22) { 13 } else { 12 },
+        load_bias,
+        ..ProcConfig::default()
+    };
+    if let Some(clock) = bin.pause_clock {
+        config.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
+        config.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);
+    }
+    let growth_functions: Vec<(&'static str, usize)> = match bin.map_impl {
+        MapImpl::Classic => CLASSIC_GROWTH.to_vec(),
+        MapImpl::Swiss => {
+            let mut g = SWISS_GROWTH.to_vec();
+            if bin.functions.contains_key(SWISS_PRUNE_FN) {
+                g.push((SWISS_PRUNE_FN, PROG_PRUNE_TABLE));
+            }
+            g
+        }
+    };
+    let mut growth = Vec::new();
+    for (function, program) in growth_functions {
+        let f = bin.function(function)?;
+        growth.push(ProbeSite {
+            program,
+            function,
+            file_offset: entry_offset(f)?,
+        });
+    }
+    const M: usize = MAP_HEADER_BYTES;
+    const T: usize = TABLE_HEADER_BYTES;
+    match bin.offsets.map {
+        MapOffsets::Classic {
+            count,
+            flags,
+            b,
+            noverflow,
+            hash0,
+            oldbuckets,
+            maptype_bucket_size,
+            ..
+        } => {
+            config.hmap_count = header_field("hmap.count", count, 8, M)?;
+            config.hmap_flags = header_field("hmap.flags", flags, 1, M)?;
+            config.hmap_b = header_field("hmap.B", b, 1, M)?;
+            config.hmap_noverflow = header_field("hmap.noverflow", noverflow, 2, M)?;
+            config.hmap_hash0 = header_field("hmap.hash0", hash0, 4, M)?;
+            config.hmap_oldbuckets = oldbuckets;
+            config.maptype_bucket_size = maptype_bucket_size;
+        }
+        MapOffsets::Swiss {
+            map_used,
+            map_seed,
+            map_dir_len,
+            map_global_depth,
+            table_used,
+            table_capacity,
+            table_growth_left,
+            table_local_depth,
+            ..
+        } => {
+            config.map_used = header_field("Map.used", map_used, 8, M)?;
+            config.map_seed = header_field("Map.seed", map_seed, 8, M)?;
+            config.map_dir_len = header_field("Map.dirLen", map_dir_len, 8, M)?;
+            config.map_global_depth = header_field("Map.globalDepth", map_global_depth, 1, M)?;
+            config.table_used = header_field("table.used", table_used, 2, T)?;
+            config.table_capacity = header_field("table.capacity", table_capacity, 2, T)?;
+            config.table_growth_left = header_field("table.growthLeft", table_growth_left, 2, T)?;
+            config.table_local_depth = header_field("table.localDepth", table_local_depth, 1, T)?;
+        }
+    }
+    Ok(Plan {
+        core,
+        growth,
+        access: plan_access(bin)?,
+        config,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_program_has_a_name() {
+        let mut names: Vec<&str> = PROGRAM_TABLE.iter().map(|p| p.name).collect();
+        assert!(names.iter().all(|n| !n.is_empty()));
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), PROGRAMS);
+    }
+
+    #[test]
+    fn plumbing_classes() {
+        let p = Plumbing::new(&["gopkg.in/yaml.v3.".to_owned()]);
+        for name in [
+            "runtime.mapassign_faststr",
+            "internal/runtime/maps.(*Map).growToTable",
+            "reflect.mapassign_faststr0",
+            "reflect.Value.SetMapIndex",
+            "encoding/json.(*decodeState).object",
+            "maps.Copy[go.shape.map[string]int,string,int]",
+            "sync.(*Map).Store",
+            "gopkg.in/yaml.v3.(*decoder).mapping",
+        ] {
+            assert_eq!(p.class(name), Some(true), "{name}");
+        }
+        for name in [
+            "main.fill",
+            "net/http.Header.Add",
+            "github.com/foo/reflectx.Do",
+            "mainx.runtime",
+        ] {
+            assert_eq!(p.class(name), Some(false), "{name}");
+        }
+        for name in ["type:.eq.main.T", "go:buildid", "cmpbody", "gogo"] {
+            assert_eq!(p.class(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn page_bitmaps() {
+        let p = pages(&[(0x401000, 0x401030), (0x401ff0, 0x402020)]);
+        assert_eq!(p.len(), 2);
+        let first = p[&0x401].0;
+        // Blocks 0..3 of page 0x401 and its last block (0xff).
+        assert_eq!(first[0], 0b111);
+        assert_eq!(first[3], 1 << 63);
+        assert_eq!(p[&0x402].0, [0b11, 0, 0, 0]);
+        assert!(pages(&[]).is_empty());
+    }
+
+    #[test]
+    fn header_fields_must_fit() {
+        assert_eq!(header_field("x", 40, 8, 48).unwrap(), 40);
+        assert!(header_field("x", 41, 8, 48).is_err());
+        assert!(header_field("x", 44, 8, 48).is_err());
+        assert!(header_field("x", 3, 2, 32).is_err());
+        assert_eq!(header_field("x", 6, 1, 32).unwrap(), 6);
+    }
+}
