@@ -13,12 +13,12 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuHashMap, RingBuf},
+    maps::{HashMap, MapData, PerCpuHashMap},
     programs::{UProbe, uprobe::UProbeLinkId, uprobe::UProbeScope},
 };
 use gopulse_common::{
-    GrowthCount, GrowthKey, MapKey, MapSeen, PROGRAMS, PageBits, PageKey, PendingStw, ProcConfig,
-    ProcStats, STW_FLAG_IDLE,
+    GrowthCount, GrowthKey, MapKey, MapSeen, PROGRAMS, PageBits, PageKey, ProcConfig, ProcCpu,
+    STW_PROGRAMS, StwState,
 };
 
 use crate::plan::{PROGRAM_TABLE, ProbeSite};
@@ -42,53 +42,72 @@ impl Links {
     }
 }
 
+/// A process's counters, from both kernel maps that keep them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub gc_cycles: u64,
+    pub stw_unmatched: u64,
+    pub map_growths: u64,
+    pub growths_unattributed: u64,
+    /// Hits by program (`PROG_*`).
+    pub hits: [u64; PROGRAMS],
+    pub maps_added: u64,
+    pub evacuations: u64,
+    pub growth_refires: u64,
+    pub sites_outermost: u64,
+}
+
+/// Handles on the two maps processes are registered in, for reading their
+/// counters. The attach stage and the collector each have their own, so
+/// neither waits for the other.
+pub struct ProcMaps {
+    pub procs: PerCpuHashMap<MapData, u32, ProcCpu>,
+    pub stw: HashMap<MapData, u32, StwState>,
+}
+
+impl ProcMaps {
+    /// A process's counters: the map probes' summed over CPUs, and the
+    /// stop-the-world probes'.
+    pub fn counters(&self, pid: u32) -> anyhow::Result<Counters> {
+        let per_cpu = self.procs.get(&pid, 0)?;
+        let stw = self.stw.get(&pid, 0)?;
+        let mut c = Counters {
+            gc_cycles: stw.gc_cycles,
+            stw_unmatched: stw.stw_unmatched,
+            ..Counters::default()
+        };
+        for s in per_cpu.iter().map(|p| p.stats) {
+            c.map_growths += s.map_growths;
+            c.growths_unattributed += s.growths_unattributed;
+            c.maps_added += s.maps_added;
+            c.evacuations += s.evacuations;
+            c.growth_refires += s.growth_refires;
+            c.sites_outermost += s.sites_outermost;
+            for (t, h) in c.hits.iter_mut().zip(s.hits) {
+                *t += h;
+            }
+        }
+        for (t, h) in c.hits.iter_mut().zip(stw.hits).take(STW_PROGRAMS) {
+            *t += h;
+        }
+        Ok(c)
+    }
+}
+
 /// The kernel maps the collector reads.
 pub struct CollectorMaps {
-    /// Per-process counters (a second handle on the map the attach stage
-    /// registers processes in).
-    pub stats: PerCpuHashMap<MapData, u32, ProcStats>,
+    /// Processes' counters.
+    pub procs: ProcMaps,
     /// Map growths per (process, kind, site).
     pub growths: HashMap<MapData, GrowthKey, GrowthCount>,
     /// What the assignment probes saw.
     pub seen: HashMap<MapData, MapKey, MapSeen>,
-    /// Stop-the-world pauses.
-    pub stw_ring: RingBuf<MapData>,
-}
-
-/// Sums a process's per-CPU counters.
-pub fn sum_stats(per_cpu: impl IntoIterator<Item = ProcStats>) -> ProcStats {
-    per_cpu
-        .into_iter()
-        .fold(ProcStats::default(), |mut sum, s| {
-            sum.gc_cycles += s.gc_cycles;
-            sum.events_lost += s.events_lost;
-            sum.stw_unmatched += s.stw_unmatched;
-            sum.map_growths += s.map_growths;
-            sum.growths_unattributed += s.growths_unattributed;
-            sum.growth_refires += s.growth_refires;
-            sum.maps_added += s.maps_added;
-            sum.evacuations += s.evacuations;
-            sum.sites_outermost += s.sites_outermost;
-            for (t, h) in sum.hits.iter_mut().zip(s.hits) {
-                *t += h;
-            }
-            sum
-        })
-}
-
-/// A process's counters from a STATS handle, summed over CPUs.
-pub fn read_stats(
-    map: &PerCpuHashMap<MapData, u32, ProcStats>,
-    pid: u32,
-) -> anyhow::Result<ProcStats> {
-    let per_cpu = map.get(&pid, 0)?;
-    Ok(sum_stats(per_cpu.iter().copied()))
 }
 
 /// The programs and the maps processes are registered in.
 pub struct Bpf {
     ebpf: Ebpf,
-    stats: PerCpuHashMap<MapData, u32, ProcStats>,
+    procs: ProcMaps,
     cpus: usize,
 }
 
@@ -120,22 +139,40 @@ impl Bpf {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
         };
-        // Two handles on STATS: this stage registers processes in it, the
-        // collector reads it, and neither waits for the other.
-        let stats_map = take("STATS")?;
-        let aya::maps::Map::PerCpuHashMap(data) = &stats_map else {
-            bail!("map STATS is not a per-CPU hash map");
+        // Two handles on each map processes are registered in: this stage
+        // registers them, the collector reads their counters, and neither
+        // waits for the other.
+        let procs = take("PROCS")?;
+        let stw = take("STW")?;
+        let (aya::maps::Map::PerCpuHashMap(p), aya::maps::Map::HashMap(s)) = (&procs, &stw) else {
+            bail!("maps PROCS and STW are not of the expected types");
         };
-        let second = MapData::from_fd(dup(data.fd().as_fd())?)?;
-        let stats: PerCpuHashMap<MapData, u32, ProcStats> = PerCpuHashMap::try_from(stats_map)?;
+        let second = ProcMaps {
+            procs: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(MapData::from_fd(dup(
+                p.fd().as_fd(),
+            )?)?))?,
+            stw: HashMap::try_from(aya::maps::Map::HashMap(MapData::from_fd(dup(s
+                .fd()
+                .as_fd())?)?))?,
+        };
+        let first = ProcMaps {
+            procs: PerCpuHashMap::try_from(procs)?,
+            stw: HashMap::try_from(stw)?,
+        };
         let collector = CollectorMaps {
-            stats: PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(second))?,
+            procs: second,
             growths: HashMap::try_from(take("GROWTHS")?)?,
             seen: HashMap::try_from(take("MAP_SEEN")?)?,
-            stw_ring: RingBuf::try_from(take("STW_EVENTS")?)?,
         };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
-        Ok((Self { ebpf, stats, cpus }, collector))
+        Ok((
+            Self {
+                ebpf,
+                procs: first,
+                cpus,
+            },
+            collector,
+        ))
     }
 
     fn hash_map<K: aya::Pod, V: aya::Pod>(
@@ -149,22 +186,21 @@ impl Bpf {
         Ok(HashMap::try_from(map)?)
     }
 
-    /// Registers a process with the probes (counters, pending stop, config),
-    /// before any of its probes is attached.
-    pub fn register(&mut self, pid: u32, config: ProcConfig) -> anyhow::Result<()> {
-        let zero = aya::maps::PerCpuValues::try_from(vec![ProcStats::default(); self.cpus])?;
-        self.stats
-            .insert(pid, zero, 0)
-            .context("registering the process in STATS")?;
-        let idle = PendingStw {
-            flags: STW_FLAG_IDLE,
-            ..PendingStw::default()
+    /// Registers a process with the probes (config, zeroed counters, an
+    /// idle stop-the-world state), before any of its probes is attached.
+    pub fn register(&mut self, pid: u32, config: ProcConfig, stw: StwState) -> anyhow::Result<()> {
+        let cpu = ProcCpu {
+            config,
+            ..ProcCpu::default()
         };
-        self.hash_map::<u32, PendingStw>("PENDING")?
-            .insert(pid, idle, 0)
-            .context("registering the process in PENDING")?;
-        self.hash_map::<u32, ProcConfig>("PROCS")?
-            .insert(pid, config, 0)
+        let per_cpu = aya::maps::PerCpuValues::try_from(vec![cpu; self.cpus])?;
+        self.procs
+            .stw
+            .insert(pid, stw, 0)
+            .context("registering the process in STW")?;
+        self.procs
+            .procs
+            .insert(pid, per_cpu, 0)
             .context("registering the process in PROCS")?;
         Ok(())
     }
@@ -172,13 +208,8 @@ impl Bpf {
     /// Forgets a process's kernel state (its probes are detached).
     pub fn unregister(&mut self, pid: u32) {
         // Absent entries are fine: registration may have failed half-way.
-        if let Ok(mut m) = self.hash_map::<u32, ProcConfig>("PROCS") {
-            let _ = m.remove(&pid);
-        }
-        let _ = self.stats.remove(&pid);
-        if let Ok(mut m) = self.hash_map::<u32, PendingStw>("PENDING") {
-            let _ = m.remove(&pid);
-        }
+        let _ = self.procs.procs.remove(&pid);
+        let _ = self.procs.stw.remove(&pid);
     }
 
     /// Gives the probes an executable's plumbing pages; all or nothing.
@@ -206,9 +237,9 @@ impl Bpf {
         }
     }
 
-    /// A process's counters, summed over CPUs.
-    pub fn stats(&self, pid: u32) -> anyhow::Result<ProcStats> {
-        read_stats(&self.stats, pid)
+    /// A process's counters.
+    pub fn counters(&self, pid: u32) -> anyhow::Result<Counters> {
+        self.procs.counters(pid)
     }
 
     fn uprobe(&mut self, name: &str) -> anyhow::Result<&mut UProbe> {

@@ -3,7 +3,6 @@
 
 use std::{
     net::SocketAddr,
-    os::fd::AsFd as _,
     process::ExitCode,
     sync::{Arc, Mutex},
     time::Duration,
@@ -11,7 +10,6 @@ use std::{
 
 use anyhow::Context as _;
 use clap::Parser;
-use tokio::io::{Interest, unix::AsyncFd};
 
 use gopulse_agent::{
     bpf,
@@ -82,7 +80,8 @@ struct Args {
     /// start-up, plus its run time from the kernel's BPF statistics). A
     /// group that spends its budget is detached: growth probes until it has
     /// refilled (gopulse_map_growth_probes_attached says so), sampled
-    /// assignment probes until the next window.
+    /// assignment probes until the next window (they may spend the budget's
+    /// share of one window).
     #[arg(long, value_name = "FRACTION", default_value_t = 0.01)]
     overhead_budget: f64,
 
@@ -162,7 +161,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fraction: args.overhead_budget,
         window: Duration::from_secs(args.overhead_window),
     };
-    let (probes, costs) = Probes::new(bpf, metrics.clone(), budget, args.map_assign_probes);
+    let access_budget = Budget {
+        fraction: args.overhead_budget,
+        window: Duration::from_millis(args.assign_window_ms),
+    };
+    let (probes, costs) = Probes::new(
+        bpf,
+        metrics.clone(),
+        budget,
+        access_budget,
+        args.map_assign_probes,
+    );
     let collector = Collector::new(
         maps,
         metrics,
@@ -173,11 +182,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             window: Duration::from_millis(args.storm_window_ms),
         },
     );
-    let ring_fd = collector
-        .ring()
-        .as_fd()
-        .try_clone_to_owned()
-        .context("duplicating the ring buffer fd")?;
     let app = Arc::new(App {
         collector: Mutex::new(collector),
         probes: Mutex::new(probes),
@@ -192,24 +196,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
-    // The probes wake the agent only when the STW ring fills up; it is
-    // drained every poll interval otherwise.
-    // SAFETY: the AsyncFd owns the duplicated fd, which stays open and the
-    // same for its whole life.
-    let ready = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {e}"))?;
-    let ring_app = app.clone();
+    // The pauses the probes log: read four times a second (a process's
+    // log holds 128), or every poll interval if that is shorter.
+    let drain_app = app.clone();
+    let drain_every = Duration::from_millis(args.poll_interval_ms.min(250));
     tokio::spawn(async move {
+        let mut tick = tokio::time::interval(drain_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let Ok(mut guard) = ready.readable().await else {
-                break;
-            };
-            ring_app.with_collector(|c| c.drain());
-            guard.clear_ready();
+            tick.tick().await;
+            drain_app.with_collector(|c| c.drain());
         }
     });
 
-    // Housekeeping: events, kernel counters and tables, exited processes.
+    // Housekeeping: kernel counters and tables, exited processes.
     let house_app = app.clone();
     let period = Duration::from_millis(args.poll_interval_ms);
     tokio::spawn(async move {
@@ -225,15 +225,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    // The budget, ten times a second, on its own thread: it takes only the
-    // attach stage's lock, so collection never delays it.
+    // The budget, ten times a second (every 5 ms while probes spend), on
+    // its own thread: it takes only the attach stage's lock, so collection
+    // never delays it.
     let govern_app = app.clone();
     std::thread::Builder::new()
         .name("governor".into())
         .spawn(move || {
+            let mut next = gopulse_agent::probes::IDLE_CHECK;
             loop {
-                std::thread::sleep(Duration::from_millis(100));
-                govern_app.with_probes(|p| p.govern());
+                std::thread::sleep(next);
+                next = govern_app.with_probes(|p| p.govern());
             }
         })
         .context("starting the governor thread")?;

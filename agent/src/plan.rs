@@ -7,8 +7,8 @@ use gopulse_common::{
     MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
     PROG_GROW_CLASSIC, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE,
     PROG_MAP_EVACUATE, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
-    PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, ProcConfig, START_ARGS_NONE,
-    START_ARGS_WORLDSTOP, TABLE_HEADER_BYTES,
+    PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, PendingStw, ProcConfig, START_ARGS_NONE,
+    START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState, TABLE_HEADER_BYTES,
 };
 
 use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets, Symbolizer};
@@ -238,8 +238,10 @@ pub struct Plan {
     pub growth: Vec<ProbeSite>,
     /// Assignment, deletion and evacuation probes (those the binary has).
     pub access: Vec<ProbeSite>,
-    /// The process's config, but for `exe_id` (set when registered).
+    /// The map probes' config, but for `exe_id` (set when registered).
     pub config: ProcConfig,
+    /// The stop-the-world probes' state, idle.
+    pub stw: StwState,
 }
 
 /// The assignment, deletion and evacuation probes of this binary (those it
@@ -293,11 +295,6 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
             function: MARK_TERM_FN,
             file_offset: entry_offset(mark)?,
         },
-        ProbeSite {
-            program: PROG_STW_STOP,
-            function: STOP_FN,
-            file_offset: entry_offset(stop)?,
-        },
         // 1.22+: Go's own stop time and reason; 1.21: when the restart began.
         ProbeSite {
             program: PROG_STW_START_ENTRY,
@@ -305,6 +302,16 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
             file_offset: entry_offset(start)?,
         },
     ];
+    // Go 1.21 passes nothing to startTheWorldWithSema: the stop and its
+    // reason are taken when the world stops. Later releases need no probe
+    // there.
+    if start_args == START_ARGS_NONE {
+        core.push(ProbeSite {
+            program: PROG_STW_STOP,
+            function: STOP_FN,
+            file_offset: entry_offset(stop)?,
+        });
+    }
     for &ret in &start.ret_offsets {
         core.push(ProbeSite {
             program: PROG_STW_START_RET,
@@ -312,8 +319,15 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
             file_offset: ret,
         });
     }
-    let mut config = ProcConfig {
+    let mut stw = StwState {
         start_args,
+        pending: PendingStw {
+            flags: STW_FLAG_IDLE,
+            ..PendingStw::default()
+        },
+        ..StwState::default()
+    };
+    let mut config = ProcConfig {
         map_impl: match bin.map_impl {
             MapImpl::Classic => MAP_IMPL_CLASSIC,
             MapImpl::Swiss => MAP_IMPL_SWISS,
@@ -324,8 +338,8 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         ..ProcConfig::default()
     };
     if let Some(clock) = bin.pause_clock {
-        config.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
-        config.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);
+        stw.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
+        stw.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);
     }
     let growth_functions: Vec<(&'static str, usize)> = match bin.map_impl {
         MapImpl::Classic => CLASSIC_GROWTH.to_vec(),
@@ -393,6 +407,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         growth,
         access: plan_access(bin)?,
         config,
+        stw,
     })
 }
 

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     os::{fd::OwnedFd, unix::fs::MetadataExt as _},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -19,6 +19,11 @@ use crate::{
     metrics::{Metrics, ProcLabels},
     plan::{Group, PROGRAM_TABLE, Plan, ProbeSite},
 };
+
+/// How often the budget is checked when nothing spends, and while probes
+/// spend (a sampling window is open, or a growth bucket is below half).
+pub const IDLE_CHECK: Duration = Duration::from_millis(100);
+pub const BUSY_CHECK: Duration = Duration::from_millis(5);
 
 /// How the map assignment/deletion probes run (`--map-assign-probes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -100,10 +105,16 @@ pub struct Probes {
     bpf: Bpf,
     costs: Arc<Costs>,
     metrics: Metrics,
+    /// The growth probes' budget, and the sampled access probes' (the same
+    /// fraction, averaged over one sampling window: a window may spend no
+    /// more than its share).
     budget: Budget,
+    access_budget: Budget,
     access_mode: AccessMode,
     /// Whether a sampling window is open (or the mode is `always`).
     access_on: bool,
+    /// When the programs' costs were last refreshed from the kernel.
+    costs_read: Option<Instant>,
     /// Executables registered with the kernel.
     exes: BTreeMap<ExeKey, Exe>,
     procs: BTreeMap<u32, Attached>,
@@ -118,6 +129,7 @@ impl Probes {
         mut bpf: Bpf,
         metrics: Metrics,
         budget: Budget,
+        access_budget: Budget,
         access_mode: AccessMode,
     ) -> (Self, Arc<Costs>) {
         let kernel_stats = match cost::enable_kernel_stats() {
@@ -154,8 +166,10 @@ impl Probes {
             costs: costs.clone(),
             metrics,
             budget,
+            access_budget,
             access_mode,
             access_on: access_mode == AccessMode::Always,
+            costs_read: None,
             exes: BTreeMap::new(),
             procs: BTreeMap::new(),
             _kernel_stats: kernel_stats,
@@ -220,7 +234,7 @@ impl Probes {
         };
         let attached = self
             .bpf
-            .register(t.pid, config)
+            .register(t.pid, config, t.plan.stw)
             .and_then(|()| self.bpf.attach_sites(t.pid, &t.plan.core))
             .and_then(|core| match self.bpf.attach_sites(t.pid, &t.plan.growth) {
                 Ok(growth) => Ok((core, growth)),
@@ -251,7 +265,7 @@ impl Probes {
             access: Cuttable {
                 sites: t.plan.access.clone(),
                 links: None,
-                bucket: TokenBucket::new(self.budget, now),
+                bucket: TokenBucket::new(self.access_budget, now),
                 cut: false,
             },
             hits: [0; PROGRAMS],
@@ -317,15 +331,25 @@ impl Probes {
     }
 
     /// One check of the budget: refreshes each program's cost from the
-    /// kernel's statistics, charges each process's groups for their hits
-    /// since the last check, cuts a group whose bucket ran dry, and puts
-    /// back a cut growth group once its bucket is full again.
-    pub fn govern(&mut self) {
-        self.costs.update(&self.bpf.all_program_stats());
-        self.publish_costs();
+    /// kernel's statistics (every 100 ms at most), charges each process's
+    /// groups for their hits since the last check, cuts a group whose bucket
+    /// ran dry, and puts back a cut growth group once its bucket is full
+    /// again. Returns when to check next: soon while probes are spending
+    /// (so a group overshoots its bucket by at most one short check), at
+    /// leisure otherwise.
+    pub fn govern(&mut self) -> Duration {
         let now = Instant::now();
+        if self
+            .costs_read
+            .is_none_or(|t| now.duration_since(t) >= IDLE_CHECK)
+        {
+            self.costs.update(&self.bpf.all_program_stats());
+            self.publish_costs();
+            self.costs_read = Some(now);
+        }
+        let mut next = IDLE_CHECK;
         for (&pid, a) in &mut self.procs {
-            let Ok(stats) = self.bpf.stats(pid) else {
+            let Ok(stats) = self.bpf.counters(pid) else {
                 continue;
             };
             let mut spent = [0.0f64; 3];
@@ -368,6 +392,13 @@ impl Probes {
                     Err(e) => tracing::warn!(pid, "re-attaching map growth probes: {e:#}"),
                 }
             }
+            let spending =
+                |bucket: &TokenBucket, budget: &Budget| bucket.tokens() < budget.capacity_s() / 2.0;
+            if (a.growth.links.is_some() && spending(&a.growth.bucket, &self.budget))
+                || (self.access_mode == AccessMode::Sampled && a.access.links.is_some())
+            {
+                next = BUSY_CHECK;
+            }
             if self.access_mode == AccessMode::Sampled && a.access.links.is_some() && !access_left {
                 if let Some(links) = a.access.links.take() {
                     self.bpf.detach_links(pid, links);
@@ -381,13 +412,14 @@ impl Probes {
                     pid,
                     "map assignment probes spent their budget ({:.2}% of a CPU over {:?}): \
                      detached until the next window",
-                    self.budget.fraction * 100.0,
-                    self.budget.window
+                    self.access_budget.fraction * 100.0,
+                    self.access_budget.window
                 );
             }
             let n = a.probe_count() as i64;
             self.metrics.probes_attached.get_or_create(&a.labels).set(n);
         }
+        next
     }
 
     /// The cost per hit the governor uses, on `/metrics`.

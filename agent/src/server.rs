@@ -39,9 +39,9 @@ impl App {
     /// Detaches and forgets every watched process that exited.
     pub fn reap(&self) {
         for (pid, exe) in self.with_collector(|c| c.exited()) {
-            tracing::info!(pid, exe = %exe, "process exited; detaching");
             self.with_probes(|p| p.detach(pid));
             self.with_collector(|c| c.remove(pid));
+            tracing::info!(pid, exe = %exe, "process exited; detached, its series removed");
         }
     }
 

@@ -233,7 +233,7 @@ fn build_matrix_of_every_release() {
             );
             let planned = plan::plan(&found, 0).unwrap();
             assert_eq!(
-                planned.config.start_args,
+                planned.stw.start_args,
                 u8::from(found.version.at_least(22)),
                 "{what}"
             );

@@ -7,8 +7,10 @@
 /// Most Go processes one agent watches at once (sizes the per-process maps).
 pub const MAX_PROCS: u32 = 1024;
 
-/// Size of the STW event ring buffer in bytes (a power of two, page aligned).
-pub const STW_RING_BYTES: u32 = 256 * 1024;
+/// Pauses a process's stop-the-world state keeps for the agent to read (a
+/// power of two): it reads them every 250 ms at most, so 128 lose nothing
+/// below 500 pauses a second; past that the overwritten ones are counted.
+pub const STW_LOG: usize = 128;
 
 /// Set on a stop-the-world pause during which `runtime.gcMarkTermination`
 /// ran: the pause that completed a GC cycle. A mark-termination stop without
@@ -37,22 +39,21 @@ pub const START_ARGS_NONE: u8 = 0;
 /// RCX = w.start (1.22) / w.startedStopping (1.23+), all CLOCK_MONOTONIC ns.
 pub const START_ARGS_WORLDSTOP: u8 = 1;
 
-/// Per-process settings the agent writes before attaching; the probes ignore
-/// any process without one. Struct offsets come from the binary (DWARF or
-/// the generated table), never from constants in the eBPF object.
+/// Per-process settings of the map probes, which the agent writes before
+/// attaching; the probes ignore any process without them. Struct offsets
+/// come from the binary (DWARF or the generated table), never from
+/// constants in the eBPF object.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcConfig {
-    /// One of the `START_ARGS_*` values.
-    pub start_args: u8,
     /// `MAP_IMPL_*`: which of the offsets below are valid.
     pub map_impl: u8,
     /// Classic maps' `loadFactorNum` (`loadFactorDen` is 2): 12 on Go 1.21,
     /// 13 after. The growth probe tells a doubling from a same-size growth
     /// with the runtime's own `overLoadFactor`.
     pub load_factor_num: u8,
-    pub _pad: [u8; 1],
-    /// The executable's entry in `EXES` (its site ranges).
+    pub _pad: [u8; 2],
+    /// The executable's id in `PLUMBING`.
     pub exe_id: u32,
     /// Runtime address minus link-time address (PIE load bias).
     pub load_bias: u64,
@@ -81,11 +82,33 @@ pub struct ProcConfig {
     pub hmap_oldbuckets: u16,
     pub maptype_bucket_size: u16,
     pub _pad2: [u8; 2],
-    /// Go 1.21 with symbols: runtime addresses of `work.pauseStart` and
-    /// `memstats.last_gc_nanotime`, the runtime's own GC pause clock (0 when
-    /// unknown).
-    pub pause_start_addr: u64,
-    pub last_gc_nanotime_addr: u64,
+}
+
+/// What the map probes keep per process and CPU (`PROCS`, a per-CPU hash):
+/// the config, the same on every CPU, and this CPU's counters, so a probe
+/// finds both with one lookup and counts without atomics.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcCpu {
+    pub config: ProcConfig,
+    pub stats: ProcStats,
+    pub sites: SiteCache,
+}
+
+/// Entries of a [`SiteCache`] (a power of two).
+pub const SITE_CACHE: usize = 8;
+
+/// The plumbing verdicts of the last few return addresses the site walk
+/// met on this CPU, direct-mapped by address: a busy site is decided
+/// without a lookup in `PLUMBING` (whose cold lookups dominate a growth
+/// probe's cost).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SiteCache {
+    /// Link-time return addresses (0: empty).
+    pub pc: [u64; SITE_CACHE],
+    /// Bit i: `pc[i]` is plumbing.
+    pub plumbing: u64,
 }
 
 pub const MAP_IMPL_CLASSIC: u8 = 1;
@@ -229,22 +252,17 @@ pub struct GrowthCount {
 /// counted per process as unattributed.
 pub const MAX_GROWTH_KEYS: u32 = 32768;
 
-/// Per-process counters kept in the kernel, read by the agent.
+/// The map probes' counters of a process on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProcStats {
-    /// Completed GC cycles (`runtime.gcMarkTermination` entries, deduplicated).
-    pub gc_cycles: u64,
-    /// STW events dropped because the ring buffer was full.
-    pub events_lost: u64,
-    /// `startTheWorldWithSema` returns with no recorded stop (should stay 0).
-    pub stw_unmatched: u64,
     /// Map growths counted (with or without a site).
     pub map_growths: u64,
     /// Growths the kernel's growth table had no room for: in
     /// `map_growths`, under no site.
     pub growths_unattributed: u64,
-    /// Uprobe hits by program (`PROG_*`).
+    /// Uprobe hits by program (`PROG_*`; the stop-the-world programs count
+    /// theirs in [`StwState::hits`]).
     pub hits: [u64; PROGRAMS],
     /// Maps the assignment probes added to the LRU (first seen, or seen
     /// again after the agent took them): with what the agent took, tells
@@ -256,8 +274,61 @@ pub struct ProcStats {
     /// function through `morestack` and back to its start: the hit after
     /// the restart is the one counted.
     pub growth_refires: u64,
-    /// Growths whose site walk ended without leaving the plumbing ranges.
+    /// Growths whose site walk ended without leaving the plumbing.
     pub sites_outermost: u64,
+}
+
+/// Stop-the-world programs, indices into [`StwState::hits`] as into
+/// `ProcStats::hits` (`PROG_STW_STOP` .. `PROG_GC_MARK_TERM`).
+pub const STW_PROGRAMS: usize = 4;
+
+/// A process's stop-the-world state (`STW`, one entry per process, shared
+/// by all CPUs: Go's `worldsema` serialises stops, so the probes write it
+/// without atomics). Everything a pause's probes need is here, so each does
+/// one lookup, and the pauses themselves are logged here rather than sent
+/// through a ring buffer (whose reserve and wakeup cost more than the rest
+/// of the program).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StwState {
+    /// One of the `START_ARGS_*` values.
+    pub start_args: u8,
+    pub _pad: [u8; 7],
+    /// Go 1.21 with symbols: runtime addresses of `work.pauseStart` and
+    /// `memstats.last_gc_nanotime`, the runtime's own GC pause clock (0 when
+    /// unknown).
+    pub pause_start_addr: u64,
+    pub last_gc_nanotime_addr: u64,
+    /// The stop in progress.
+    pub pending: PendingStw,
+    /// Completed GC cycles (`runtime.gcMarkTermination` entries,
+    /// deduplicated).
+    pub gc_cycles: u64,
+    /// `startTheWorldWithSema` returns with no recorded stop (should stay 0).
+    pub stw_unmatched: u64,
+    /// Hits of the stop-the-world programs.
+    pub hits: [u64; STW_PROGRAMS],
+    /// Pauses logged so far; pause `n` is at `log[n % STW_LOG]` (written
+    /// before `seq` moves past it).
+    pub seq: u64,
+    pub log: [StwEvent; STW_LOG],
+}
+
+impl Default for StwState {
+    fn default() -> Self {
+        Self {
+            start_args: 0,
+            _pad: [0; 7],
+            pause_start_addr: 0,
+            last_gc_nanotime_addr: 0,
+            pending: PendingStw::default(),
+            gc_cycles: 0,
+            stw_unmatched: 0,
+            hits: [0; STW_PROGRAMS],
+            seq: 0,
+            log: [StwEvent::default(); STW_LOG],
+        }
+    }
 }
 
 /// A stop-the-world in progress, one per process (Go's `worldsema`
@@ -276,8 +347,7 @@ pub struct PendingStw {
     pub start_entry_ns: u64,
 }
 
-/// One stop-the-world pause, sent through the ring buffer when the world
-/// starts again.
+/// One stop-the-world pause, logged when the world starts again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StwEvent {
@@ -300,6 +370,8 @@ mod pod {
     // SAFETY: all are repr(C), made only of integers, with explicit padding.
     unsafe impl aya::Pod for super::ProcConfig {}
     unsafe impl aya::Pod for super::ProcStats {}
+    unsafe impl aya::Pod for super::ProcCpu {}
+    unsafe impl aya::Pod for super::StwState {}
     unsafe impl aya::Pod for super::PendingStw {}
     unsafe impl aya::Pod for super::StwEvent {}
     unsafe impl aya::Pod for super::GrowthKey {}

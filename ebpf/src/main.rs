@@ -29,7 +29,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe},
-    maps::{HashMap, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuHashMap},
     programs::ProbeContext,
 };
 use gopulse_common::{
@@ -39,9 +39,9 @@ use gopulse_common::{
     MAX_TRACKED_MAPS, MapKey, MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC,
     PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE,
     PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP,
-    PageBits, PageKey, PendingStw, ProcConfig, ProcStats, SITE_FOUND, SITE_OUTERMOST,
+    PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST,
     START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
-    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_RING_BYTES, StwEvent, TABLE_HEADER_BYTES,
+    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -49,35 +49,20 @@ const STW_REASON_GC_MARK_TERM: u8 = 1;
 /// Go's `stwGCSweepTerm`, the reason of a cycle's first pause.
 const STW_REASON_GC_SWEEP_TERM: u8 = 2;
 
-/// `bpf_ringbuf_*` flags and query.
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// The agent drains the STW ring on its own schedule; it is woken only when
-/// the ring is a quarter full.
-const STW_WAKEUP_BYTES: u64 = STW_RING_BYTES as u64 / 4;
-
-/// Processes the agent watches, with their release-specific settings.
+/// Processes the agent watches: the map probes' config and counters, one
+/// copy per CPU (the agent writes the config to every copy, sums the
+/// counters).
 #[map]
-static PROCS: HashMap<u32, ProcConfig> = HashMap::with_max_entries(MAX_PROCS, 0);
+static PROCS: PerCpuHashMap<u32, ProcCpu> = PerCpuHashMap::with_max_entries(MAX_PROCS, 0);
+
+/// Per process: everything the stop-the-world probes need and count.
+#[map]
+static STW: HashMap<u32, StwState> = HashMap::with_max_entries(MAX_PROCS, 0);
 
 /// Per executable and page of text: which 16-byte blocks are plumbing, the
 /// functions the site walk steps over.
 #[map]
 static PLUMBING: HashMap<PageKey, PageBits> = HashMap::with_max_entries(MAX_PLUMBING_PAGES, 0);
-
-/// Per-process counters, one copy per CPU so increments need no atomics; the
-/// agent creates the entry before attaching and sums the CPUs.
-#[map]
-static STATS: PerCpuHashMap<u32, ProcStats> = PerCpuHashMap::with_max_entries(MAX_PROCS, 0);
-
-/// The stop-the-world in progress per process (created by the agent).
-#[map]
-static PENDING: HashMap<u32, PendingStw> = HashMap::with_max_entries(MAX_PROCS, 0);
-
-/// One `StwEvent` per pause.
-#[map]
-static STW_EVENTS: RingBuf = RingBuf::with_byte_size(STW_RING_BYTES, 0);
 
 /// Map growths per (process, kind, site), with the largest map seen there.
 #[map]
@@ -109,34 +94,35 @@ fn current_pid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
+/// This CPU's config, counters and site cache of a watched process, with
+/// the program's hit counted: one lookup per run.
 #[inline(always)]
-fn watched(pid: u32) -> Option<&'static ProcConfig> {
-    // SAFETY: entries are only replaced by the agent while no probe of that
-    // process is attached.
-    unsafe { PROCS.get(pid) }
-}
-
-/// This CPU's counters of a watched process, with the program's hit
-/// counted: one lookup per run.
-#[inline(always)]
-fn hit(pid: u32, program: usize) -> Option<&'static mut ProcStats> {
-    let stats = STATS.get_ptr_mut(pid)?;
+fn enter(program: usize) -> Option<(u32, &'static mut ProcCpu)> {
+    let pid = current_pid();
+    let p = PROCS.get_ptr_mut(pid)?;
     // SAFETY: this CPU's copy of a live map value; BPF programs of this
-    // object do not nest on one CPU.
-    let stats = unsafe { &mut *stats };
-    if let Some(h) = stats.hits.get_mut(program) {
+    // object do not nest on one CPU. The agent writes the config only
+    // before attaching.
+    let p = unsafe { &mut *p };
+    if let Some(h) = p.stats.hits.get_mut(program) {
         *h += 1;
     }
-    Some(stats)
+    Some((pid, p))
 }
 
-/// A watched process's config and counters, or `None` for any other.
+/// The stop-the-world state of a watched process, with the program's hit
+/// counted: one lookup per run.
 #[inline(always)]
-fn enter(program: usize) -> Option<(u32, &'static ProcConfig, &'static mut ProcStats)> {
+fn enter_stw(program: usize) -> Option<(u32, &'static mut StwState)> {
     let pid = current_pid();
-    let cfg = watched(pid)?;
-    let stats = hit(pid, program)?;
-    Some((pid, cfg, stats))
+    let s = STW.get_ptr_mut(pid)?;
+    // SAFETY: a live map value; Go's worldsema serialises the stops of a
+    // process, so its stop-the-world probes never run at once.
+    let s = unsafe { &mut *s };
+    if let Some(h) = s.hits.get_mut(program) {
+        *h += 1;
+    }
+    Some((pid, s))
 }
 
 #[inline(always)]
@@ -145,33 +131,21 @@ fn read<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
 }
 
-/// `runtime.stopTheWorldWithSema(reason stwReason)`: AL = reason (Go 1.21+).
+/// `runtime.stopTheWorldWithSema(reason stwReason)`: AL = reason. Attached
+/// on Go 1.21 only: later releases pass the stop's time and reason to
+/// `startTheWorldWithSema`.
 #[uprobe]
 pub fn stw_stop(ctx: ProbeContext) -> u32 {
-    let Some((pid, _, _)) = enter(PROG_STW_STOP) else {
+    let Some((_, s)) = enter_stw(PROG_STW_STOP) else {
         return 0;
     };
-    let start_ns = unsafe { bpf_ktime_get_ns() };
-    let reason = regs(&ctx).rax as u8;
-    // The agent creates the entry: overwrite it in place (no allocation).
-    match PENDING.get_ptr_mut(pid) {
-        Some(p) => unsafe {
-            (*p).start_ns = start_ns;
-            (*p).reason = reason;
-            (*p).flags = 0;
-            (*p).start_entry_ns = 0;
-        },
-        None => {
-            let pending = PendingStw {
-                start_ns,
-                reason,
-                flags: 0,
-                _pad: [0; 6],
-                start_entry_ns: 0,
-            };
-            let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
-        }
-    }
+    s.pending = PendingStw {
+        start_ns: unsafe { bpf_ktime_get_ns() },
+        reason: regs(&ctx).rax as u8,
+        flags: 0,
+        _pad: [0; 6],
+        start_entry_ns: 0,
+    };
     0
 }
 
@@ -179,37 +153,19 @@ pub fn stw_stop(ctx: ProbeContext) -> u32 {
 /// take Go's own stop timestamp and reason, so our pause is Go's pause.
 #[uprobe]
 pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
-    let Some((pid, cfg, _)) = enter(PROG_STW_START_ENTRY) else {
+    let Some((_, s)) = enter_stw(PROG_STW_START_ENTRY) else {
         return 0;
     };
-    if cfg.start_args != START_ARGS_WORLDSTOP {
+    let p = &mut s.pending;
+    if s.start_args != START_ARGS_WORLDSTOP {
         // Go 1.21 passes nothing: note when the restart began.
-        if let Some(p) = PENDING.get_ptr_mut(pid) {
-            // SAFETY: a live map value of this process's pending stop.
-            unsafe { (*p).start_entry_ns = bpf_ktime_get_ns() };
-        }
+        p.start_entry_ns = unsafe { bpf_ktime_get_ns() };
         return 0;
     }
     let r = regs(&ctx);
-    let start_ns = r.rcx;
-    let reason = r.rbx as u8;
-    match PENDING.get_ptr_mut(pid) {
-        Some(p) => unsafe {
-            (*p).start_ns = start_ns;
-            (*p).reason = reason;
-            (*p).flags = ((*p).flags & !(STW_FLAG_NO_START | STW_FLAG_IDLE)) | STW_FLAG_GO_START;
-        },
-        None => {
-            let pending = PendingStw {
-                start_ns,
-                reason,
-                flags: STW_FLAG_GO_START,
-                _pad: [0; 6],
-                start_entry_ns: 0,
-            };
-            let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
-        }
-    }
+    p.start_ns = r.rcx;
+    p.reason = r.rbx as u8;
+    p.flags = (p.flags & !(STW_FLAG_NO_START | STW_FLAG_IDLE)) | STW_FLAG_GO_START;
     0
 }
 
@@ -217,22 +173,21 @@ pub fn stw_start_entry(ctx: ProbeContext) -> u32 {
 /// time it returns (Go's `now`). Emits the pause.
 #[uprobe]
 pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
-    let Some((pid, cfg, stats)) = enter(PROG_STW_START_RET) else {
+    let Some((pid, s)) = enter_stw(PROG_STW_START_RET) else {
         return 0;
     };
     let mut end_ns = regs(&ctx).rax;
-    let Some(p) = PENDING.get_ptr_mut(pid) else {
-        stats.stw_unmatched += 1;
-        return 0;
-    };
-    // SAFETY: this process's pending stop; Go's worldsema serialises
-    // stops, so no other hit of this process writes it meanwhile.
-    let mut pending = unsafe { *p };
+    let mut pending = s.pending;
     if pending.flags & STW_FLAG_IDLE != 0 {
         // No stop seen since the last pause (or since attaching).
-        stats.stw_unmatched += 1;
+        s.stw_unmatched += 1;
         return 0;
     }
+    // Back to idle in place: a second return without a stop is unmatched.
+    s.pending = PendingStw {
+        flags: STW_FLAG_IDLE,
+        ..PendingStw::default()
+    };
     // Go 1.21 times GC pauses from work.pauseStart and ends a cycle's
     // mark-termination pause at gcMarkTermination's `now` (stored in
     // memstats.last_gc_nanotime), just before restarting the world. Later
@@ -241,14 +196,14 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
         pending.reason == STW_REASON_GC_MARK_TERM || pending.reason == STW_REASON_GC_SWEEP_TERM;
     let cycle_end =
         pending.reason == STW_REASON_GC_MARK_TERM && pending.flags & STW_FLAG_CYCLE_DONE != 0;
-    if gc && cfg.pause_start_addr != 0 {
-        let start = read::<u64>(cfg.pause_start_addr);
+    if gc && s.pause_start_addr != 0 {
+        let start = read::<u64>(s.pause_start_addr);
         if start != 0 {
             pending.start_ns = start;
             pending.flags = (pending.flags & !STW_FLAG_NO_START) | STW_FLAG_GO_START;
         }
         if cycle_end {
-            let end = read::<u64>(cfg.last_gc_nanotime_addr);
+            let end = read::<u64>(s.last_gc_nanotime_addr);
             if end >= pending.start_ns && end != 0 {
                 end_ns = end;
             }
@@ -258,35 +213,24 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
         end_ns = pending.start_entry_ns;
         pending.flags |= STW_FLAG_END_AT_ENTRY;
     }
-    // Back to idle in place (the entry stays for the next stop): a second
-    // return without a stop is unmatched.
-    unsafe {
-        (*p).start_ns = 0;
-        (*p).reason = 0;
-        (*p).flags = STW_FLAG_IDLE;
-        (*p).start_entry_ns = 0;
+    // The agent reads the log on its own schedule: no wakeup. Volatile
+    // writes keep their order: the entry before the count that publishes
+    // it (x86 keeps stores in order).
+    let seq = s.seq;
+    if let Some(slot) = s.log.get_mut((seq as usize) & (STW_LOG - 1)) {
+        let ev = StwEvent {
+            pid,
+            reason: pending.reason,
+            flags: pending.flags,
+            _pad: [0; 2],
+            start_ns: pending.start_ns,
+            end_ns,
+        };
+        // SAFETY: a valid, aligned place in a live map value.
+        unsafe { core::ptr::write_volatile(slot, ev) };
     }
-    match STW_EVENTS.reserve::<StwEvent>(0) {
-        Some(mut entry) => {
-            entry.write(StwEvent {
-                pid,
-                reason: pending.reason,
-                flags: pending.flags,
-                _pad: [0; 2],
-                start_ns: pending.start_ns,
-                end_ns,
-            });
-            // Wake the agent only when the ring fills up; it drains on its
-            // own schedule otherwise.
-            let wake = if STW_EVENTS.query(BPF_RB_AVAIL_DATA) >= STW_WAKEUP_BYTES {
-                BPF_RB_FORCE_WAKEUP
-            } else {
-                BPF_RB_NO_WAKEUP
-            };
-            entry.submit(wake);
-        }
-        None => stats.events_lost += 1,
-    }
+    // SAFETY: as above.
+    unsafe { core::ptr::write_volatile(&raw mut s.seq, seq + 1) };
     0
 }
 
@@ -295,38 +239,25 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
 /// second hit when the stack check sends the function through `morestack`.
 #[uprobe]
 pub fn gc_mark_termination(ctx: ProbeContext) -> u32 {
-    let Some((pid, _, stats)) = enter(PROG_GC_MARK_TERM) else {
+    let Some((_, s)) = enter_stw(PROG_GC_MARK_TERM) else {
         return 0;
     };
     if will_restart(&ctx) {
         return 0;
     }
-    match PENDING.get_ptr_mut(pid) {
-        Some(p) => unsafe {
-            if (*p).flags & STW_FLAG_IDLE != 0 {
-                // Attached while the world was stopped: no stop seen.
-                (*p).start_ns = 0;
-                (*p).reason = STW_REASON_GC_MARK_TERM;
-                (*p).flags = STW_FLAG_NO_START;
-            } else if (*p).flags & STW_FLAG_CYCLE_DONE != 0 {
-                return 0;
-            }
-            (*p).flags |= STW_FLAG_CYCLE_DONE;
-        },
-        None => {
-            // Attached while the world was stopped: count the cycle, and keep
-            // a marker so a second hit is not counted again.
-            let pending = PendingStw {
-                start_ns: 0,
-                reason: STW_REASON_GC_MARK_TERM,
-                flags: STW_FLAG_CYCLE_DONE | STW_FLAG_NO_START,
-                _pad: [0; 6],
-                start_entry_ns: 0,
-            };
-            let _ = PENDING.insert(pid, pending, BPF_ANY as u64);
-        }
+    let p = &mut s.pending;
+    if p.flags & STW_FLAG_IDLE != 0 {
+        // No stop seen (attached while the world was stopped, or Go 1.22+
+        // where the stop is learnt at the restart): count the cycle, and
+        // keep a marker so a second hit is not counted again.
+        p.start_ns = 0;
+        p.reason = STW_REASON_GC_MARK_TERM;
+        p.flags = STW_FLAG_NO_START;
+    } else if p.flags & STW_FLAG_CYCLE_DONE != 0 {
+        return 0;
     }
-    stats.gc_cycles += 1;
+    p.flags |= STW_FLAG_CYCLE_DONE;
+    s.gc_cycles += 1;
     0
 }
 
@@ -384,21 +315,43 @@ fn in_plumbing(exe_id: u32, a: u64) -> bool {
     }
 }
 
-/// The site of a map operation seen at a runtime function's entry: the
-/// first caller frame outside the executable's plumbing, as a
-/// link-time return address, with `SITE_*`. The probe sits before the frame
-/// is built, so [RSP] is the return address into the caller and RBP still
-/// the caller's frame pointer; each further frame is one 16-byte read.
+/// [`in_plumbing`] through this CPU's cache of recent verdicts.
 #[inline(always)]
-fn find_site(cfg: &ProcConfig, r: &pt_regs) -> (u64, u8) {
-    let bias = cfg.load_bias;
+fn plumbing_cached(cache: &mut SiteCache, exe_id: u32, a: u64) -> bool {
+    let i = ((a >> 4) as usize) & (SITE_CACHE - 1);
+    let bit = 1u64 << i;
+    if let Some(pc) = cache.pc.get_mut(i) {
+        if *pc == a {
+            return cache.plumbing & bit != 0;
+        }
+        *pc = a;
+    }
+    let verdict = in_plumbing(exe_id, a);
+    if verdict {
+        cache.plumbing |= bit;
+    } else {
+        cache.plumbing &= !bit;
+    }
+    verdict
+}
+
+/// The site of a map operation seen at a runtime function's entry: the
+/// first caller frame outside the executable's plumbing, as a link-time
+/// return address, with `SITE_*`. The probe sits before the frame is built,
+/// so [RSP] is the return address into the caller and RBP still the
+/// caller's frame pointer; each further frame is one 16-byte read. Growth
+/// functions are called only by the runtime, so their probes skip the
+/// first frame's verdict (`caller_is_runtime`).
+#[inline(always)]
+fn find_site(p: &mut ProcCpu, r: &pt_regs, caller_is_runtime: bool) -> (u64, u8) {
+    let bias = p.config.load_bias;
+    let exe = p.config.exe_id;
     let ret0 = read::<u64>(r.rsp);
     if ret0 == 0 {
         return (0, SITE_OUTERMOST);
     }
     let a0 = ret0.wrapping_sub(bias);
-    let exe = cfg.exe_id;
-    if !in_plumbing(exe, a0) {
+    if !caller_is_runtime && !plumbing_cached(&mut p.sites, exe, a0) {
         return (a0, SITE_FOUND);
     }
     let mut last = a0;
@@ -416,7 +369,7 @@ fn find_site(cfg: &ProcConfig, r: &pt_regs) -> (u64, u8) {
             break;
         }
         let a = ret.wrapping_sub(bias);
-        if !in_plumbing(exe, a) {
+        if !plumbing_cached(&mut p.sites, exe, a) {
             return (a, SITE_FOUND);
         }
         last = a;
@@ -448,9 +401,11 @@ fn gone(cfg: &ProcConfig, hint: &GrowthCount) -> bool {
 
 /// Counts a growth under its site, keeping the largest map seen there.
 #[inline(always)]
-fn record_growth(ctx: &ProbeContext, pid: u32, cfg: &ProcConfig, stats: &mut ProcStats, g: Grown) {
-    stats.map_growths += 1;
-    let (site, site_flags) = find_site(cfg, regs(ctx));
+fn record_growth(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, g: Grown) {
+    p.stats.map_growths += 1;
+    let (site, site_flags) = find_site(p, regs(ctx), true);
+    let cfg = &p.config;
+    let stats = &mut p.stats;
     if site_flags != SITE_FOUND {
         stats.sites_outermost += 1;
     }
@@ -499,13 +454,14 @@ fn record_growth(ctx: &ProbeContext, pid: u32, cfg: &ProcConfig, stats: &mut Pro
 /// overflow buckets): the runtime's own `overLoadFactor(count+1, B)`.
 #[uprobe]
 pub fn grow_classic(ctx: ProbeContext) -> u32 {
-    let Some((pid, cfg, stats)) = enter(PROG_GROW_CLASSIC) else {
+    let Some((pid, p)) = enter(PROG_GROW_CLASSIC) else {
         return 0;
     };
     if will_restart(&ctx) {
-        stats.growth_refires += 1;
+        p.stats.growth_refires += 1;
         return 0;
     }
+    let cfg = &p.config;
     let h = regs(&ctx).rbx;
     let Some(hdr) = MapHeader::read(h) else {
         return 0;
@@ -528,18 +484,18 @@ pub fn grow_classic(ctx: ProbeContext) -> u32 {
         seed,
         count,
     };
-    record_growth(&ctx, pid, cfg, stats, g);
+    record_growth(&ctx, pid, p, g);
     0
 }
 
 /// A swiss growth: `m` is the map header.
 #[inline(always)]
 fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64) -> u32 {
-    let Some((pid, cfg, stats)) = enter(program) else {
+    let Some((pid, p)) = enter(program) else {
         return 0;
     };
     if will_restart(ctx) {
-        stats.growth_refires += 1;
+        p.stats.growth_refires += 1;
         return 0;
     }
     let Some(hdr) = MapHeader::read(m) else {
@@ -548,10 +504,10 @@ fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64) -> u32 {
     let g = Grown {
         kind,
         map: m,
-        seed: hdr.field(cfg.map_seed, 8),
-        count: hdr.field(cfg.map_used, 8),
+        seed: hdr.field(p.config.map_seed, 8),
+        count: hdr.field(p.config.map_used, 8),
     };
-    record_growth(ctx, pid, cfg, stats, g);
+    record_growth(ctx, pid, p, g);
     0
 }
 
@@ -581,13 +537,14 @@ pub fn split_table(ctx: ProbeContext) -> u32 {
 /// 10% of the table (Go's own test): count only the prunes that happen.
 #[uprobe]
 pub fn prune_table(ctx: ProbeContext) -> u32 {
-    let Some((pid, cfg, stats)) = enter(PROG_PRUNE_TABLE) else {
+    let Some((pid, p)) = enter(PROG_PRUNE_TABLE) else {
         return 0;
     };
     if will_restart(&ctx) {
-        stats.growth_refires += 1;
+        p.stats.growth_refires += 1;
         return 0;
     }
+    let cfg = &p.config;
     let r = regs(&ctx);
     let (t, m) = (r.rax, r.rcx);
     let Some(table) = TableHeader::read(t) else {
@@ -610,7 +567,7 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
         seed: hdr.field(cfg.map_seed, 8),
         count: hdr.field(cfg.map_used, 8),
     };
-    record_growth(&ctx, pid, cfg, stats, g);
+    record_growth(&ctx, pid, p, g);
     0
 }
 
@@ -619,7 +576,7 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
 /// Go, so these probes are attached only when asked to.
 #[inline(always)]
 fn on_access(ctx: &ProbeContext, program: usize) -> u32 {
-    let Some((pid, cfg, stats)) = enter(program) else {
+    let Some((pid, p)) = enter(program) else {
         return 0;
     };
     if will_restart(ctx) {
@@ -633,6 +590,7 @@ fn on_access(ctx: &ProbeContext, program: usize) -> u32 {
     let Some(hdr) = MapHeader::read(map) else {
         return 0;
     };
+    let cfg = &p.config;
     let (count, seed) = if cfg.map_impl == MAP_IMPL_CLASSIC {
         (hdr.field(cfg.hmap_count, 8), hdr.field(cfg.hmap_hash0, 4))
     } else {
@@ -640,9 +598,9 @@ fn on_access(ctx: &ProbeContext, program: usize) -> u32 {
     };
     let key = MapKey { pid, _pad: 0, map };
     if MAP_SEEN.get_ptr(key).is_none() {
-        stats.maps_added += 1;
+        p.stats.maps_added += 1;
     }
-    let (site, _) = find_site(cfg, r);
+    let (site, _) = find_site(p, r, false);
     let seen = MapSeen { seed, count, site };
     let _ = MAP_SEEN.insert(key, seen, BPF_ANY as u64);
     0
@@ -668,9 +626,10 @@ pub fn map_delete(ctx: ProbeContext) -> u32 {
 /// as writes while a map grows).
 #[uprobe]
 pub fn map_evacuate(ctx: ProbeContext) -> u32 {
-    let Some((_, cfg, stats)) = enter(PROG_MAP_EVACUATE) else {
+    let Some((_, p)) = enter(PROG_MAP_EVACUATE) else {
         return 0;
     };
+    let cfg = &p.config;
     if will_restart(&ctx) {
         return 0;
     }
@@ -683,7 +642,7 @@ pub fn map_evacuate(ctx: ProbeContext) -> u32 {
     }
     let top = read::<u8>(old.wrapping_add(oldbucket.wrapping_mul(size)));
     if !(2..=4).contains(&top) {
-        stats.evacuations += 1;
+        p.stats.evacuations += 1;
     }
     0
 }

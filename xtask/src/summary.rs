@@ -15,6 +15,8 @@ const MAP_GROWTHS: &str = "gopulse_map_growths_total";
 const MAP_ENTRIES: &str = "gopulse_map_entries";
 const MAP_LOAD: &str = "gopulse_map_load_factor";
 const MAP_STORMS: &str = "gopulse_map_growth_storms_total";
+const GROWTH_ATTACHED: &str = "gopulse_map_growth_probes_attached";
+const OVERHEAD: &str = "gopulse_probe_overhead_seconds_total";
 /// Map growth sites shown, busiest first.
 const TOP_SITES: usize = 5;
 
@@ -46,7 +48,31 @@ pub fn summarize(samples: &[Sample]) -> String {
         );
     }
     write_map_sites(samples, &mut out);
+    write_probes(samples, &mut out);
     out
+}
+
+/// Whether the growth probes are attached (or cut by the budget, when
+/// growth counts are incomplete), and what the probes have cost.
+fn write_probes(samples: &[Sample], out: &mut String) {
+    let attached: Vec<f64> = samples
+        .iter()
+        .filter(|s| s.name == GROWTH_ATTACHED)
+        .map(|s| s.value)
+        .collect();
+    if attached.is_empty() {
+        return;
+    }
+    let state = if attached.iter().all(|&v| v == 1.0) {
+        "attached"
+    } else {
+        "CUT by the overhead budget (growth counts incomplete)"
+    };
+    let _ = writeln!(
+        out,
+        "  probes    growth {state}; cost so far {} of CPU",
+        human(total(samples, OVERHEAD))
+    );
 }
 
 /// The busiest map growth sites: growths by kind, the largest map's entries
@@ -231,6 +257,18 @@ gopulse_stw_pause_max_seconds{pid="7",reason="gc_sweep_termination"} 0.0000009
         assert!(lines[3].contains("STW pause gc_mark_termination"), "{text}");
         assert!(lines[3].contains("n=12"), "{text}");
         assert_eq!(after(lines[3], "max"), Some("201µs"), "{text}");
+    }
+
+    #[test]
+    fn probes_line() {
+        let parse = |text: &str| crate::openmetrics::parse(text).unwrap();
+        let on = parse(
+            "gopulse_map_growth_probes_attached{pid=\"1\"} 1\n\
+             gopulse_probe_overhead_seconds_total{pid=\"1\"} 0.0025\n",
+        );
+        assert!(summarize(&on).contains("growth attached; cost so far 2.50ms of CPU"));
+        let cut = parse("gopulse_map_growth_probes_attached{pid=\"1\"} 0\n");
+        assert!(summarize(&cut).contains("CUT by the overhead budget"));
     }
 
     #[test]

@@ -1,74 +1,78 @@
 //! Stop-the-world events: pause histograms by reason and GC phase.
-use gopulse_common::{STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, StwEvent};
+use gopulse_common::{STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, STW_LOG, StwEvent};
 
-use super::Collector;
+use super::{Collector, Proc};
 use crate::{
-    metrics::{PHASE_MARK, PHASE_SWEEP, PhaseLabels, ReasonLabels},
+    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ReasonLabels},
     stw,
 };
 
 impl Collector {
+    /// Reads the pauses each process's probes logged since the last call.
     pub(super) fn drain_stw(&mut self) {
-        let mut events = Vec::new();
-        while let Some(item) = self.maps.stw_ring.next() {
-            if item.len() < size_of::<StwEvent>() {
-                tracing::warn!(len = item.len(), "short event in the ring buffer");
+        for (&pid, p) in &mut self.procs {
+            let Ok(state) = self.maps.procs.stw.get(&pid, 0) else {
                 continue;
+            };
+            let log = STW_LOG as u64;
+            let new = state.seq.saturating_sub(p.stw_seq);
+            let lost = new.saturating_sub(log);
+            if lost > 0 {
+                self.metrics
+                    .events_lost
+                    .get_or_create(&p.labels)
+                    .inc_by(lost);
+                tracing::debug!(pid, lost, "pauses overwritten before they were read");
             }
-            // SAFETY: the kernel wrote a whole StwEvent (checked length);
-            // read_unaligned copes with any alignment.
-            events.push(unsafe { item.as_ptr().cast::<StwEvent>().read_unaligned() });
-        }
-        for ev in events {
-            self.on_stw(ev);
+            for n in state.seq - new.min(log)..state.seq {
+                on_stw(&self.metrics, p, state.log[(n % log) as usize]);
+            }
+            p.stw_seq = state.seq;
         }
     }
+}
 
-    fn on_stw(&mut self, ev: StwEvent) {
-        let Some(p) = self.procs.get_mut(&ev.pid) else {
-            return; // the process was just removed
-        };
-        if ev.flags & STW_FLAG_NO_START != 0 || ev.end_ns < ev.start_ns {
-            // Attached mid-pause: the cycle counts, its duration is unknown.
-            if ev.flags & STW_FLAG_CYCLE_DONE != 0 {
-                p.mark_carry_ns = 0;
-            }
-            return;
+fn on_stw(metrics: &Metrics, p: &mut Proc, ev: StwEvent) {
+    if ev.flags & STW_FLAG_NO_START != 0 || ev.end_ns < ev.start_ns {
+        // Attached mid-pause: the cycle counts, its duration is unknown.
+        if ev.flags & STW_FLAG_CYCLE_DONE != 0 {
+            p.mark_carry_ns = 0;
         }
-        let ns = ev.end_ns - ev.start_ns;
-        let secs = ns as f64 / 1e9;
-        let reason = stw::label(p.reasons, ev.reason);
-        let labels = ReasonLabels {
-            proc: p.labels.clone(),
-            reason,
-        };
-        self.metrics.stw_pause.get_or_create(&labels).observe(secs);
-        let max = self.metrics.stw_pause_max.get_or_create(&labels);
-        if secs > max.get() {
-            max.set(secs);
+        return;
+    }
+    let ns = ev.end_ns - ev.start_ns;
+    let secs = ns as f64 / 1e9;
+    let reason = stw::label(p.reasons, ev.reason);
+    let labels = ReasonLabels {
+        proc: p.labels.clone(),
+        reason,
+    };
+    metrics.stw_pause.get_or_create(&labels).observe(secs);
+    let max = metrics.stw_pause_max.get_or_create(&labels);
+    if secs > max.get() {
+        max.set(secs);
+    }
+    p.seen_reasons.insert(labels.reason);
+    let gc_phase = match ev.reason {
+        stw::GC_SWEEP_TERM => Some((PHASE_SWEEP, ns)),
+        stw::GC_MARK_TERM if ev.flags & STW_FLAG_CYCLE_DONE != 0 => {
+            Some((PHASE_MARK, ns + std::mem::take(&mut p.mark_carry_ns)))
         }
-        p.seen_reasons.insert(labels.reason);
-        let gc_phase = match ev.reason {
-            stw::GC_SWEEP_TERM => Some((PHASE_SWEEP, ns)),
-            stw::GC_MARK_TERM if ev.flags & STW_FLAG_CYCLE_DONE != 0 => {
-                Some((PHASE_MARK, ns + std::mem::take(&mut p.mark_carry_ns)))
-            }
-            stw::GC_MARK_TERM => {
-                // gcMarkDone found work left and restarted the world: the
-                // cycle's mark termination is still to come.
-                p.mark_carry_ns += ns;
-                None
-            }
-            _ => None,
-        };
-        if let Some((phase, ns)) = gc_phase {
-            self.metrics
-                .gc_pause
-                .get_or_create(&PhaseLabels {
-                    proc: p.labels.clone(),
-                    phase,
-                })
-                .observe(ns as f64 / 1e9);
+        stw::GC_MARK_TERM => {
+            // gcMarkDone found work left and restarted the world: the
+            // cycle's mark termination is still to come.
+            p.mark_carry_ns += ns;
+            None
         }
+        _ => None,
+    };
+    if let Some((phase, ns)) = gc_phase {
+        metrics
+            .gc_pause
+            .get_or_create(&PhaseLabels {
+                proc: p.labels.clone(),
+                phase,
+            })
+            .observe(ns as f64 / 1e9);
     }
 }

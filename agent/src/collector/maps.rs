@@ -4,11 +4,12 @@ use std::{collections::BTreeMap, time::Instant};
 
 use gopulse_common::{
     GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
-    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, MapKey, MapSeen, ProcStats,
+    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, MapKey, MapSeen,
 };
 
 use super::{Collector, Proc};
 use crate::{
+    bpf::Counters,
     mapshape,
     metrics::{GrowthLabels, Metrics, SiteLabels},
 };
@@ -204,7 +205,7 @@ pub(super) fn fold_seen(
     max_sites: usize,
     pid: u32,
     p: &mut Proc,
-    stats: &ProcStats,
+    stats: &Counters,
     seen: Vec<(u64, MapSeen)>,
 ) {
     // The counters were read before the table was taken: every map they

@@ -11,13 +11,13 @@ use std::{
     sync::Arc,
 };
 
-use gopulse_common::{GrowthKey, ProcStats};
+use gopulse_common::GrowthKey;
 
 use maps::MapRef;
 pub use maps::OTHER_SITE;
 
 use crate::{
-    bpf::{self, CollectorMaps},
+    bpf::{CollectorMaps, Counters},
     cost::Costs,
     inspect::{MapOffsets, Symbolizer},
     metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProbeLabels, ProcLabels},
@@ -46,8 +46,10 @@ struct Proc {
     seen_reasons: BTreeSet<String>,
     /// Time of abandoned mark-termination stops, added to the cycle's pause.
     mark_carry_ns: u64,
+    /// Pauses read from the process's log so far.
+    stw_seq: u64,
     /// Kernel counters already folded into the metrics.
-    synced: ProcStats,
+    synced: Counters,
     start_time: u64,
     symbolizer: Symbolizer,
     /// Growths already counted per kernel key, and the key's site label.
@@ -97,11 +99,6 @@ impl Collector {
         }
     }
 
-    /// The STW ring buffer, for readiness polling.
-    pub fn ring(&self) -> &aya::maps::RingBuf<aya::maps::MapData> {
-        &self.maps.stw_ring
-    }
-
     /// Notes a process the user asked for (ready once it is watched).
     pub fn request(&mut self, pid: u32) {
         self.requested.insert(pid);
@@ -130,7 +127,8 @@ impl Collector {
                 reasons: p.reasons,
                 seen_reasons: BTreeSet::new(),
                 mark_carry_ns: 0,
-                synced: ProcStats::default(),
+                stw_seq: 0,
+                synced: Counters::default(),
                 start_time: p.start_time,
                 symbolizer: p.symbolizer,
                 growth_keys: BTreeMap::new(),
@@ -153,7 +151,7 @@ impl Collector {
             .all(|pid| self.procs.contains_key(pid))
     }
 
-    /// Reads every pending event from the ring buffer.
+    /// Reads the pauses the probes logged since the last call.
     pub fn drain(&mut self) {
         self.drain_stw();
     }
@@ -168,7 +166,7 @@ impl Collector {
         // the eviction estimate never counts one still on its way in.
         let mut counters = BTreeMap::new();
         for &pid in self.procs.keys() {
-            match bpf::read_stats(&self.maps.stats, pid) {
+            match self.maps.procs.counters(pid) {
                 Ok(s) => {
                     counters.insert(pid, s);
                 }
@@ -195,9 +193,6 @@ impl Collector {
             m.gc_cycles
                 .get_or_create(&p.labels)
                 .inc_by(d(stats.gc_cycles, p.synced.gc_cycles));
-            m.events_lost
-                .get_or_create(&p.labels)
-                .inc_by(d(stats.events_lost, p.synced.events_lost));
             m.map_growths_unattributed
                 .get_or_create(&p.labels)
                 .inc_by(d(stats.growths_unattributed, p.synced.growths_unattributed));
@@ -254,7 +249,7 @@ impl Collector {
 }
 
 /// Folds probe hits, and what they cost, into the metrics.
-fn fold_hits(metrics: &Metrics, costs: &Costs, p: &Proc, stats: &ProcStats) {
+fn fold_hits(metrics: &Metrics, costs: &Costs, p: &Proc, stats: &Counters) {
     let mut overhead = 0.0;
     for (i, prog) in PROGRAM_TABLE.iter().enumerate() {
         let hits = stats.hits[i].saturating_sub(p.synced.hits[i]);
