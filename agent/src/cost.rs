@@ -45,7 +45,7 @@ impl TrapCost {
 }
 
 /// A program's run time until the kernel has reported one.
-const DEFAULT_RUN_NS: f64 = 500.0;
+pub const DEFAULT_RUN_NS: f64 = 500.0;
 
 /// Turns on the kernel's BPF run-time statistics for as long as the
 /// returned fd is open (`BPF_ENABLE_STATS`, Linux 5.8+). They cost two

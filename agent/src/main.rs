@@ -17,7 +17,7 @@ use gopulse_agent::{
     governor::Budget,
     metrics,
     plan::{DEFAULT_PLUMBING, Plumbing},
-    probes::{AccessMode, Probes},
+    probes::{AccessMode, Probes, StatsMode},
     server::{self, App},
     storm::StormRule,
     watch::watch,
@@ -91,6 +91,14 @@ struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     overhead_window: u64,
+
+    /// When to keep the kernel's BPF run-time statistics on, from which
+    /// each probe's cost is measured: `sampled` (one second in thirty),
+    /// `always`, or `off` (costs are then estimates). They are a switch for
+    /// the whole host: while on, every BPF program on it pays two clock
+    /// reads a run.
+    #[arg(long, value_enum, default_value_t = StatsMode::Sampled)]
+    bpf_stats: StatsMode,
 
     /// A function-name prefix to walk past when looking for the site of a
     /// map growth, besides the runtime, reflect, encoding/*, maps, sync and
@@ -171,6 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         budget,
         access_budget,
         args.map_assign_probes,
+        args.bpf_stats,
     );
     let collector = Collector::new(
         maps,
@@ -228,13 +237,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The budget, ten times a second (every 5 ms while probes spend), on
     // its own thread: it takes only the attach stage's lock, so collection
     // never delays it.
+    // Opening a sampling window wakes it at once.
     let govern_app = app.clone();
+    let (wake_governor, woken) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("governor".into())
         .spawn(move || {
             let mut next = gopulse_agent::probes::IDLE_CHECK;
             loop {
-                std::thread::sleep(next);
+                if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                    woken.recv_timeout(next)
+                {
+                    std::thread::sleep(next);
+                }
                 next = govern_app.with_probes(|p| p.govern());
             }
         })
@@ -249,6 +264,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             loop {
                 let start = tokio::time::Instant::now();
                 sample_app.with_probes(|p| p.set_access(true));
+                let _ = wake_governor.send(());
                 tokio::time::sleep(window).await;
                 sample_app.with_probes(|p| p.set_access(false));
                 sample_app.with_collector(|c| c.sync());

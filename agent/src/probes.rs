@@ -25,6 +25,24 @@ use crate::{
 pub const IDLE_CHECK: Duration = Duration::from_millis(100);
 pub const BUSY_CHECK: Duration = Duration::from_millis(5);
 
+/// When the kernel's BPF run-time statistics are on (`--bpf-stats`). They
+/// are a switch for the whole host: while on, every BPF program on it, ours
+/// or not, pays two clock reads a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatsMode {
+    /// Never: probe costs are the reference machine's estimates.
+    Off,
+    /// One second in thirty, enough to keep each program's mean run time
+    /// current.
+    Sampled,
+    /// All the time.
+    Always,
+}
+
+/// `StatsMode::Sampled`: on this long every this often.
+const STATS_ON: Duration = Duration::from_secs(1);
+const STATS_PERIOD: Duration = Duration::from_secs(30);
+
 /// How the map assignment/deletion probes run (`--map-assign-probes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccessMode {
@@ -118,8 +136,11 @@ pub struct Probes {
     /// Executables registered with the kernel.
     exes: BTreeMap<ExeKey, Exe>,
     procs: BTreeMap<u32, Attached>,
-    /// Keeps the kernel's BPF run-time statistics on.
-    _kernel_stats: Option<OwnedFd>,
+    /// Keeps the kernel's BPF run-time statistics on while held.
+    kernel_stats: Option<OwnedFd>,
+    stats_mode: StatsMode,
+    /// When the statistics were last turned on or off.
+    stats_switched: Instant,
 }
 
 impl Probes {
@@ -131,16 +152,28 @@ impl Probes {
         budget: Budget,
         access_budget: Budget,
         access_mode: AccessMode,
+        stats_mode: StatsMode,
     ) -> (Self, Arc<Costs>) {
-        let kernel_stats = match cost::enable_kernel_stats() {
-            Ok(fd) => Some(fd),
-            Err(e) => {
-                tracing::warn!(
-                    "{e:#}; probe costs fall back to estimates ({} ns a program run)",
-                    500
+        let kernel_stats = match stats_mode {
+            StatsMode::Off => {
+                tracing::info!(
+                    "kernel BPF statistics off (--bpf-stats off): probe costs are estimates \
+                     ({} ns a program run, the reference machine's traps)",
+                    cost::DEFAULT_RUN_NS
                 );
                 None
             }
+            StatsMode::Sampled | StatsMode::Always => match cost::enable_kernel_stats() {
+                Ok(fd) => Some(fd),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e:#}; probe costs fall back to estimates ({} ns a program run, the \
+                         reference machine's traps)",
+                        cost::DEFAULT_RUN_NS
+                    );
+                    None
+                }
+            },
         };
         let trap = match kernel_stats.as_ref().map(|_| cost::calibrate(&mut bpf)) {
             Some(Ok(t)) => {
@@ -172,7 +205,9 @@ impl Probes {
             costs_read: None,
             exes: BTreeMap::new(),
             procs: BTreeMap::new(),
-            _kernel_stats: kernel_stats,
+            kernel_stats,
+            stats_mode,
+            stats_switched: Instant::now(),
         };
         probes.publish_costs();
         (probes, costs)
@@ -346,6 +381,7 @@ impl Probes {
             self.costs.update(&self.bpf.all_program_stats());
             self.publish_costs();
             self.costs_read = Some(now);
+            self.switch_stats(now);
         }
         let mut next = IDLE_CHECK;
         for (&pid, a) in &mut self.procs {
@@ -420,6 +456,33 @@ impl Probes {
             self.metrics.probes_attached.get_or_create(&a.labels).set(n);
         }
         next
+    }
+
+    /// Sampled statistics: on for `STATS_ON` every `STATS_PERIOD`. (The
+    /// kernel's totals only grow while they are on, so each program's mean
+    /// over the runs it counted stays right across the gaps.)
+    fn switch_stats(&mut self, now: Instant) {
+        if self.stats_mode != StatsMode::Sampled {
+            return;
+        }
+        let since = now.duration_since(self.stats_switched);
+        match self.kernel_stats {
+            Some(_) if since >= STATS_ON => {
+                self.kernel_stats = None;
+                self.stats_switched = now;
+            }
+            None if since >= STATS_PERIOD - STATS_ON => match cost::enable_kernel_stats() {
+                Ok(fd) => {
+                    self.kernel_stats = Some(fd);
+                    self.stats_switched = now;
+                }
+                Err(e) => {
+                    tracing::debug!("{e:#}");
+                    self.stats_switched = now;
+                }
+            },
+            _ => {}
+        }
     }
 
     /// The cost per hit the governor uses, on `/metrics`.

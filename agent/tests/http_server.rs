@@ -417,6 +417,25 @@ fn kernel_overhead(progs: &[KernelProg], jbe_ns: f64, ret_ns: f64) -> (f64, f64)
     (run / 1e9, traps / 1e9)
 }
 
+/// `kernel.bpf_stats_enabled` on while alive, back as it was after.
+struct KernelStatsOn(String);
+
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl KernelStatsOn {
+    fn new() -> Self {
+        let was = std::fs::read_to_string(BPF_STATS_SYSCTL).expect("reading bpf_stats_enabled");
+        std::fs::write(BPF_STATS_SYSCTL, "1").expect("enabling the kernel's BPF statistics");
+        Self(was.trim().to_owned())
+    }
+}
+
+impl Drop for KernelStatsOn {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS_SYSCTL, &self.0);
+    }
+}
+
 #[test]
 fn caddy_under_load() {
     if !support::have_root() {
@@ -450,6 +469,9 @@ fn caddy_under_load() {
         .map(|(version, bin)| Caddy::start(bin, version, &dir, &root))
         .collect();
     let pids: Vec<u32> = servers.iter().map(Caddy::pid).collect();
+    // The kernel's figures must cover the whole run: the agent, with
+    // default flags, keeps them on one second in thirty only.
+    let _stats = KernelStatsOn::new();
     let mut agent = Agent::spawn_with(&pids, &[]);
     agent.wait_ready(Duration::from_secs(30));
     let (jbe_ns, ret_ns) =
