@@ -14,7 +14,10 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuHashMap},
-    programs::{UProbe, uprobe::UProbeLinkId, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeLink, UProbeLinkId, UProbeScope},
+    },
 };
 use gopulse_common::{
     GrowthCount, GrowthKey, MapKey, MapSeen, PROGRAMS, PageBits, PageKey, ProcConfig, ProcCpu,
@@ -285,18 +288,31 @@ impl Bpf {
         Ok(self.uprobe(program)?.attach(file_offset, target, scope)?)
     }
 
-    pub fn detach_one(&mut self, program: &str, link: UProbeLinkId) -> anyhow::Result<()> {
-        Ok(self.uprobe(program)?.detach(link)?)
+    /// Takes a link from its program: dropping it detaches the probe.
+    pub fn take_one(&mut self, program: &str, link: UProbeLinkId) -> anyhow::Result<UProbeLink> {
+        Ok(self.uprobe(program)?.take_link(link)?)
     }
 
-    /// Detaches links, keeping the process registered.
-    pub fn detach_links(&mut self, pid: u32, links: Links) {
+    /// Takes every link out of its program, to be dropped by the caller.
+    pub fn take_links(&mut self, pid: u32, links: Links) -> Vec<UProbeLink> {
+        let mut taken = Vec::with_capacity(links.links.len());
         for (program, link) in links.links {
             let name = PROGRAM_TABLE[program].name;
-            if let Err(e) = self.detach_one(name, link) {
-                tracing::warn!(pid, program = name, "detaching uprobe: {e:#}");
+            match self.take_one(name, link) {
+                Ok(link) => taken.push(link),
+                Err(e) => tracing::warn!(pid, program = name, "detaching uprobe: {e:#}"),
             }
         }
+        taken
+    }
+
+    /// Detaches links, keeping the process registered. Returns at once:
+    /// the kernel waits out an RCU grace period for each uprobe it removes
+    /// (about 0.1 s each here, one after another), so the links are dropped
+    /// on threads of their own, all at once, and nothing waits for them.
+    pub fn detach_links(&mut self, pid: u32, links: Links) {
+        let taken = self.take_links(pid, links);
+        drop_in_background(taken);
     }
 
     /// The kernel's run-time statistics of a program (total run time and
@@ -310,6 +326,31 @@ impl Bpf {
     pub fn all_program_stats(&mut self) -> [Option<(Duration, u64)>; PROGRAMS] {
         std::array::from_fn(|i| self.program_stats(PROGRAM_TABLE[i].name).ok())
     }
+}
+
+/// Drops links on threads of their own, in parallel, without waiting (see
+/// [`Bpf::detach_links`]).
+pub fn drop_in_background(links: Vec<UProbeLink>) {
+    if links.is_empty() {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("detach".into())
+        .spawn(move || drop_in_parallel(links));
+    if let Err(e) = spawned {
+        // Dropping them here waits, but detaches them all the same.
+        tracing::debug!("detaching uprobes in the background: {e}");
+    }
+}
+
+/// Drops links in parallel and returns when all are detached: their RCU
+/// grace periods overlap instead of adding up.
+pub fn drop_in_parallel(links: Vec<UProbeLink>) {
+    std::thread::scope(|s| {
+        for link in links {
+            s.spawn(move || drop(link));
+        }
+    });
 }
 
 fn dup(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<OwnedFd> {

@@ -108,31 +108,58 @@ impl Costs {
     }
 }
 
-// A function of the agent's own with the instructions our probes sit on:
-// a stack-check-like CMP + JBE (emulated when probed) and a RET
-// (single-stepped). Called with (1, 0), the JBE falls through, as Go's
-// stack check does.
-core::arch::global_asm!(
-    ".text",
-    ".globl gopulse_trap_probe",
-    ".globl gopulse_trap_probe_jbe",
-    ".globl gopulse_trap_probe_ret",
-    ".type gopulse_trap_probe,@function",
-    "gopulse_trap_probe:",
-    "    cmp rdi, rsi",
-    "gopulse_trap_probe_jbe:",
-    "    jbe 2f",
-    "    nop",
-    "2:",
-    "gopulse_trap_probe_ret:",
-    "    ret",
-    ".size gopulse_trap_probe, .-gopulse_trap_probe",
-);
+// Three copies of a function of the agent's own with the instructions our
+// probes sit on: a stack-check-like CMP + JBE (emulated when probed) and a
+// RET (single-stepped). Called with (1, 0), the JBE falls through, as Go's
+// stack check does. One copy stays unprobed, one gets a probe on its JBE,
+// one on its RET, so the three are timed side by side with the probes
+// attached once (a detach waits out an RCU grace period).
+macro_rules! trap_function {
+    ($name:literal) => {
+        concat!(
+            ".text\n",
+            ".globl ",
+            $name,
+            "\n",
+            ".globl ",
+            $name,
+            "_jbe\n",
+            ".globl ",
+            $name,
+            "_ret\n",
+            ".type ",
+            $name,
+            ",@function\n",
+            ".p2align 4\n",
+            $name,
+            ":\n",
+            "    cmp rdi, rsi\n",
+            $name,
+            "_jbe:\n",
+            "    jbe 2f\n",
+            "    nop\n",
+            "2:\n",
+            $name,
+            "_ret:\n",
+            "    ret\n",
+            ".size ",
+            $name,
+            ", .-",
+            $name,
+            "\n",
+        )
+    };
+}
+core::arch::global_asm!(trap_function!("gopulse_trap_bare"));
+core::arch::global_asm!(trap_function!("gopulse_trap_jbe"));
+core::arch::global_asm!(trap_function!("gopulse_trap_ret"));
 
 unsafe extern "C" {
-    fn gopulse_trap_probe(a: u64, b: u64);
-    static gopulse_trap_probe_jbe: u8;
-    static gopulse_trap_probe_ret: u8;
+    fn gopulse_trap_bare(a: u64, b: u64);
+    fn gopulse_trap_jbe(a: u64, b: u64);
+    fn gopulse_trap_ret(a: u64, b: u64);
+    static gopulse_trap_jbe_jbe: u8;
+    static gopulse_trap_ret_ret: u8;
 }
 
 /// This thread's CPU time in ns: user time plus the kernel's time handling
@@ -150,12 +177,12 @@ fn thread_cpu_ns() -> f64 {
     ts.tv_sec as f64 * 1e9 + ts.tv_nsec as f64
 }
 
-/// Mean CPU ns per call of the probe function over `n` calls.
-fn time_calls(n: u32) -> f64 {
+/// Mean CPU ns per call of `f` over `n` calls.
+fn time_calls(f: unsafe extern "C" fn(u64, u64), n: u32) -> f64 {
     let start = thread_cpu_ns();
     for _ in 0..n {
-        // SAFETY: the function compares two registers and returns.
-        unsafe { gopulse_trap_probe(black_box(1), black_box(0)) };
+        // SAFETY: the trap functions compare two registers and return.
+        unsafe { f(black_box(1), black_box(0)) };
     }
     (thread_cpu_ns() - start) / f64::from(n)
 }
@@ -165,11 +192,11 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Times the trap of a probe on a `JBE` and on a `RET` on this machine: the
-/// probe function is called with and without a do-nothing program attached,
-/// in alternating rounds, in this thread's CPU time, and the program's own
-/// run time (kernel stats) is taken off. Needs the kernel's statistics
-/// enabled. Takes about 0.2 s of CPU.
+/// Times the trap of a probe on a `JBE` and on a `RET` on this machine: a
+/// probed copy of a function and an unprobed one are called in alternating
+/// rounds, in this thread's CPU time, and the do-nothing program's own run
+/// time (kernel stats) is taken off. Needs the kernel's statistics enabled.
+/// Takes about 0.2 s of CPU.
 pub fn calibrate(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
     let pid = std::process::id();
     let exe = Path::new("/proc/self/exe");
@@ -177,20 +204,37 @@ pub fn calibrate(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
         procfs::file_offset_of(pid, addr)
             .with_context(|| format!("finding address {addr:#x} in the agent's own mappings"))
     };
-    let jbe = offset_of(&raw const gopulse_trap_probe_jbe as u64)?;
-    let ret = offset_of(&raw const gopulse_trap_probe_ret as u64)?;
-    const ROUNDS: usize = 5;
+    let jbe = offset_of(&raw const gopulse_trap_jbe_jbe as u64)?;
+    let ret = offset_of(&raw const gopulse_trap_ret_ret as u64)?;
+    let mut links = Vec::new();
+    for offset in [jbe, ret] {
+        let link = bpf.attach_one(PROG_CALIBRATE, exe, offset, pid)?;
+        links.push(bpf.take_one(PROG_CALIBRATE, link)?);
+    }
+    let measured = measure(bpf);
+    crate::bpf::drop_in_background(links);
+    measured
+}
+
+fn measure(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
+    const ROUNDS: usize = 7;
     let mut emulated = Vec::new();
     let mut stepped = Vec::new();
-    let _ = time_calls(10_000); // warm up
+    let _ = time_calls(gopulse_trap_bare, 10_000); // warm up
     for _ in 0..ROUNDS {
-        for (offset, calls, out) in [(jbe, 20_000, &mut emulated), (ret, 4_000, &mut stepped)] {
-            let bare = time_calls(calls);
+        for (f, calls, out) in [
+            (
+                gopulse_trap_jbe as unsafe extern "C" fn(u64, u64),
+                20_000,
+                &mut emulated,
+            ),
+            (gopulse_trap_ret, 4_000, &mut stepped),
+        ] {
+            let before = time_calls(gopulse_trap_bare, calls);
             let (t0, r0) = bpf.program_stats(PROG_CALIBRATE)?;
-            let link = bpf.attach_one(PROG_CALIBRATE, exe, offset, pid)?;
-            let probed = time_calls(calls);
-            bpf.detach_one(PROG_CALIBRATE, link)?;
+            let probed = time_calls(f, calls);
             let (t1, r1) = bpf.program_stats(PROG_CALIBRATE)?;
+            let after = time_calls(gopulse_trap_bare, calls);
             if r1 < r0 + u64::from(calls) {
                 bail!(
                     "the calibration probe ran {} times for {calls} calls",
@@ -198,8 +242,7 @@ pub fn calibrate(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
                 );
             }
             let prog_ns = (t1.saturating_sub(t0)).as_nanos() as f64 / (r1 - r0) as f64;
-            let after = time_calls(calls);
-            out.push(probed - (bare + after) / 2.0 - prog_ns);
+            out.push(probed - (before + after) / 2.0 - prog_ns);
         }
     }
     let cost = TrapCost {
@@ -244,11 +287,16 @@ mod tests {
     }
 
     #[test]
-    fn probe_function_runs() {
-        assert!(time_calls(1000) > 0.0);
+    fn trap_functions_run() {
+        for f in [gopulse_trap_bare, gopulse_trap_jbe, gopulse_trap_ret] {
+            assert!(time_calls(f, 1000) > 0.0);
+        }
         let pid = std::process::id();
-        let jbe = procfs::file_offset_of(pid, &raw const gopulse_trap_probe_jbe as u64).unwrap();
-        let ret = procfs::file_offset_of(pid, &raw const gopulse_trap_probe_ret as u64).unwrap();
-        assert_eq!(ret - jbe, 3, "jbe rel8 (2 bytes) and a nop");
+        let jbe = procfs::file_offset_of(pid, &raw const gopulse_trap_jbe_jbe as u64).unwrap();
+        let ret = procfs::file_offset_of(pid, &raw const gopulse_trap_ret_ret as u64).unwrap();
+        let f_jbe = procfs::file_offset_of(pid, gopulse_trap_jbe as *const () as u64).unwrap();
+        let f_ret = procfs::file_offset_of(pid, gopulse_trap_ret as *const () as u64).unwrap();
+        assert_eq!(jbe - f_jbe, 3, "cmp rdi, rsi is 3 bytes");
+        assert_eq!(ret - f_ret, 6, "cmp (3), jbe rel8 (2), nop (1)");
     }
 }

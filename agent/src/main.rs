@@ -275,11 +275,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let local = listener.local_addr().context("listener address")?;
     tracing::info!("serving http://{local}/metrics");
-    axum::serve(listener, server::router(app))
+    axum::serve(listener, server::router(app.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("HTTP server")?;
     tracing::info!("shutting down; detaching probes");
+    app.with_probes(|p| p.detach_all());
     Ok(())
 }
 

@@ -333,6 +333,22 @@ impl Probes {
         self.release_exe(a.exe);
     }
 
+    /// Detaches every probe of every process, in parallel, and returns when
+    /// they are all gone (at shutdown).
+    pub fn detach_all(&mut self) {
+        let mut links = Vec::new();
+        for (pid, a) in std::mem::take(&mut self.procs) {
+            for group in [Some(a.core), a.growth.links, a.access.links]
+                .into_iter()
+                .flatten()
+            {
+                links.extend(self.bpf.take_links(pid, group));
+            }
+            self.bpf.unregister(pid);
+        }
+        crate::bpf::drop_in_parallel(links);
+    }
+
     /// Opens or closes a sampling window of the access probes.
     pub fn set_access(&mut self, on: bool) {
         if self.access_mode != AccessMode::Sampled {
@@ -395,6 +411,14 @@ impl Probes {
                 let g = PROGRAM_TABLE[i].group as usize;
                 spent[g] += new as f64 * self.costs.per_hit_s(i);
             }
+            tracing::trace!(
+                pid,
+                growth_s = spent[Group::Growth as usize],
+                access_s = spent[Group::Access as usize],
+                growth_left = a.growth.bucket.tokens(),
+                access_left = a.access.bucket.tokens(),
+                "budget check"
+            );
             let growth_left = a.growth.bucket.spend(now, spent[Group::Growth as usize]);
             let access_left = a.access.bucket.spend(now, spent[Group::Access as usize]);
             if a.growth.links.is_some() && !growth_left {

@@ -597,12 +597,19 @@ fn on_access(ctx: &ProbeContext, program: usize) -> u32 {
         (hdr.field(cfg.map_used, 8), hdr.field(cfg.map_seed, 8))
     };
     let key = MapKey { pid, _pad: 0, map };
-    if MAP_SEEN.get_ptr(key).is_none() {
-        p.stats.maps_added += 1;
-    }
     let (site, _) = find_site(p, r, false);
     let seen = MapSeen { seed, count, site };
-    let _ = MAP_SEEN.insert(key, seen, BPF_ANY as u64);
+    match MAP_SEEN.get_ptr_mut(key) {
+        // A map seen before: updated in place, without the LRU's insert
+        // (allocation, list moves), which costs more than the rest.
+        // SAFETY: a live value; a racing writer can only leave another
+        // recent view of the same map.
+        Some(v) => unsafe { *v = seen },
+        None => {
+            p.stats.maps_added += 1;
+            let _ = MAP_SEEN.insert(key, seen, BPF_ANY as u64);
+        }
+    }
     0
 }
 

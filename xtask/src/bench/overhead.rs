@@ -34,6 +34,8 @@ const GROWTHS: &str = "gopulse_map_growths_total";
 const EVENTS_LOST: &str = "gopulse_events_lost_total";
 /// Every probe hit, by probe, on agents that have it.
 const PROBE_HITS: &str = "gopulse_probe_hits_total";
+/// CPU time the agent accounts its probes, per process.
+const PROBE_OVERHEAD: &str = "gopulse_probe_overhead_seconds_total";
 /// The agent flag that selects the `mapassign` probes, once it exists.
 const MAP_ASSIGN_FLAG: &str = "--map-assign-probes";
 
@@ -56,6 +58,31 @@ pub struct OverheadArgs {
     /// storm).
     #[arg(long, value_name = "LIST")]
     phases: Option<String>,
+    /// Only these configurations besides `none`, comma-separated (default,
+    /// off, always): `always` probes every insert and takes most of a run.
+    #[arg(long, value_name = "LIST")]
+    configs: Option<String>,
+}
+
+/// `none` and the configurations `list` names (all when `None`).
+fn select(all: Vec<Config>, list: Option<&str>) -> Result<Vec<Config>> {
+    let Some(list) = list else {
+        return Ok(all);
+    };
+    let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+    for w in &wanted {
+        if !all.iter().any(|c| c.name == *w) {
+            let known: Vec<&str> = all.iter().map(|c| c.name.as_str()).collect();
+            bail!(
+                "--configs: no configuration {w:?}; this agent has {}",
+                known.join(", ")
+            );
+        }
+    }
+    Ok(all
+        .into_iter()
+        .filter(|c| c.name == "none" || wanted.contains(&c.name.as_str()))
+        .collect())
 }
 
 /// The configurations, `none` first (every ratio is against it). `off` and
@@ -87,6 +114,11 @@ struct Phase {
     /// agent.
     hits: Option<u64>,
     lost: Option<u64>,
+    /// CPU seconds the probes cost during the phase, as the agent accounts
+    /// them (`gopulse_probe_overhead_seconds_total`: each hit at its trap,
+    /// timed at start-up, plus its program's run time from the kernel's
+    /// statistics); `None` without the agent.
+    probe_s: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -114,7 +146,7 @@ pub fn overhead(cache: &Path, args: &OverheadArgs) -> Result<()> {
         load_at_start,
     } = prepare(cache, "overhead", args.release, args.scale)?;
     let profile = if args.release { "release" } else { "debug" };
-    let configs = configs(&agent_help);
+    let configs = select(configs(&agent_help), args.configs.as_deref())?;
     let go_bin = build_workload(cache, "overhead", &args.go, &out_dir)?;
     let pinning = Pinning::choose()?;
     if let Some(p) = pinning {
@@ -210,7 +242,7 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
     let run = run_workload(spec, hits)?;
     let mut phases = Vec::new();
     for p in &run.report.phases {
-        let (hits, lost) = if spec.config.agent.is_some() {
+        let (hits, lost, probe_s) = if spec.config.agent.is_some() {
             let at = |i: usize| run.snapshots.get(i).map(|(_, s)| *s);
             let i = run
                 .snapshots
@@ -220,11 +252,12 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
             let now = at(i).unwrap_or_default();
             let before = i.checked_sub(1).and_then(at).unwrap_or_default();
             (
-                Some(now.0.saturating_sub(before.0)),
-                Some(now.1.saturating_sub(before.1)),
+                Some(now.hits.saturating_sub(before.hits)),
+                Some(now.lost.saturating_sub(before.lost)),
+                Some((now.probe_s - before.probe_s).max(0.0)),
             )
         } else {
-            (None, None)
+            (None, None, None)
         };
         phases.push(Phase {
             name: p.name.clone(),
@@ -233,6 +266,7 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
             gcs: p.gcs,
             hits,
             lost,
+            probe_s,
         });
     }
     Ok(RunResult {
@@ -244,8 +278,17 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
     })
 }
 
-/// (probe hits, events lost) the agent has counted for `pid` so far.
-fn hits(agent: &Agent, pid: u32) -> Result<(u64, u64)> {
+/// What the agent has counted for a process so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Counted {
+    hits: u64,
+    lost: u64,
+    probe_s: f64,
+}
+
+/// The probe hits, lost events and probe CPU the agent has counted for
+/// `pid` so far.
+fn hits(agent: &Agent, pid: u32) -> Result<Counted> {
     let samples = agent.metrics()?;
     let lost = sum_for_pid(&samples, EVENTS_LOST, pid);
     // An agent that counts every probe hit (GC, growth, assignment) says
@@ -256,7 +299,11 @@ fn hits(agent: &Agent, pid: u32) -> Result<(u64, u64)> {
         sum_for_pid(&samples, GROWTHS, pid) + lost
     };
     // Counters of whole events: exact in an f64 far past any run's count.
-    Ok((hits as u64, lost as u64))
+    Ok(Counted {
+        hits: hits as u64,
+        lost: lost as u64,
+        probe_s: sum_for_pid(&samples, PROBE_OVERHEAD, pid),
+    })
 }
 
 /// Throughput of `config` relative to the baseline: baseline ns/op over
@@ -292,9 +339,9 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
         let _ = write!(
             head,
             " {n} ns/op | {n} throughput ratio (per-round range, sd) | {n} probe hits | \
-             {n} cost per hit |"
+             {n} cost per hit | {n} probe CPU, accounted (% of the phase) |"
         );
-        rule.push_str("--:|--:|--:|--:|");
+        rule.push_str("--:|--:|--:|--:|--:|");
     }
     let mut out = format!("{head}\n{rule}\n");
     let phase_of = |r: &RunResult, name: &str| -> Result<Phase> {
@@ -350,9 +397,20 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
                 || "-".to_string(),
                 |ns| format!("{:.2} µs{mark}", ns / 1000.0),
             );
+            // What the probes cost as the agent accounts them, against the
+            // phase's time without the agent: resolves what the throughput
+            // ratio cannot on a noisy machine.
+            let probe_s: Vec<f64> = phases.iter().filter_map(|q| q.probe_s).collect();
+            let accounted = median(&probe_s).map_or_else(
+                || "-".to_string(),
+                |secs| {
+                    let phase_s = base_med * p.ops as f64 / 1e9;
+                    format!("{:.1} ms ({:.2}%)", secs * 1e3, 100.0 * secs / phase_s)
+                },
+            );
             let _ = write!(
                 out,
-                " {} | {:.3} ({:.2}–{:.2}, sd {:.3}) | {hits_med} | {cost} |",
+                " {} | {:.3} ({:.2}–{:.2}, sd {:.3}) | {hits_med} | {cost} | {accounted} |",
                 fmt_ns(med),
                 throughput_ratio(base_med, med),
                 s.min,
@@ -382,9 +440,20 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
             .iter()
             .map(|r| r.phases.iter().filter_map(|p| p.hits).sum::<u64>() as f64)
             .collect();
+        let probe_s: Vec<f64> = of(&c.name)
+            .iter()
+            .map(|r| r.phases.iter().filter_map(|p| p.probe_s).sum::<f64>())
+            .collect();
+        let accounted = median(&probe_s).map_or_else(String::new, |secs| {
+            format!(
+                "{:.1} ms ({:.2}%)",
+                secs * 1e3,
+                100.0 * secs / base_total.max(f64::MIN_POSITIVE)
+            )
+        });
         let _ = write!(
             out,
-            " {t:.3} s | {:.3}{range} | {} | |",
+            " {t:.3} s | {:.3}{range} | {} | | {accounted} |",
             throughput_ratio(base_total, t),
             median(&hits).unwrap_or_default()
         );
@@ -395,7 +464,10 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
          brackets the range of the per-round ratios (round i of the config against round i \
          of none) and their sample standard deviation (sd). Cost per hit: (config - none) \
          ns/op × ops / hits. †: not every round was slower with the agent, so the difference \
-         is not told apart from run-to-run noise.\n",
+         is not told apart from run-to-run noise. Probe CPU, accounted: the rise of \
+         gopulse_probe_overhead_seconds_total over the phase (each hit at its trap, timed by \
+         the agent, plus its program's run time from the kernel's statistics; median of the \
+         rounds), and that against the phase's time without the agent.\n",
     );
     Ok(out)
 }
@@ -414,6 +486,18 @@ mod tests {
         assert_eq!(cost_per_hit(100.0, 125.0, 1000, 0.0), None);
         // Noise can make a run with the agent faster; the cost goes negative.
         assert_eq!(cost_per_hit(100.0, 99.0, 1000, 10.0), Some(-100.0));
+    }
+
+    #[test]
+    fn configs_can_be_picked() {
+        let all = configs("  --map-assign-probes <MODE>  off, sampled or always\n");
+        let names = |c: Vec<Config>| c.into_iter().map(|c| c.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(select(all.clone(), Some("default, off")).unwrap()),
+            ["none", "default", "off"]
+        );
+        assert_eq!(names(select(all.clone(), None).unwrap()).len(), 4);
+        assert!(select(all, Some("sometimes")).is_err());
     }
 
     #[test]
@@ -448,6 +532,7 @@ mod tests {
                 gcs: 2,
                 hits,
                 lost: hits.map(|_| 0),
+                probe_s: hits.map(|h| h as f64 * 100e-9),
             }],
             phase_ns: ns * 1000.0,
             go_version: "go1.27.3".into(),
@@ -462,9 +547,11 @@ mod tests {
         let table = report(&configs(""), &runs).unwrap();
         // Medians 105 and 127.5: ratio 0.824, (22.5 ns × 1000) / 50 = 0.45
         // µs; per-round ratios 0.8 and 0.846, sd 0.0325.
+        // 50 hits at 100 ns: 5 µs of a 105 µs phase.
         assert!(
             table.contains(
-                "| small | 1000 | 2 | 105 | 128 | 0.824 (0.80–0.85, sd 0.033) | 50 | 0.45 µs |"
+                "| small | 1000 | 2 | 105 | 128 | 0.824 (0.80–0.85, sd 0.033) | 50 | 0.45 µs | \
+                 0.0 ms (4.76%) |"
             ),
             "{table}"
         );
@@ -476,6 +563,9 @@ mod tests {
             run("none", 110.0, None),
         ];
         let table = report(&configs(""), &runs).unwrap();
-        assert!(table.contains("| 50 | 0.00 µs † |"), "{table}");
+        assert!(
+            table.contains("| 50 | 0.00 µs † | 0.0 ms (4.76%) |"),
+            "{table}"
+        );
     }
 }
