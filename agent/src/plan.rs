@@ -6,7 +6,7 @@ use anyhow::{Context as _, bail};
 use gopulse_common::{
     MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
     PROG_GROW_CLASSIC, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE,
-    PROG_MAP_EVACUATE, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
+    PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
     PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, PendingStw, ProcConfig, START_ARGS_NONE,
     START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState, TABLE_HEADER_BYTES,
 };
@@ -121,6 +121,8 @@ pub const PROGRAM_TABLE: [Program; PROGRAMS] = {
     t[PROG_GROW_TABLE] = prog("grow_table", Emulated, Growth);
     t[PROG_SPLIT_TABLE] = prog("split_table", Emulated, Growth);
     t[PROG_PRUNE_TABLE] = prog("prune_table", Emulated, Growth);
+    // Past the guard the instruction is an ordinary one: single-stepped.
+    t[PROG_PRUNE_BODY] = prog("prune_body", SingleStep, Growth);
     t[PROG_MAP_ASSIGN] = prog("map_assign", Emulated, Access);
     t[PROG_MAP_DELETE] = prog("map_delete", Emulated, Access);
     t[PROG_MAP_EVACUATE] = prog("map_evacuate", Emulated, Access);
@@ -341,23 +343,37 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         stw.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
         stw.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);
     }
-    let growth_functions: Vec<(&'static str, usize)> = match bin.map_impl {
-        MapImpl::Classic => CLASSIC_GROWTH.to_vec(),
-        MapImpl::Swiss => {
-            let mut g = SWISS_GROWTH.to_vec();
-            if bin.functions.contains_key(SWISS_PRUNE_FN) {
-                g.push((SWISS_PRUNE_FN, PROG_PRUNE_TABLE));
-            }
-            g
-        }
+    let growth_functions: &[(&'static str, usize)] = match bin.map_impl {
+        MapImpl::Classic => CLASSIC_GROWTH,
+        MapImpl::Swiss => SWISS_GROWTH,
     };
     let mut growth = Vec::new();
-    for (function, program) in growth_functions {
+    for &(function, program) in growth_functions {
         let f = bin.function(function)?;
         growth.push(ProbeSite {
             program,
             function,
             file_offset: entry_offset(f)?,
+        });
+    }
+    // The runtime calls pruneTombstones before every grow and split, and it
+    // returns at once unless a tenth of the table is tombstones: probed
+    // past that return, only the prunes that happen trap; where the code has
+    // another shape, at the entry, with the runtime's test in the probe.
+    if bin.map_impl == MapImpl::Swiss
+        && let Some(f) = bin.functions.get(SWISS_PRUNE_FN)
+    {
+        growth.push(match f.guarded_body {
+            Some(body) => ProbeSite {
+                program: PROG_PRUNE_BODY,
+                function: SWISS_PRUNE_FN,
+                file_offset: body,
+            },
+            None => ProbeSite {
+                program: PROG_PRUNE_TABLE,
+                function: SWISS_PRUNE_FN,
+                file_offset: entry_offset(f)?,
+            },
         });
     }
     const M: usize = MAP_HEADER_BYTES;

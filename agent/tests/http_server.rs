@@ -55,9 +55,11 @@ const GROWTH_PROBES: &[&str] = &[
     "grow_table",
     "split_table",
     "prune_table",
+    "prune_body",
 ];
-/// The one program on a `RET` (single-stepped); every other is on a `JBE`.
-const RET_PROGRAM: &str = "stw_start_ret";
+/// The programs whose probes are single-stepped (a `RET`; `prune_body`'s
+/// ordinary instruction); every other is on a `JBE`, emulated.
+const SINGLE_STEPPED: &[&str] = &["stw_start_ret", "prune_body"];
 /// The agent's start-up trap timing program: runs on the agent itself, so
 /// its runs cost no watched process anything.
 const CALIBRATE_PROGRAM: &str = "calibrate";
@@ -404,14 +406,19 @@ fn growth_sites(m: &support::Metrics, pid: &str) -> String {
 }
 
 /// What the kernel says the agent's probes cost the watched processes, in
-/// seconds: every program's run time plus one trap per run (a `RET` trap
-/// for `stw_start_ret`, a `JBE` trap for the others).
+/// seconds: every program's run time plus one trap per run (the agent's
+/// `RET` timing for the single-stepped ones, its `JBE` timing for the
+/// others).
 fn kernel_overhead(progs: &[KernelProg], jbe_ns: f64, ret_ns: f64) -> (f64, f64) {
     let mut run = 0.0;
     let mut traps = 0.0;
     for p in progs.iter().filter(|p| !p.is(CALIBRATE_PROGRAM)) {
         run += p.run_time_ns as f64;
-        let trap = if p.is(RET_PROGRAM) { ret_ns } else { jbe_ns };
+        let trap = if SINGLE_STEPPED.iter().any(|n| p.is(n)) {
+            ret_ns
+        } else {
+            jbe_ns
+        };
         traps += p.run_cnt as f64 * trap;
     }
     (run / 1e9, traps / 1e9)

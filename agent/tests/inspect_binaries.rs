@@ -156,6 +156,17 @@ fn build_matrix_of_every_release() {
             probed.extend(growth.iter().map(|(f, _)| *f));
             if found.version.at_least(25) && found.map_impl == MapImpl::Swiss {
                 probed.push(plan::SWISS_PRUNE_FN);
+                // Probed past its "too few tombstones" return, inside the
+                // function, after the frame is built.
+                let prune = found.function(plan::SWISS_PRUNE_FN).unwrap();
+                let body = prune
+                    .guarded_body
+                    .unwrap_or_else(|| panic!("{what}: no body found in pruneTombstones"));
+                let jump = prune.stack_check_jump_offset().unwrap();
+                assert!(
+                    body > jump + 8 && body < prune.file_offset + prune.size,
+                    "{what}: pruneTombstones body at {body:#x}"
+                );
             }
             for name in &probed {
                 let f = found.function(name).unwrap();

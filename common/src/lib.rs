@@ -137,7 +137,10 @@ pub const PROG_PRUNE_TABLE: usize = 8;
 pub const PROG_MAP_ASSIGN: usize = 9;
 pub const PROG_MAP_DELETE: usize = 10;
 pub const PROG_MAP_EVACUATE: usize = 11;
-pub const PROGRAMS: usize = 12;
+/// `pruneTombstones` probed past its own "too few tombstones" return, where
+/// the binary's code allows: only prunes that happen trap.
+pub const PROG_PRUNE_BODY: usize = 12;
+pub const PROGRAMS: usize = 13;
 
 /// Maps the assignment probes remember (kernel LRU, all processes).
 pub const MAX_TRACKED_MAPS: u32 = 65536;

@@ -38,10 +38,11 @@ use gopulse_common::{
     MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS, MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH,
     MAX_TRACKED_MAPS, MapKey, MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC,
     PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE,
-    PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP,
-    PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST,
-    START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
-    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
+    PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET,
+    PROG_STW_STOP, PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, SITE_CACHE, SITE_FOUND,
+    SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY,
+    STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState,
+    TABLE_HEADER_BYTES,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -335,26 +336,30 @@ fn plumbing_cached(cache: &mut SiteCache, exe_id: u32, a: u64) -> bool {
     verdict
 }
 
-/// The site of a map operation seen at a runtime function's entry: the
-/// first caller frame outside the executable's plumbing, as a link-time
-/// return address, with `SITE_*`. The probe sits before the frame is built,
-/// so [RSP] is the return address into the caller and RBP still the
-/// caller's frame pointer; each further frame is one 16-byte read. Growth
-/// functions are called only by the runtime, so their probes skip the
-/// first frame's verdict (`caller_is_runtime`).
+/// The site of a map operation: the first caller frame outside the
+/// executable's plumbing, as a link-time return address, with `SITE_*`.
+/// Each frame is one 16-byte read from RBP's chain. Probes at a function's
+/// entry sit before its frame is built: RBP is still the caller's frame
+/// pointer and [RSP] the return address into the caller, whose verdict the
+/// access probes check first (`check_rsp`); growth functions are called
+/// only by the runtime, so their probes skip it, as does a probe inside a
+/// function whose frame is built (RBP is then its own frame).
 #[inline(always)]
-fn find_site(p: &mut ProcCpu, r: &pt_regs, caller_is_runtime: bool) -> (u64, u8) {
+fn find_site(p: &mut ProcCpu, r: &pt_regs, check_rsp: bool) -> (u64, u8) {
     let bias = p.config.load_bias;
     let exe = p.config.exe_id;
-    let ret0 = read::<u64>(r.rsp);
-    if ret0 == 0 {
-        return (0, SITE_OUTERMOST);
+    let mut last = 0;
+    if check_rsp {
+        let ret0 = read::<u64>(r.rsp);
+        if ret0 == 0 {
+            return (0, SITE_OUTERMOST);
+        }
+        let a0 = ret0.wrapping_sub(bias);
+        if !plumbing_cached(&mut p.sites, exe, a0) {
+            return (a0, SITE_FOUND);
+        }
+        last = a0;
     }
-    let a0 = ret0.wrapping_sub(bias);
-    if !caller_is_runtime && !plumbing_cached(&mut p.sites, exe, a0) {
-        return (a0, SITE_FOUND);
-    }
-    let mut last = a0;
     let mut fp = r.rbp;
     for _ in 0..MAX_SITE_DEPTH {
         if fp == 0 {
@@ -403,7 +408,7 @@ fn gone(cfg: &ProcConfig, hint: &GrowthCount) -> bool {
 #[inline(always)]
 fn record_growth(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, g: Grown) {
     p.stats.map_growths += 1;
-    let (site, site_flags) = find_site(p, regs(ctx), true);
+    let (site, site_flags) = find_site(p, regs(ctx), false);
     let cfg = &p.config;
     let stats = &mut p.stats;
     if site_flags != SITE_FOUND {
@@ -488,13 +493,14 @@ pub fn grow_classic(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// A swiss growth: `m` is the map header.
+/// A swiss growth: `m` is the map header; `at_entry` for probes on the
+/// stack check's jump (whose flags say whether the function restarts).
 #[inline(always)]
-fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64) -> u32 {
+fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64, at_entry: bool) -> u32 {
     let Some((pid, p)) = enter(program) else {
         return 0;
     };
-    if will_restart(ctx) {
+    if at_entry && will_restart(ctx) {
         p.stats.growth_refires += 1;
         return 0;
     }
@@ -515,21 +521,21 @@ fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64) -> u32 {
 #[uprobe]
 pub fn grow_to_table(ctx: ProbeContext) -> u32 {
     let m = regs(&ctx).rax;
-    swiss_growth(&ctx, PROG_GROW_TO_TABLE, GROW_SWISS_TO_TABLE, m)
+    swiss_growth(&ctx, PROG_GROW_TO_TABLE, GROW_SWISS_TO_TABLE, m, true)
 }
 
 /// `(*table).grow(typ, m, newCapacity)`: RAX = t, RCX = m.
 #[uprobe]
 pub fn grow_table(ctx: ProbeContext) -> u32 {
     let m = regs(&ctx).rcx;
-    swiss_growth(&ctx, PROG_GROW_TABLE, GROW_SWISS_GROW, m)
+    swiss_growth(&ctx, PROG_GROW_TABLE, GROW_SWISS_GROW, m, true)
 }
 
 /// `(*table).split(typ, m)`: RAX = t, RCX = m.
 #[uprobe]
 pub fn split_table(ctx: ProbeContext) -> u32 {
     let m = regs(&ctx).rcx;
-    swiss_growth(&ctx, PROG_SPLIT_TABLE, GROW_SWISS_SPLIT, m)
+    swiss_growth(&ctx, PROG_SPLIT_TABLE, GROW_SWISS_SPLIT, m, true)
 }
 
 /// `(*table).pruneTombstones(typ, m)` (Go 1.25+): RAX = t, RCX = m. Called
@@ -571,6 +577,17 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// `(*table).pruneTombstones` past its "too few tombstones" return (Go
+/// 1.25+, where the agent found that spot in the binary): every hit is a
+/// prune that happens. RCX = m still; the frame is built; the flags are the
+/// guard's, not the stack check's (and a restart through morestack comes
+/// back past the stack check before it gets here).
+#[uprobe]
+pub fn prune_body(ctx: ProbeContext) -> u32 {
+    let m = regs(&ctx).rcx;
+    swiss_growth(&ctx, PROG_PRUNE_BODY, GROW_SWISS_PRUNE, m, false)
+}
+
 /// An assignment or deletion: remember the map's count, seed and the Go
 /// function that owns it (its site). Hot: nanoseconds of work per call in
 /// Go, so these probes are attached only when asked to.
@@ -597,7 +614,7 @@ fn on_access(ctx: &ProbeContext, program: usize) -> u32 {
         (hdr.field(cfg.map_used, 8), hdr.field(cfg.map_seed, 8))
     };
     let key = MapKey { pid, _pad: 0, map };
-    let (site, _) = find_site(p, r, false);
+    let (site, _) = find_site(p, r, true);
     let seen = MapSeen { seed, count, site };
     match MAP_SEEN.get_ptr_mut(key) {
         // A map seen before: updated in place, without the LRU's insert

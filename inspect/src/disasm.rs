@@ -1,6 +1,11 @@
 //! Finds RET instructions by decoding a function's machine code, so that
 //! return-side probes never need uretprobes (which break moving Go stacks).
-use iced_x86::{Decoder, DecoderOptions, Mnemonic, Register};
+use std::collections::BTreeMap;
+
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
+    Register,
+};
 
 /// Go's stack-bound check at a function's start:
 /// `CMPQ SP, 16(R14)` (or `LEAQ -N(SP), R12; CMPQ R12, 16(R14)`) then `JLS`.
@@ -42,6 +47,86 @@ pub fn stack_check(code: &[u8], address: u64) -> Option<StackCheck> {
         {
             cmp = Some(insn.ip());
         }
+    }
+    None
+}
+
+/// Where the work of a Go function that begins with a guard
+/// (`if cond { return }`) starts: past its stack check and frame setup, the
+/// first conditional jump has one side that only unwinds the frame and
+/// returns, and the other side is the body. `None` unless the function has
+/// exactly that shape, the frame is built (`PUSH RBP; MOV RBP, RSP`) before
+/// the jump, and none of `preserved` is written before it, so a probe at
+/// the body still finds those argument registers and can walk frames from
+/// RBP.
+pub fn guarded_body(code: &[u8], address: u64, preserved: &[Register]) -> Option<u64> {
+    let check = stack_check(code, address)?;
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
+    let mut insns: BTreeMap<u64, Instruction> = BTreeMap::new();
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return None;
+        }
+        insns.insert(insn.ip(), insn);
+    }
+    // Only unwinds and returns within a few instructions.
+    let returns = |mut at: u64| {
+        for _ in 0..4 {
+            let Some(i) = insns.get(&at) else {
+                return false;
+            };
+            match i.mnemonic() {
+                Mnemonic::Ret => return true,
+                Mnemonic::Add | Mnemonic::Pop | Mnemonic::Lea
+                    if i.op0_register() == Register::RSP || i.op0_register() == Register::RBP => {}
+                _ => return false,
+            }
+            at = i.next_ip();
+        }
+        false
+    };
+    let mut info = InstructionInfoFactory::new();
+    let (mut pushed_bp, mut frame) = (false, false);
+    for (&ip, insn) in insns.range(check.jump + 1..) {
+        match insn.mnemonic() {
+            Mnemonic::Push if insn.op0_register() == Register::RBP => pushed_bp = true,
+            Mnemonic::Mov
+                if pushed_bp
+                    && insn.op0_register() == Register::RBP
+                    && insn.op1_register() == Register::RSP =>
+            {
+                frame = true
+            }
+            _ => {}
+        }
+        if insn.flow_control() == FlowControl::ConditionalBranch {
+            if !frame {
+                return None;
+            }
+            let (taken, fallthrough) = (insn.near_branch_target(), insn.next_ip());
+            return match (returns(taken), returns(fallthrough)) {
+                (true, false) => Some(fallthrough),
+                (false, true) => Some(taken),
+                _ => None,
+            };
+        }
+        if insn.flow_control() != FlowControl::Next {
+            return None; // a call or jump before the guard: not this shape
+        }
+        let writes = info.info(insn).used_registers().iter().any(|u| {
+            matches!(
+                u.access(),
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
+            ) && preserved.contains(&u.register().full_register())
+        });
+        if writes {
+            return None;
+        }
+        let _ = ip;
     }
     None
 }
@@ -115,6 +200,49 @@ mod tests {
         assert_eq!(stack_check(&sys, 0), Some(StackCheck { cmp: 5, jump: 9 }));
         // push rbp; mov rbp,rsp (a C function)
         assert_eq!(stack_check(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0), None);
+    }
+
+    /// The start of `(*table).pruneTombstones` as Go 1.27 compiles it: stack
+    /// check, frame, `if t.tombstones()*10 < t.capacity { return }`.
+    const PRUNE_START: [u8; 72] = [
+        0x49, 0x3b, 0x66, 0x10, // cmp rsp, [r14+0x10]
+        0x0f, 0x86, 0x3c, 0x03, 0x00, 0x00, // jbe morestack
+        0x55, // push rbp
+        0x48, 0x89, 0xe5, // mov rbp, rsp
+        0x48, 0x83, 0xec, 0x58, // sub rsp, 0x58
+        0x0f, 0xb7, 0x70, 0x02, // movzx esi, word [rax+2]
+        0x48, 0x8d, 0x3c, 0x76, // lea rdi, [rsi+rsi*2]
+        0x48, 0x8d, 0x3c, 0x7e, // lea rdi, [rsi+rdi*2]
+        0x66, 0xc1, 0xef, 0x03, // shr di, 3
+        0x44, 0x0f, 0xb7, 0x00, // movzx r8d, word [rax]
+        0x44, 0x29, 0xc7, // sub edi, r8d
+        0x44, 0x0f, 0xb7, 0x40, 0x04, // movzx r8d, word [rax+4]
+        0x44, 0x29, 0xc7, // sub edi, r8d
+        0x48, 0x01, 0xff, // add rdi, rdi
+        0x48, 0x8d, 0x3c, 0xbf, // lea rdi, [rdi+rdi*4]
+        0x66, 0x39, 0xfe, // cmp si, di
+        0x77, 0x05, // ja +5 (the return)
+        0x48, 0x89, 0x44, 0x24, 0x68, // mov [rsp+0x68], rax (the body)
+        0x48, 0x83, 0xc4, 0x58, // add rsp, 0x58
+        0x5d, // pop rbp
+        0xc3, // ret
+    ];
+
+    #[test]
+    fn finds_the_body_past_a_guard() {
+        let preserved = [Register::RAX, Register::RBX, Register::RCX];
+        assert_eq!(
+            guarded_body(&PRUNE_START, 0x1000, &preserved),
+            Some(0x1000 + 61)
+        );
+        // The guard's registers are no longer the arguments: no body.
+        assert_eq!(guarded_body(&PRUNE_START, 0x1000, &[Register::RDI]), None);
+        // Without the frame built before the guard.
+        let mut no_frame = PRUNE_START;
+        no_frame[10] = 0x90; // push rbp -> nop
+        assert_eq!(guarded_body(&no_frame, 0x1000, &preserved), None);
+        // A function without a stack check.
+        assert_eq!(guarded_body(&PRUNE_START[4..], 0, &preserved), None);
     }
 
     #[test]

@@ -63,6 +63,12 @@ pub struct Function {
     pub ret_offsets: Vec<u64>,
     /// The stack check at the entry, when the function has one.
     pub stack_check: Option<StackCheck>,
+    /// File offset where the work begins, when the function starts with a
+    /// guard that returns at once (`if cond { return }`) and the first
+    /// three argument registers (RAX, RBX, RCX) still hold the arguments
+    /// there, with the frame built: a probe there sees only calls that pass
+    /// the guard.
+    pub guarded_body: Option<u64>,
 }
 
 impl Function {
@@ -208,6 +214,17 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
                 file_offset: elf.file_offset(address)?,
                 ret_offsets,
                 stack_check: disasm::stack_check(code, address),
+                guarded_body: disasm::guarded_body(
+                    code,
+                    address,
+                    &[
+                        iced_x86::Register::RAX,
+                        iced_x86::Register::RBX,
+                        iced_x86::Register::RCX,
+                    ],
+                )
+                .map(|a| elf.file_offset(a))
+                .transpose()?,
             },
         );
     }
