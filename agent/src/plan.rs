@@ -121,8 +121,8 @@ pub const PROGRAM_TABLE: [Program; PROGRAMS] = {
     t[PROG_GROW_TABLE] = prog("grow_table", Emulated, Growth);
     t[PROG_SPLIT_TABLE] = prog("split_table", Emulated, Growth);
     t[PROG_PRUNE_TABLE] = prog("prune_table", Emulated, Growth);
-    // Past the guard the instruction is an ordinary one: single-stepped.
-    t[PROG_PRUNE_BODY] = prog("prune_body", SingleStep, Growth);
+    // On the first jump of the body past the guard: emulated.
+    t[PROG_PRUNE_BODY] = prog("prune_body", Emulated, Growth);
     t[PROG_MAP_ASSIGN] = prog("map_assign", Emulated, Access);
     t[PROG_MAP_DELETE] = prog("map_delete", Emulated, Access);
     t[PROG_MAP_EVACUATE] = prog("map_evacuate", Emulated, Access);

@@ -57,9 +57,9 @@ const GROWTH_PROBES: &[&str] = &[
     "prune_table",
     "prune_body",
 ];
-/// The programs whose probes are single-stepped (a `RET`; `prune_body`'s
-/// ordinary instruction); every other is on a `JBE`, emulated.
-const SINGLE_STEPPED: &[&str] = &["stw_start_ret", "prune_body"];
+/// The programs whose probes are single-stepped (on a `RET`); every other
+/// is on a jump, emulated.
+const SINGLE_STEPPED: &[&str] = &["stw_start_ret"];
 /// The agent's start-up trap timing program: runs on the agent itself, so
 /// its runs cost no watched process anything.
 const CALIBRATE_PROGRAM: &str = "calibrate";

@@ -577,10 +577,10 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `(*table).pruneTombstones` past its "too few tombstones" return (Go
-/// 1.25+, where the agent found that spot in the binary): every hit is a
-/// prune that happens. RCX = m still; the frame is built; the flags are the
-/// guard's, not the stack check's (and a restart through morestack comes
+/// `(*table).pruneTombstones` past its "too few tombstones" return, on the
+/// body's first jump (Go 1.25+, where the agent found it in the binary):
+/// every hit is a prune that happens. RCX = m still; the frame is built; the
+/// flags are not the stack check's (and a restart through morestack goes
 /// back past the stack check before it gets here).
 #[uprobe]
 pub fn prune_body(ctx: ProbeContext) -> u32 {

@@ -51,14 +51,17 @@ pub fn stack_check(code: &[u8], address: u64) -> Option<StackCheck> {
     None
 }
 
-/// Where the work of a Go function that begins with a guard
-/// (`if cond { return }`) starts: past its stack check and frame setup, the
-/// first conditional jump has one side that only unwinds the frame and
-/// returns, and the other side is the body. `None` unless the function has
-/// exactly that shape, the frame is built (`PUSH RBP; MOV RBP, RSP`) before
-/// the jump, and none of `preserved` is written before it, so a probe at
-/// the body still finds those argument registers and can walk frames from
-/// RBP.
+/// Where to probe the work of a Go function that begins with a guard
+/// (`if cond { return }`): past its stack check and frame setup, the first
+/// conditional jump has one side that only unwinds the frame and returns,
+/// and the other side is the body; the probe goes on the first branch of
+/// the body's opening straight-line block, an instruction the kernel
+/// emulates (any other would be single-stepped, ten times the cost). `None`
+/// unless the function has exactly that shape: the frame built (`PUSH RBP;
+/// MOV RBP, RSP`) before the guard, none of `preserved` written up to the
+/// probe (so it still finds those argument registers and can walk frames
+/// from RBP), and nothing jumping into the block (so the branch runs once
+/// per call that passes the guard).
 pub fn guarded_body(code: &[u8], address: u64, preserved: &[Register]) -> Option<u64> {
     let check = stack_check(code, address)?;
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
@@ -105,11 +108,12 @@ pub fn guarded_body(code: &[u8], address: u64, preserved: &[Register]) -> Option
                 return None;
             }
             let (taken, fallthrough) = (insn.near_branch_target(), insn.next_ip());
-            return match (returns(taken), returns(fallthrough)) {
-                (true, false) => Some(fallthrough),
-                (false, true) => Some(taken),
-                _ => None,
+            let body = match (returns(taken), returns(fallthrough)) {
+                (true, false) => fallthrough,
+                (false, true) => taken,
+                _ => return None,
             };
+            return first_branch(&insns, body, ip, preserved, &mut info);
         }
         if insn.flow_control() != FlowControl::Next {
             return None; // a call or jump before the guard: not this shape
@@ -129,6 +133,51 @@ pub fn guarded_body(code: &[u8], address: u64, preserved: &[Register]) -> Option
         let _ = ip;
     }
     None
+}
+
+/// Whether `insn` writes one of `regs`.
+fn writes_any(info: &mut InstructionInfoFactory, insn: &Instruction, regs: &[Register]) -> bool {
+    info.info(insn).used_registers().iter().any(|u| {
+        matches!(
+            u.access(),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        ) && regs.contains(&u.register().full_register())
+    })
+}
+
+/// The first branch in the straight-line block that starts at `body`
+/// (entered only from the guard at `guard`), if `preserved` survive up to
+/// it and no other jump lands in the block.
+fn first_branch(
+    insns: &BTreeMap<u64, Instruction>,
+    body: u64,
+    guard: u64,
+    preserved: &[Register],
+    info: &mut InstructionInfoFactory,
+) -> Option<u64> {
+    let mut at = body;
+    let mut branch = None;
+    for _ in 0..16 {
+        let insn = insns.get(&at)?;
+        match insn.flow_control() {
+            FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch => {
+                branch = Some(at);
+                break;
+            }
+            FlowControl::Next if !writes_any(info, insn, preserved) => at = insn.next_ip(),
+            _ => return None,
+        }
+    }
+    let branch = branch?;
+    let lands_inside = insns.values().any(|i| {
+        i.ip() != guard
+            && matches!(
+                i.flow_control(),
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+            )
+            && (body..=branch).contains(&i.near_branch_target())
+    });
+    (!lands_inside).then_some(branch)
 }
 
 /// Virtual addresses of every RET in `code` (which starts at `address`).
@@ -204,7 +253,7 @@ mod tests {
 
     /// The start of `(*table).pruneTombstones` as Go 1.27 compiles it: stack
     /// check, frame, `if t.tombstones()*10 < t.capacity { return }`.
-    const PRUNE_START: [u8; 72] = [
+    const PRUNE_START: [u8; 86] = [
         0x49, 0x3b, 0x66, 0x10, // cmp rsp, [r14+0x10]
         0x0f, 0x86, 0x3c, 0x03, 0x00, 0x00, // jbe morestack
         0x55, // push rbp
@@ -221,20 +270,31 @@ mod tests {
         0x48, 0x01, 0xff, // add rdi, rdi
         0x48, 0x8d, 0x3c, 0xbf, // lea rdi, [rdi+rdi*4]
         0x66, 0x39, 0xfe, // cmp si, di
-        0x77, 0x05, // ja +5 (the return)
+        0x77, 0x09, // ja +9 (the return)
         0x48, 0x89, 0x44, 0x24, 0x68, // mov [rsp+0x68], rax (the body)
+        0x31, 0xf6, // xor esi, esi
+        0xeb, 0x06, // jmp +6 (the loop below)
         0x48, 0x83, 0xc4, 0x58, // add rsp, 0x58
         0x5d, // pop rbp
+        0xc3, // ret
+        0x48, 0xff, 0xc6, // inc rsi (the loop)
+        0x48, 0x83, 0xfe, 0x08, // cmp rsi, 8
+        0x72, 0xf7, // jb -9
         0xc3, // ret
     ];
 
     #[test]
     fn finds_the_body_past_a_guard() {
         let preserved = [Register::RAX, Register::RBX, Register::RCX];
+        // The jmp after the body's first two instructions.
         assert_eq!(
             guarded_body(&PRUNE_START, 0x1000, &preserved),
-            Some(0x1000 + 61)
+            Some(0x1000 + 68)
         );
+        // A block the loop jumps back into: no probe there.
+        let mut looping = PRUNE_START;
+        looping[84] = 0xed; // jb -19: back to the body's xor
+        assert_eq!(guarded_body(&looping, 0x1000, &preserved), None);
         // The guard's registers are no longer the arguments: no body.
         assert_eq!(guarded_body(&PRUNE_START, 0x1000, &[Register::RDI]), None);
         // Without the frame built before the guard.

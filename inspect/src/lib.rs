@@ -63,11 +63,11 @@ pub struct Function {
     pub ret_offsets: Vec<u64>,
     /// The stack check at the entry, when the function has one.
     pub stack_check: Option<StackCheck>,
-    /// File offset where the work begins, when the function starts with a
-    /// guard that returns at once (`if cond { return }`) and the first
-    /// three argument registers (RAX, RBX, RCX) still hold the arguments
-    /// there, with the frame built: a probe there sees only calls that pass
-    /// the guard.
+    /// File offset of the first jump of the function's body, when it starts
+    /// with a guard that returns at once (`if cond { return }`) and the
+    /// first three argument registers (RAX, RBX, RCX) still hold the
+    /// arguments there, with the frame built: a probe there (emulated, like
+    /// one on the stack check's jump) sees only calls that pass the guard.
     pub guarded_body: Option<u64>,
 }
 
