@@ -131,9 +131,10 @@ struct ProbeConfig {
 }
 
 /// Agent flags that keep every probe attached however much it costs:
-/// assignment probes as `mode` says, and a budget no phase can spend (the
+/// assignment probes as `mode` says, a budget no phase can spend (the
 /// governor would otherwise cut the growth probes in the middle of a
-/// growth phase).
+/// growth phase), and the kernel's run-time statistics on throughout (by
+/// default the agent keeps them on one second in thirty).
 fn agent_flags(help: &str, mode: &str) -> Vec<String> {
     let mut flags = vec![format!("--map-assign-probes={mode}")];
     if help.contains("--overhead-budget") {
@@ -141,6 +142,9 @@ fn agent_flags(help: &str, mode: &str) -> Vec<String> {
     }
     if help.contains("--overhead-window") {
         flags.push("--overhead-window=3600".to_string());
+    }
+    if help.contains("--bpf-stats") {
+        flags.push("--bpf-stats=always".to_string());
     }
     flags
 }
@@ -1112,6 +1116,10 @@ mod tests {
                 "--overhead-budget=1",
                 "--overhead-window=3600"
             ]
+        );
+        assert_eq!(
+            agent_flags("--overhead-budget --overhead-window --bpf-stats", "off").last(),
+            Some(&"--bpf-stats=always".to_string())
         );
         let names: Vec<String> = configs("").into_iter().map(|c| c.config.name).collect();
         assert_eq!(names, ["none-growth", "off", "none-access", "always"]);
