@@ -13,9 +13,9 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuHashMap},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
-        UProbe,
+        RawTracePoint, UProbe,
         uprobe::{UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
@@ -29,7 +29,7 @@ use crate::plan::{PROGRAM_TABLE, ProbeSite};
 /// The program the agent times its own uprobe traps with (does nothing).
 pub const PROG_CALIBRATE: &str = "calibrate";
 
-/// The links attached for one group of probes of one process.
+/// The links attached for one group of probes of one executable.
 #[derive(Debug, Default)]
 pub struct Links {
     links: Vec<(usize, UProbeLinkId)>,
@@ -107,6 +107,19 @@ pub struct CollectorMaps {
     pub seen: HashMap<MapData, MapKey, MapSeen>,
 }
 
+/// The exec and exit events discovery reads.
+pub struct LifeMaps {
+    pub ring: RingBuf<MapData>,
+    /// Events the ring had no room for, per CPU.
+    pub lost: PerCpuArray<MapData, u64>,
+}
+
+/// The raw tracepoint programs and the kernel tracepoints they go on.
+const LIFE_PROGRAMS: [(&str, &str); 2] = [
+    ("on_exec", "sched_process_exec"),
+    ("on_exit", "sched_process_exit"),
+];
+
 /// The programs and the maps processes are registered in.
 pub struct Bpf {
     ebpf: Ebpf,
@@ -116,20 +129,25 @@ pub struct Bpf {
 
 impl Bpf {
     /// Loads and verifies every program.
-    pub fn load() -> anyhow::Result<(Self, CollectorMaps)> {
+    /// The per-process maps are sized for `max_processes` (PROCS holds a
+    /// copy per CPU: a few hundred bytes × CPUs × processes).
+    pub fn load(max_processes: u32) -> anyhow::Result<(Self, CollectorMaps, LifeMaps)> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(aya::include_bytes_aligned!(concat!(
-            env!("OUT_DIR"),
-            "/gopulse"
-        )))
-        .map_err(|e| {
-            let hint = if is_root() {
-                ""
-            } else {
-                " (loading BPF programs needs root, or CAP_BPF and CAP_PERFMON)"
-            };
-            anyhow!("loading the eBPF object: {e}{hint}")
-        })?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries("PROCS", max_processes)
+            .map_max_entries("STW", max_processes)
+            .load(aya::include_bytes_aligned!(concat!(
+                env!("OUT_DIR"),
+                "/gopulse"
+            )))
+            .map_err(|e| {
+                let hint = if is_root() {
+                    ""
+                } else {
+                    " (loading BPF programs needs root, or CAP_BPF and CAP_PERFMON)"
+                };
+                anyhow!("loading the eBPF object: {e}{hint}")
+            })?;
         for name in PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
@@ -167,6 +185,18 @@ impl Bpf {
             growths: HashMap::try_from(take("GROWTHS")?)?,
             seen: HashMap::try_from(take("MAP_SEEN")?)?,
         };
+        let life = LifeMaps {
+            ring: RingBuf::try_from(take("LIFE")?)?,
+            lost: PerCpuArray::try_from(take("LIFE_LOST")?)?,
+        };
+        for (name, _) in LIFE_PROGRAMS {
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the eBPF object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("loading program {name}"))?;
+        }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         Ok((
             Self {
@@ -175,6 +205,7 @@ impl Bpf {
                 cpus,
             },
             collector,
+            life,
         ))
     }
 
@@ -240,6 +271,24 @@ impl Bpf {
         }
     }
 
+    /// Turns on the lifecycle events: exits of watched processes, and with
+    /// `execs` every exec on the host. They stay on while the agent runs.
+    pub fn attach_lifecycle(&mut self, execs: bool) -> anyhow::Result<()> {
+        for (name, tracepoint) in LIFE_PROGRAMS {
+            if name == "on_exec" && !execs {
+                continue;
+            }
+            let prog: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            prog.attach(tracepoint)
+                .with_context(|| format!("attaching {name} to the {tracepoint} tracepoint"))?;
+        }
+        Ok(())
+    }
+
     /// A process's counters.
     pub fn counters(&self, pid: u32) -> anyhow::Result<Counters> {
         self.procs.counters(pid)
@@ -253,18 +302,22 @@ impl Bpf {
             .try_into()?)
     }
 
-    /// Attaches probes to a registered process; all or nothing.
-    pub fn attach_sites(&mut self, pid: u32, sites: &[ProbeSite]) -> anyhow::Result<Links> {
-        // Attach through /proc so the right file is probed even when the
-        // path is in another mount namespace or was replaced on disk.
-        let target = format!("/proc/{pid}/exe");
+    /// Attaches probes to an executable, for every process that runs it
+    /// (the programs tell watched processes apart by pid); all or nothing.
+    /// `target` is a path to the file (through /proc, so the right file is
+    /// probed even when its path is in another mount namespace or was
+    /// replaced on disk).
+    pub fn attach_sites(&mut self, target: &Path, sites: &[ProbeSite]) -> anyhow::Result<Links> {
         let mut links = Links::default();
         for site in sites {
             let name = PROGRAM_TABLE[site.program].name;
-            match self.attach_one(name, Path::new(&target), site.file_offset, pid) {
+            let attached = self
+                .uprobe(name)
+                .and_then(|p| Ok(p.attach(site.file_offset, target, UProbeScope::AllProcesses)?));
+            match attached {
                 Ok(link) => links.links.push((site.program, link)),
                 Err(e) => {
-                    self.detach_links(pid, links);
+                    self.detach_links(links);
                     bail!(
                         "attaching {name} at {} (file offset {:#x}): {e}",
                         site.function,
@@ -294,13 +347,13 @@ impl Bpf {
     }
 
     /// Takes every link out of its program, to be dropped by the caller.
-    pub fn take_links(&mut self, pid: u32, links: Links) -> Vec<UProbeLink> {
+    pub fn take_links(&mut self, links: Links) -> Vec<UProbeLink> {
         let mut taken = Vec::with_capacity(links.links.len());
         for (program, link) in links.links {
             let name = PROGRAM_TABLE[program].name;
             match self.take_one(name, link) {
                 Ok(link) => taken.push(link),
-                Err(e) => tracing::warn!(pid, program = name, "detaching uprobe: {e:#}"),
+                Err(e) => tracing::warn!(program = name, "detaching uprobe: {e:#}"),
             }
         }
         taken
@@ -310,8 +363,8 @@ impl Bpf {
     /// the kernel waits out an RCU grace period for each uprobe it removes
     /// (about 0.1 s each here, one after another), so the links are dropped
     /// on threads of their own, all at once, and nothing waits for them.
-    pub fn detach_links(&mut self, pid: u32, links: Links) {
-        let taken = self.take_links(pid, links);
+    pub fn detach_links(&mut self, links: Links) {
+        let taken = self.take_links(links);
         drop_in_background(taken);
     }
 

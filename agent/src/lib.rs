@@ -7,6 +7,7 @@
 pub mod bpf;
 pub mod collector;
 pub mod cost;
+pub mod discover;
 pub mod governor;
 pub mod mapshape;
 pub mod metrics;

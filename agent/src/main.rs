@@ -14,13 +14,19 @@ use clap::Parser;
 use gopulse_agent::{
     bpf,
     collector::Collector,
+    discover::{
+        Discovery, Naming, Selection,
+        events::LifeEvents,
+        pods::{ApiAccess, PodDirectory},
+        selector::LabelSelector,
+    },
     governor::Budget,
-    metrics,
+    metrics::{self, LabelChoice},
     plan::{DEFAULT_PLUMBING, Plumbing},
     probes::{AccessMode, Probes, StatsMode},
     server::{self, App},
     storm::StormRule,
-    watch::watch,
+    watch::{Follow, watch},
 };
 
 /// Watches Go processes with eBPF uprobes and serves their GC and
@@ -29,10 +35,72 @@ use gopulse_agent::{
 #[command(name = "gopulse", version, about, long_about = None)]
 struct Args {
     /// Process id of a Go program to watch (Go 1.21 to 1.27, linux/amd64).
-    /// Repeat for several. A pid that cannot be watched is logged and skipped.
-    #[arg(long = "pid", value_name = "PID", required = true,
+    /// Repeat for several. A pid that cannot be watched is logged and
+    /// skipped. Without --pid the agent watches every Go process it can
+    /// see (run it in the host's pid namespace to see the node's).
+    #[arg(long = "pid", value_name = "PID",
           value_parser = clap::value_parser!(u32).range(1..))]
     pids: Vec<u32>,
+
+    /// Print the Go processes the agent would watch here, and why each
+    /// other Go process would be skipped; then exit. Needs no BPF.
+    #[arg(long)]
+    list: bool,
+
+    /// Watch only Go programs whose executable's file name matches this
+    /// regular expression (discovery and --list).
+    #[arg(long, value_name = "REGEX")]
+    exe_regex: Option<regex_lite::Regex>,
+
+    /// Watch only processes in pods of this namespace (repeatable; needs
+    /// the Kubernetes API).
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+
+    /// Watch only processes in pods whose labels match this Kubernetes
+    /// label selector (`app=api,tier!=db`, `env in (prod,staging)`; needs
+    /// the Kubernetes API).
+    #[arg(long, value_name = "SELECTOR", value_parser = LabelSelector::parse)]
+    pod_selector: Option<LabelSelector>,
+
+    /// Most processes watched at once; Go processes beyond it are counted
+    /// in gopulse_discovery_skipped_total{reason="limit"} and logged once.
+    /// The kernel's per-process tables are sized for it (with --pid, for at
+    /// least as many as are named).
+    #[arg(long, value_name = "N", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    max_processes: u64,
+
+    /// The optional labels series carry, comma-separated, from: pid,
+    /// container_id, pod_uid, namespace, pod, container. Every series also
+    /// has exe and go_version. Leave out pid on busy nodes (it churns with
+    /// every restart); processes that then share all labels share series.
+    #[arg(long, value_name = "LIST", default_value = LabelChoice::ALL,
+          value_parser = LabelChoice::parse)]
+    labels: LabelChoice,
+
+    /// Name pods from the Kubernetes API (this node's pods only): `auto`
+    /// (when running in a pod with a service account, or given
+    /// --kubeconfig), `on` (fail if the API cannot be reached), `off`.
+    #[arg(long, value_enum, default_value_t = KubeMode::Auto)]
+    kubernetes: KubeMode,
+
+    /// A kubeconfig to reach the Kubernetes API with, instead of the pod's
+    /// service account.
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<std::path::PathBuf>,
+
+    /// This node's name, whose pods are watched (default: $NODE_NAME, set
+    /// from the downward API in the DaemonSet, else the host name).
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+
+    /// How often, in seconds, discovery rescans /proc for Go processes the
+    /// kernel's exec events missed (it also rescans at once when events
+    /// are lost).
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    rescan_interval: u64,
 
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
@@ -136,13 +204,94 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    let result = if args.list {
+        runtime.block_on(list(args))
+    } else {
+        runtime.block_on(run(args))
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum KubeMode {
+    Auto,
+    On,
+    Off,
+}
+
+/// The pod directory, if the Kubernetes API is to be used and reachable.
+async fn pod_directory(args: &Args) -> anyhow::Result<Option<PodDirectory>> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let wanted = match args.kubernetes {
+        KubeMode::Off => false,
+        KubeMode::On => true,
+        KubeMode::Auto => in_cluster || args.kubeconfig.is_some(),
+    };
+    if !wanted {
+        return Ok(None);
+    }
+    let node = match args
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok())
+    {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .context("this node's name (give --node-name)")?
+            .trim()
+            .to_owned(),
+    };
+    let access = ApiAccess {
+        kubeconfig: args.kubeconfig.clone(),
+        node,
+    };
+    match PodDirectory::start(access).await {
+        Ok(dir) => Ok(Some(dir)),
+        Err(e) if args.kubernetes == KubeMode::Auto => {
+            tracing::warn!("{e:#}; series carry container and pod ids, not pod names");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What discovery is to watch, from the flags; pods are looked up in
+/// `pods`, which selecting by namespace or pod labels needs.
+fn selection(args: &Args, pods: Option<PodDirectory>) -> anyhow::Result<Selection> {
+    let select = Selection {
+        exe: args.exe_regex.clone(),
+        namespaces: args.namespaces.clone(),
+        pod_selector: args.pod_selector.clone(),
+        pods,
+    };
+    if (!select.namespaces.is_empty() || select.pod_selector.is_some()) && select.pods.is_none() {
+        anyhow::bail!(
+            "--namespace and --pod-selector need the Kubernetes API (in a pod with a service \
+             account, or --kubeconfig)"
+        );
+    }
+    Ok(select)
+}
+
+/// `--list`.
+async fn list(args: Args) -> anyhow::Result<()> {
+    let pods = pod_directory(&args).await?;
+    if let Some(dir) = &pods {
+        dir.wait_ready(Duration::from_secs(10)).await;
+    }
+    let select = selection(&args, pods)?;
+    let table = tokio::task::spawn_blocking(move || gopulse_agent::discover::list(select))
+        .await
+        .context("listing processes")?
+        .context("listing processes")?;
+    print!("{table}");
+    Ok(())
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -162,9 +311,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    let (bpf, maps) = bpf::Bpf::load()?;
+    let pods = pod_directory(&args).await?;
+    let select = selection(&args, pods.clone())?;
+    if select.pod_selector.is_some() || !select.namespaces.is_empty() {
+        // Selecting by pod before the first list would filter every pod out.
+        if let Some(dir) = &pods {
+            dir.wait_ready(Duration::from_secs(10)).await;
+        }
+    }
+    let naming = Naming {
+        choice: args.labels,
+        pods,
+    };
+    let max_processes =
+        u32::try_from(args.max_processes.max(args.pids.len() as u64)).unwrap_or(u32::MAX);
+    let (mut bpf, maps, life) = bpf::Bpf::load(max_processes)?;
+    let discovering = args.pids.is_empty();
+    bpf.attach_lifecycle(discovering)?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("gopulse");
     let metrics = metrics::Metrics::new(&mut registry);
+    let discovery_metrics = metrics::DiscoveryMetrics::new(&mut registry);
     let budget = Budget {
         fraction: args.overhead_budget,
         window: Duration::from_secs(args.overhead_window),
@@ -200,10 +366,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let plumbing = Plumbing::new(&args.site_skip);
     for &pid in &args.pids {
         app.with_collector(|c| c.request(pid));
-        if let Err(e) = watch(&app, pid, &plumbing) {
+        if let Err(e) = watch(&app, pid, &plumbing, &naming) {
             tracing::error!(pid, "pid {pid}: cannot watch: {e:#}");
         }
     }
+    if discovering {
+        tracing::info!(
+            "no --pid: watching every Go process on this host (exec events, /proc rescans \
+             every {}s)",
+            args.rescan_interval
+        );
+    }
+    let follow_app = app.clone();
+    let follow = Follow {
+        discovery: discovering.then(|| Discovery::new(select)),
+        events: LifeEvents::new(life),
+        max_processes: usize::try_from(args.max_processes).unwrap_or(usize::MAX),
+        rescan_every: Duration::from_secs(args.rescan_interval),
+        plumbing,
+        naming,
+        metrics: discovery_metrics,
+    };
+    std::thread::Builder::new()
+        .name("follow".into())
+        .spawn(move || gopulse_agent::watch::follow(&follow_app, follow))
+        .context("starting the discovery thread")?;
 
     // The pauses the probes log: read four times a second (a process's
     // log holds 128), or every poll interval if that is shorter.

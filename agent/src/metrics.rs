@@ -1,19 +1,132 @@
 //! The metrics gopulse exports. Names, labels and units are part of the
 //! product: change them only with the docs and dashboards.
-use std::sync::atomic::AtomicU64;
+use std::{
+    hash::{Hash, Hasher},
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
 
-/// Labels every series carries.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Labels every series of a process carries: who the process is. `pid`,
+/// `container_id` and `pod_uid` are absent when unknown or turned off
+/// (`--labels`); `namespace`, `pod` and `container` appear once the
+/// Kubernetes API has named the pod (they are not part of the series'
+/// identity inside the agent).
+#[derive(Clone, Debug, Default)]
 pub struct ProcLabels {
-    pub pid: String,
+    pub pid: Option<String>,
     pub exe: String,
     pub go_version: String,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+    pub names: Option<Arc<crate::discover::pods::PodNames>>,
+}
+
+impl ProcLabels {
+    fn key(
+        &self,
+    ) -> (
+        &Option<String>,
+        &str,
+        &str,
+        &Option<String>,
+        &Option<String>,
+    ) {
+        (
+            &self.pid,
+            &self.exe,
+            &self.go_version,
+            &self.container_id,
+            &self.pod_uid,
+        )
+    }
+}
+
+impl PartialEq for ProcLabels {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for ProcLabels {}
+
+impl Hash for ProcLabels {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.key().hash(state);
+    }
+}
+
+impl EncodeLabelSet for ProcLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let mut put = |k: &'static str, v: &str| (k, v).encode(encoder.encode_label());
+        if let Some(pid) = &self.pid {
+            put("pid", pid)?;
+        }
+        put("exe", &self.exe)?;
+        put("go_version", &self.go_version)?;
+        if let Some(id) = &self.container_id {
+            put("container_id", id)?;
+        }
+        if let Some(uid) = &self.pod_uid {
+            put("pod_uid", uid)?;
+        }
+        if let Some(names) = &self.names {
+            for (k, v) in names.labels() {
+                put(k, &v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which optional labels series carry (`--labels`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LabelChoice {
+    pub pid: bool,
+    pub container_id: bool,
+    pub pod_uid: bool,
+    pub namespace: bool,
+    pub pod: bool,
+    pub container: bool,
+}
+
+impl LabelChoice {
+    /// Every optional label.
+    pub const ALL: &str = "pid,container_id,pod_uid,namespace,pod,container";
+
+    /// Parses a comma-separated list of the optional labels.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        let mut c = Self {
+            pid: false,
+            container_id: false,
+            pod_uid: false,
+            namespace: false,
+            pod: false,
+            container: false,
+        };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let flag = match name {
+                "pid" => &mut c.pid,
+                "container_id" => &mut c.container_id,
+                "pod_uid" => &mut c.pod_uid,
+                "namespace" => &mut c.namespace,
+                "pod" => &mut c.pod,
+                "container" => &mut c.container,
+                other => {
+                    return Err(format!(
+                        "unknown label {other:?}; the optional labels are {}",
+                        Self::ALL
+                    ));
+                }
+            };
+            *flag = true;
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +227,84 @@ fn pause_histogram() -> Histogram {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// Why discovery did not watch a process.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    /// `not_go`, `unsupported`, `refused`, `filtered`, `limit`, `gone`.
+    pub reason: &'static str,
+}
+
+/// Exec-to-attached buckets in seconds: the target is 200 ms, the promise 1 s.
+pub const ATTACH_DELAY_BUCKETS: [f64; 10] =
+    [0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.5, 10.0];
+
+/// The agent's own work finding processes (no per-process labels).
+#[derive(Clone)]
+pub struct DiscoveryMetrics {
+    pub execs: Counter,
+    pub skipped: Family<SkipLabels, Counter>,
+    pub events_lost: Counter,
+    pub executables_judged: Counter,
+    pub processes_watched: Gauge,
+    pub attach_delay: Histogram,
+    pub rescans: Counter,
+}
+
+impl DiscoveryMetrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            execs: Counter::default(),
+            skipped: Family::default(),
+            events_lost: Counter::default(),
+            executables_judged: Counter::default(),
+            processes_watched: Gauge::default(),
+            attach_delay: Histogram::new(ATTACH_DELAY_BUCKETS),
+            rescans: Counter::default(),
+        };
+        registry.register(
+            "discovery_execs",
+            "Programs started on the host (exec) that discovery looked at",
+            m.execs.clone(),
+        );
+        registry.register(
+            "discovery_skipped",
+            "Processes discovery did not watch, by reason: not_go, unsupported (Go release or \
+             architecture), refused (unreadable executable), filtered (--exe-regex), limit \
+             (--max-processes reached), gone (exited before it was looked at)",
+            m.skipped.clone(),
+        );
+        registry.register(
+            "discovery_events_lost",
+            "Exec and exit events the kernel's ring had no room for (each loss triggers a \
+             /proc rescan)",
+            m.events_lost.clone(),
+        );
+        registry.register(
+            "discovery_executables_judged",
+            "Executables read to decide whether they are Go (once per file: device, inode, \
+             mtime and size)",
+            m.executables_judged.clone(),
+        );
+        registry.register(
+            "processes_watched",
+            "Go processes the agent watches now",
+            m.processes_watched.clone(),
+        );
+        registry.register_with_unit(
+            "discovery_attach_delay",
+            "From a Go program's exec to its probes attached",
+            Unit::Seconds,
+            m.attach_delay.clone(),
+        );
+        registry.register(
+            "discovery_rescans",
+            "Scans of /proc (at start-up, every --rescan-interval, and after lost events)",
+            m.rescans.clone(),
+        );
+        m
+    }
+}
+
 /// Handles to every metric family (clones share the families).
 #[derive(Clone)]
 pub struct Metrics {
@@ -140,6 +331,8 @@ pub struct Metrics {
     pub map_growth_attached: Family<ProcLabels, Gauge>,
     pub maps_untracked: Family<ProcLabels, Counter>,
     pub map_evacuated_buckets: Family<ProcLabels, Counter>,
+    pub uprobes_attached: Gauge,
+    pub executables_probed: Gauge,
 }
 
 impl Metrics {
@@ -170,6 +363,8 @@ impl Metrics {
             map_growth_attached: Family::default(),
             maps_untracked: Family::default(),
             map_evacuated_buckets: Family::default(),
+            uprobes_attached: Gauge::default(),
+            executables_probed: Gauge::default(),
         };
         registry.register(
             "gc_cycles",
@@ -313,6 +508,17 @@ impl Metrics {
              (runtime.evacuate*), counted while the assignment probes are attached",
             m.map_evacuated_buckets.clone(),
         );
+        registry.register(
+            "uprobes_attached",
+            "Uprobes the agent has attached on this host: one set per executable, shared by \
+             every watched process that runs it",
+            m.uprobes_attached.clone(),
+        );
+        registry.register(
+            "executables_probed",
+            "Executables with probes attached (replicas of one binary count once)",
+            m.executables_probed.clone(),
+        );
         m
     }
 
@@ -400,9 +606,10 @@ mod tests {
         let mut registry = Registry::with_prefix("gopulse");
         let m = Metrics::new(&mut registry);
         let proc = ProcLabels {
-            pid: "1".into(),
+            pid: Some("1".into()),
             exe: "x".into(),
             go_version: "go1.27.3".into(),
+            ..ProcLabels::default()
         };
         m.gc_cycles.get_or_create(&proc).inc();
         m.gc_pause

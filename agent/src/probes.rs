@@ -3,8 +3,9 @@
 //! cost. It shares no lock with collection, so its budget checks never wait
 //! behind a scrape.
 use std::{
-    collections::BTreeMap,
-    os::{fd::OwnedFd, unix::fs::MetadataExt as _},
+    collections::{BTreeMap, BTreeSet},
+    os::fd::{AsRawFd as _, OwnedFd},
+    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -54,23 +55,7 @@ pub enum AccessMode {
     Always,
 }
 
-/// An executable, as the kernel knows files: device and inode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ExeKey {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl ExeKey {
-    /// The executable process `pid` runs.
-    pub fn of(pid: u32) -> std::io::Result<Self> {
-        let m = std::fs::metadata(crate::procfs::exe_path(pid))?;
-        Ok(Self {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-}
+pub use crate::discover::exe::ExeKey;
 
 /// What the attach stage needs to watch one process.
 pub struct Target<'a> {
@@ -82,41 +67,54 @@ pub struct Target<'a> {
     pub pages: &'a BTreeMap<u32, PageBits>,
 }
 
-/// An executable registered with the kernel.
-struct Exe {
-    id: u32,
-    /// Processes of it watched.
-    procs: usize,
-    /// Its plumbing pages in the kernel.
-    pages: Vec<u32>,
-}
-
-/// A group of probes that can be cut: where they go, their links while
-/// attached, and their budget.
+/// A group of probes that can be cut: where they go, and their links
+/// while attached.
 struct Cuttable {
     sites: Vec<ProbeSite>,
     links: Option<Links>,
-    bucket: TokenBucket,
     /// Cut by the governor (not merely between sampling windows).
     cut: bool,
 }
 
-struct Attached {
-    labels: ProcLabels,
-    exe: ExeKey,
+impl Cuttable {
+    fn len(&self) -> usize {
+        self.links.as_ref().map_or(0, Links::len)
+    }
+}
+
+/// An executable with watched processes: its probes, attached once for
+/// every process that runs it (processes are told apart in the kernel by
+/// pid), and its id and plumbing pages in the kernel.
+struct Exe {
+    id: u32,
+    /// Holds the file, so probes can be put back after the process that
+    /// brought it has gone (attached through `/proc/self/fd/N`).
+    file: std::fs::File,
+    pids: BTreeSet<u32>,
+    pages: Vec<u32>,
     core: Links,
     growth: Cuttable,
     access: Cuttable,
-    /// Hits per program at the last check.
-    hits: [u64; PROGRAMS],
 }
 
-impl Attached {
+impl Exe {
     fn probe_count(&self) -> usize {
-        self.core.len()
-            + self.growth.links.as_ref().map_or(0, Links::len)
-            + self.access.links.as_ref().map_or(0, Links::len)
+        self.core.len() + self.growth.len() + self.access.len()
     }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// A watched process: its labels and budgets.
+struct Attached {
+    labels: ProcLabels,
+    exe: ExeKey,
+    growth: TokenBucket,
+    access: TokenBucket,
+    /// Hits per program at the last check.
+    hits: [u64; PROGRAMS],
 }
 
 pub struct Probes {
@@ -133,7 +131,6 @@ pub struct Probes {
     access_on: bool,
     /// When the programs' costs were last refreshed from the kernel.
     costs_read: Option<Instant>,
-    /// Executables registered with the kernel.
     exes: BTreeMap<ExeKey, Exe>,
     procs: BTreeMap<u32, Attached>,
     /// Keeps the kernel's BPF run-time statistics on while held.
@@ -213,18 +210,57 @@ impl Probes {
         (probes, costs)
     }
 
-    /// The id of an executable in the kernel, registering it (and its
-    /// plumbing pages) for its first process.
-    fn exe_id(&mut self, key: ExeKey, pages: &BTreeMap<u32, PageBits>) -> anyhow::Result<u32> {
-        if let Some(exe) = self.exes.get_mut(&key) {
-            exe.procs += 1;
-            return Ok(exe.id);
+    /// Registers the process and, for the first process of its executable,
+    /// attaches the executable's probes: GC and stop-the-world, map growth,
+    /// and the access probes if they are on. Returns how many probes the
+    /// executable has.
+    pub fn attach(&mut self, t: Target<'_>) -> anyhow::Result<usize> {
+        if self.procs.contains_key(&t.pid) {
+            bail!("pid {} is watched already", t.pid);
         }
+        if !self.exes.contains_key(&t.exe) {
+            self.add_exe(&t)?;
+        }
+        let Some(exe) = self.exes.get_mut(&t.exe) else {
+            bail!("executable of pid {} vanished", t.pid);
+        };
+        let config = gopulse_common::ProcConfig {
+            exe_id: exe.id,
+            ..t.plan.config
+        };
+        if let Err(e) = self.bpf.register(t.pid, config, t.plan.stw) {
+            self.bpf.unregister(t.pid);
+            if exe.pids.is_empty() {
+                self.drop_exe(t.exe);
+            }
+            return Err(e);
+        }
+        exe.pids.insert(t.pid);
+        let now = Instant::now();
+        let a = Attached {
+            labels: t.labels,
+            exe: t.exe,
+            growth: TokenBucket::new(self.budget, now),
+            access: TokenBucket::new(self.access_budget, now),
+            hits: [0; PROGRAMS],
+        };
+        let n = exe.probe_count();
+        self.procs.insert(t.pid, a);
+        self.publish_exe(t.exe);
+        self.publish_node();
+        Ok(n)
+    }
+
+    /// Registers an executable with the kernel (id, plumbing pages) and
+    /// attaches its probes; all or nothing.
+    fn add_exe(&mut self, t: &Target<'_>) -> anyhow::Result<()> {
+        let file = std::fs::File::open(crate::procfs::exe_path(t.pid))
+            .with_context(|| format!("opening the executable of pid {}", t.pid))?;
         let id = (0..=u32::MAX)
             .find(|id| self.exes.values().all(|e| e.id != *id))
             .context("no free executable id")?;
-        let pages = match self.bpf.set_exe(id, pages) {
-            Ok(()) => pages.keys().copied().collect(),
+        let pages = match self.bpf.set_exe(id, t.pages) {
+            Ok(()) => t.pages.keys().copied().collect(),
             Err(e) => {
                 // The probes still count every growth, at the direct caller
                 // of the runtime.
@@ -234,116 +270,93 @@ impl Probes {
                 Vec::new()
             }
         };
-        self.exes.insert(
-            key,
-            Exe {
-                id,
-                procs: 1,
-                pages,
-            },
-        );
-        Ok(id)
-    }
-
-    fn release_exe(&mut self, key: ExeKey) {
-        if let Some(exe) = self.exes.get_mut(&key) {
-            exe.procs -= 1;
-            if exe.procs == 0
-                && let Some(exe) = self.exes.remove(&key)
-            {
-                self.bpf.remove_exe(exe.id, exe.pages);
-            }
-        }
-    }
-
-    /// Registers the process and attaches its probes: GC and stop-the-world,
-    /// map growth, and the access probes if they are on. Returns how many.
-    pub fn attach(&mut self, t: Target<'_>) -> anyhow::Result<usize> {
-        if self.procs.contains_key(&t.pid) {
-            bail!("pid {} is watched already", t.pid);
-        }
-        let exe_id = self.exe_id(t.exe, t.pages)?;
-        let config = gopulse_common::ProcConfig {
-            exe_id,
-            ..t.plan.config
-        };
-        let attached = self
-            .bpf
-            .register(t.pid, config, t.plan.stw)
-            .and_then(|()| self.bpf.attach_sites(t.pid, &t.plan.core))
-            .and_then(|core| match self.bpf.attach_sites(t.pid, &t.plan.growth) {
-                Ok(growth) => Ok((core, growth)),
-                Err(e) => {
-                    self.bpf.detach_links(t.pid, core);
-                    Err(e)
-                }
-            });
-        let (core, growth) = match attached {
-            Ok(links) => links,
-            Err(e) => {
-                self.bpf.unregister(t.pid);
-                self.release_exe(t.exe);
-                return Err(e);
-            }
-        };
-        let now = Instant::now();
-        let mut a = Attached {
-            labels: t.labels,
-            exe: t.exe,
-            core,
+        let mut exe = Exe {
+            id,
+            file,
+            pids: BTreeSet::new(),
+            pages,
+            core: Links::default(),
             growth: Cuttable {
                 sites: t.plan.growth.clone(),
-                links: Some(growth),
-                bucket: TokenBucket::new(self.budget, now),
+                links: None,
                 cut: false,
             },
             access: Cuttable {
                 sites: t.plan.access.clone(),
                 links: None,
-                bucket: TokenBucket::new(self.access_budget, now),
                 cut: false,
             },
-            hits: [0; PROGRAMS],
         };
-        if self.access_on {
-            attach_access(&mut self.bpf, t.pid, &mut a);
+        let path = exe.path();
+        let attached = self.bpf.attach_sites(&path, &t.plan.core).and_then(|core| {
+            match self.bpf.attach_sites(&path, &t.plan.growth) {
+                Ok(growth) => Ok((core, growth)),
+                Err(e) => {
+                    self.bpf.detach_links(core);
+                    Err(e)
+                }
+            }
+        });
+        match attached {
+            Ok((core, growth)) => {
+                exe.core = core;
+                exe.growth.links = Some(growth);
+            }
+            Err(e) => {
+                self.bpf.remove_exe(exe.id, exe.pages);
+                return Err(e);
+            }
         }
-        self.metrics
-            .map_growth_attached
-            .get_or_create(&a.labels)
-            .set(1);
-        self.publish(&a);
-        let n = a.probe_count();
-        self.procs.insert(t.pid, a);
-        Ok(n)
+        if self.access_on {
+            attach_access(&mut self.bpf, &mut exe);
+        }
+        self.exes.insert(t.exe, exe);
+        Ok(())
     }
 
-    /// Detaches every probe of a process and forgets it.
+    /// Detaches an executable's probes and forgets it.
+    fn drop_exe(&mut self, key: ExeKey) {
+        let Some(exe) = self.exes.remove(&key) else {
+            return;
+        };
+        for links in [Some(exe.core), exe.growth.links, exe.access.links]
+            .into_iter()
+            .flatten()
+        {
+            self.bpf.detach_links(links);
+        }
+        self.bpf.remove_exe(exe.id, exe.pages);
+    }
+
+    /// Forgets a process; the last of its executable takes the probes with
+    /// it.
     pub fn detach(&mut self, pid: u32) {
         let Some(a) = self.procs.remove(&pid) else {
             return;
         };
-        for links in [Some(a.core), a.growth.links, a.access.links]
-            .into_iter()
-            .flatten()
-        {
-            self.bpf.detach_links(pid, links);
-        }
         self.bpf.unregister(pid);
-        self.release_exe(a.exe);
+        if let Some(exe) = self.exes.get_mut(&a.exe) {
+            exe.pids.remove(&pid);
+            if exe.pids.is_empty() {
+                self.drop_exe(a.exe);
+            }
+        }
+        self.publish_node();
     }
 
-    /// Detaches every probe of every process, in parallel, and returns when
-    /// they are all gone (at shutdown).
+    /// Detaches every probe, in parallel, and returns when they are all
+    /// gone (at shutdown).
     pub fn detach_all(&mut self) {
         let mut links = Vec::new();
-        for (pid, a) in std::mem::take(&mut self.procs) {
-            for group in [Some(a.core), a.growth.links, a.access.links]
+        for (_, exe) in std::mem::take(&mut self.exes) {
+            for group in [Some(exe.core), exe.growth.links, exe.access.links]
                 .into_iter()
                 .flatten()
             {
-                links.extend(self.bpf.take_links(pid, group));
+                links.extend(self.bpf.take_links(group));
             }
+        }
+        for pid in std::mem::take(&mut self.procs).into_keys() {
             self.bpf.unregister(pid);
         }
         crate::bpf::drop_in_parallel(links);
@@ -356,38 +369,43 @@ impl Probes {
         }
         self.access_on = on;
         let now = Instant::now();
-        for (&pid, a) in &mut self.procs {
-            match (on, a.access.links.is_some()) {
-                // A window opens only with budget left.
-                (true, false) if a.access.bucket.spend(now, 0.0) => {
-                    a.access.cut = false;
-                    attach_access(&mut self.bpf, pid, a);
+        let keys: Vec<ExeKey> = self.exes.keys().copied().collect();
+        for key in keys {
+            let Some(exe) = self.exes.get_mut(&key) else {
+                continue;
+            };
+            match (on, exe.access.links.is_some()) {
+                // A window opens only while every process of the
+                // executable has budget left.
+                (true, false)
+                    if exe.pids.iter().all(|pid| {
+                        self.procs
+                            .get_mut(pid)
+                            .is_none_or(|a| a.access.spend(now, 0.0))
+                    }) =>
+                {
+                    exe.access.cut = false;
+                    attach_access(&mut self.bpf, exe);
                 }
                 (false, true) => {
-                    if let Some(links) = a.access.links.take() {
-                        self.bpf.detach_links(pid, links);
+                    if let Some(links) = exe.access.links.take() {
+                        self.bpf.detach_links(links);
                     }
                 }
                 _ => {}
             }
-            self.metrics
-                .map_assign_attached
-                .get_or_create(&a.labels)
-                .set(i64::from(a.access.links.is_some()));
-            self.metrics
-                .probes_attached
-                .get_or_create(&a.labels)
-                .set(a.probe_count() as i64);
+            self.publish_exe(key);
         }
+        self.publish_node();
     }
 
     /// One check of the budget: refreshes each program's cost from the
     /// kernel's statistics (every 100 ms at most), charges each process's
-    /// groups for their hits since the last check, cuts a group whose bucket
-    /// ran dry, and puts back a cut growth group once its bucket is full
-    /// again. Returns when to check next: soon while probes are spending
-    /// (so a group overshoots its bucket by at most one short check), at
-    /// leisure otherwise.
+    /// groups for their hits since the last check, cuts an executable's
+    /// group when a process of it ran its bucket dry, and puts back a cut
+    /// growth group once every process's bucket is full again. Returns when
+    /// to check next: soon while probes are spending (so a group overshoots
+    /// its bucket by at most one short check), at leisure otherwise.
     pub fn govern(&mut self) -> Duration {
         let now = Instant::now();
         if self
@@ -400,6 +418,9 @@ impl Probes {
             self.switch_stats(now);
         }
         let mut next = IDLE_CHECK;
+        // Per executable: some process ran dry (growth, access), and every
+        // process is full again (growth).
+        let mut dry: BTreeMap<ExeKey, (bool, bool, bool)> = BTreeMap::new();
         for (&pid, a) in &mut self.procs {
             let Ok(stats) = self.bpf.counters(pid) else {
                 continue;
@@ -415,69 +436,80 @@ impl Probes {
                 pid,
                 growth_s = spent[Group::Growth as usize],
                 access_s = spent[Group::Access as usize],
-                growth_left = a.growth.bucket.tokens(),
-                access_left = a.access.bucket.tokens(),
+                growth_left = a.growth.tokens(),
+                access_left = a.access.tokens(),
                 "budget check"
             );
-            let growth_left = a.growth.bucket.spend(now, spent[Group::Growth as usize]);
-            let access_left = a.access.bucket.spend(now, spent[Group::Access as usize]);
-            if a.growth.links.is_some() && !growth_left {
-                if let Some(links) = a.growth.links.take() {
-                    self.bpf.detach_links(pid, links);
+            let growth_left = a.growth.spend(now, spent[Group::Growth as usize]);
+            let access_left = a.access.spend(now, spent[Group::Access as usize]);
+            let full = a.growth.full(now);
+            let e = dry.entry(a.exe).or_insert((false, false, true));
+            e.0 |= !growth_left;
+            e.1 |= !access_left;
+            e.2 &= full;
+            if a.growth.tokens() < self.budget.capacity_s() / 2.0 {
+                next = next.min(BUSY_CHECK);
+            }
+        }
+        for (key, (growth_dry, access_dry, all_full)) in dry {
+            let Some(exe) = self.exes.get_mut(&key) else {
+                continue;
+            };
+            let mut changed = false;
+            let exe_name = exe
+                .pids
+                .first()
+                .and_then(|p| self.procs.get(p))
+                .map(|a| a.labels.exe.clone())
+                .unwrap_or_default();
+            if exe.growth.links.is_some() && growth_dry {
+                if let Some(links) = exe.growth.links.take() {
+                    self.bpf.detach_links(links);
                 }
-                a.growth.cut = true;
-                self.metrics
-                    .map_growth_attached
-                    .get_or_create(&a.labels)
-                    .set(0);
+                exe.growth.cut = true;
+                changed = true;
                 tracing::warn!(
-                    pid,
-                    exe = %a.labels.exe,
+                    exe = %exe_name,
+                    processes = exe.pids.len(),
                     "map growth probes spent their budget ({:.2}% of a CPU over {:?}): \
                      detached until it refills; growth counts miss that time",
                     self.budget.fraction * 100.0,
                     self.budget.window
                 );
-            } else if a.growth.cut && a.growth.bucket.full(now) {
-                match self.bpf.attach_sites(pid, &a.growth.sites) {
+            } else if exe.growth.cut && all_full {
+                match self.bpf.attach_sites(&exe.path(), &exe.growth.sites) {
                     Ok(links) => {
-                        a.growth.links = Some(links);
-                        a.growth.cut = false;
-                        self.metrics
-                            .map_growth_attached
-                            .get_or_create(&a.labels)
-                            .set(1);
-                        tracing::info!(pid, exe = %a.labels.exe, "map growth probes re-attached");
+                        exe.growth.links = Some(links);
+                        exe.growth.cut = false;
+                        changed = true;
+                        tracing::info!(exe = %exe_name, "map growth probes re-attached");
                     }
-                    Err(e) => tracing::warn!(pid, "re-attaching map growth probes: {e:#}"),
+                    Err(e) => {
+                        tracing::warn!(exe = %exe_name, "re-attaching map growth probes: {e:#}")
+                    }
                 }
             }
-            let spending =
-                |bucket: &TokenBucket, budget: &Budget| bucket.tokens() < budget.capacity_s() / 2.0;
-            if (a.growth.links.is_some() && spending(&a.growth.bucket, &self.budget))
-                || (self.access_mode == AccessMode::Sampled && a.access.links.is_some())
-            {
+            if self.access_mode == AccessMode::Sampled && exe.access.links.is_some() {
                 next = BUSY_CHECK;
-            }
-            if self.access_mode == AccessMode::Sampled && a.access.links.is_some() && !access_left {
-                if let Some(links) = a.access.links.take() {
-                    self.bpf.detach_links(pid, links);
+                if access_dry {
+                    if let Some(links) = exe.access.links.take() {
+                        self.bpf.detach_links(links);
+                    }
+                    exe.access.cut = true;
+                    changed = true;
+                    tracing::info!(
+                        exe = %exe_name,
+                        "map assignment probes spent their budget ({:.2}% of a CPU over {:?}): \
+                         detached until the next window",
+                        self.access_budget.fraction * 100.0,
+                        self.access_budget.window
+                    );
                 }
-                a.access.cut = true;
-                self.metrics
-                    .map_assign_attached
-                    .get_or_create(&a.labels)
-                    .set(0);
-                tracing::info!(
-                    pid,
-                    "map assignment probes spent their budget ({:.2}% of a CPU over {:?}): \
-                     detached until the next window",
-                    self.access_budget.fraction * 100.0,
-                    self.access_budget.window
-                );
             }
-            let n = a.probe_count() as i64;
-            self.metrics.probes_attached.get_or_create(&a.labels).set(n);
+            if changed {
+                self.publish_exe(key);
+                self.publish_node();
+            }
         }
         next
     }
@@ -519,21 +551,38 @@ impl Probes {
         }
     }
 
-    fn publish(&self, a: &Attached) {
-        self.metrics
-            .probes_attached
-            .get_or_create(&a.labels)
-            .set(a.probe_count() as i64);
-        self.metrics
-            .map_assign_attached
-            .get_or_create(&a.labels)
-            .set(i64::from(a.access.links.is_some()));
+    /// The gauges of every process of an executable: its probes are theirs.
+    fn publish_exe(&self, key: ExeKey) {
+        let Some(exe) = self.exes.get(&key) else {
+            return;
+        };
+        for a in exe.pids.iter().filter_map(|p| self.procs.get(p)) {
+            self.metrics
+                .probes_attached
+                .get_or_create(&a.labels)
+                .set(exe.probe_count() as i64);
+            self.metrics
+                .map_assign_attached
+                .get_or_create(&a.labels)
+                .set(i64::from(exe.access.links.is_some()));
+            self.metrics
+                .map_growth_attached
+                .get_or_create(&a.labels)
+                .set(i64::from(exe.growth.links.is_some()));
+        }
+    }
+
+    /// The node's totals: uprobes attached and executables probed.
+    fn publish_node(&self) {
+        let uprobes: usize = self.exes.values().map(Exe::probe_count).sum();
+        self.metrics.uprobes_attached.set(uprobes as i64);
+        self.metrics.executables_probed.set(self.exes.len() as i64);
     }
 }
 
-fn attach_access(bpf: &mut Bpf, pid: u32, a: &mut Attached) {
-    match bpf.attach_sites(pid, &a.access.sites) {
-        Ok(links) => a.access.links = Some(links),
-        Err(e) => tracing::warn!(pid, "attaching map assignment probes: {e:#}"),
+fn attach_access(bpf: &mut Bpf, exe: &mut Exe) {
+    match bpf.attach_sites(&exe.path(), &exe.access.sites) {
+        Ok(links) => exe.access.links = Some(links),
+        Err(e) => tracing::warn!("attaching map assignment probes: {e:#}"),
     }
 }

@@ -39,10 +39,15 @@ impl App {
     /// Detaches and forgets every watched process that exited.
     pub fn reap(&self) {
         for (pid, exe) in self.with_collector(|c| c.exited()) {
-            self.with_probes(|p| p.detach(pid));
-            self.with_collector(|c| c.remove(pid));
+            self.unwatch(pid);
             tracing::info!(pid, exe = %exe, "process exited; detached, its series removed");
         }
+    }
+
+    /// Detaches a process's probes and removes its series.
+    pub fn unwatch(&self, pid: u32) {
+        self.with_probes(|p| p.detach(pid));
+        self.with_collector(|c| c.remove(pid));
     }
 
     fn render(&self) -> Result<String, std::fmt::Error> {

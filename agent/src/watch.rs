@@ -1,20 +1,27 @@
 //! Starting to watch one process: read its executable, plan the probes,
 //! hand it to the attach stage, then to the collector.
+use std::time::{Duration, Instant};
+
 use anyhow::Context as _;
 
 use crate::{
     collector::NewProc,
+    discover::{
+        Decision, Discovery, Naming,
+        events::{Life, LifeEvents, monotonic_ns},
+        exe::ExeKey,
+    },
     inspect,
-    metrics::ProcLabels,
+    metrics::{DiscoveryMetrics, SkipLabels},
     plan::{self, Plumbing},
-    probes::{ExeKey, Target},
+    probes::Target,
     procfs,
     server::App,
     stw,
 };
 
 /// Starts watching `pid`; the error says why it cannot be watched.
-pub fn watch(app: &App, pid: u32, plumbing: &Plumbing) -> anyhow::Result<()> {
+pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyhow::Result<()> {
     let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
     let start_time = procfs::start_time(pid).map_err(io)?;
     let exe = procfs::exe_name(pid).map_err(io)?;
@@ -26,11 +33,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing) -> anyhow::Result<()> {
         .wrapping_sub(bin.image_base);
     let plan = plan::plan(&bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
     let pages = plumbing.pages(&bin.symbolizer);
-    let labels = ProcLabels {
-        pid: pid.to_string(),
-        exe,
-        go_version: bin.version.short(),
-    };
+    let labels = naming.labels(pid, exe, bin.version.short());
     let probes = app.with_probes(|p| {
         p.attach(Target {
             pid,
@@ -64,4 +67,193 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing) -> anyhow::Result<()> {
         })
     });
     Ok(())
+}
+
+/// How long the follower lets events gather after a wakeup.
+const BATCH: Duration = Duration::from_millis(10);
+
+/// How the agent follows processes after start-up.
+pub struct Follow {
+    /// `None` with `--pid`: only the named processes, no discovery.
+    pub discovery: Option<Discovery>,
+    pub events: LifeEvents,
+    pub max_processes: usize,
+    /// How often /proc is rescanned for processes the events missed.
+    pub rescan_every: Duration,
+    pub plumbing: Plumbing,
+    pub naming: Naming,
+    pub metrics: DiscoveryMetrics,
+}
+
+/// Follows processes until the agent stops (on a thread of its own: it
+/// reads executables and attaches probes, both blocking). Exits detach at
+/// once; with discovery, every exec is judged and Go programs are watched.
+pub fn follow(app: &App, mut f: Follow) {
+    let mut lost = 0u64;
+    let mut next_rescan = Instant::now();
+    let mut limit_logged = false;
+    loop {
+        if let Some(d) = f.discovery.as_mut()
+            && Instant::now() >= next_rescan
+        {
+            let ctx = Consider {
+                app,
+                plumbing: &f.plumbing,
+                naming: &f.naming,
+                metrics: &f.metrics,
+                max_processes: f.max_processes,
+            };
+            rescan(&ctx, d, &mut limit_logged);
+            next_rescan = Instant::now() + f.rescan_every;
+        }
+        let wait = next_rescan.saturating_duration_since(Instant::now());
+        let events = f.events.wait(wait.min(Duration::from_secs(1)));
+        if !events.is_empty() {
+            // Let a storm of execs gather: one wakeup per batch, not per
+            // exec (a node can exec thousands of programs a second).
+            std::thread::sleep(BATCH);
+        }
+        for event in events.into_iter().chain(f.events.drain()) {
+            match event {
+                Life::Exit { pid } => {
+                    if app.with_collector(|c| c.watches(pid)) {
+                        app.unwatch(pid);
+                        tracing::info!(pid, "process exited; detached, its series removed");
+                    }
+                    if let Some(d) = f.discovery.as_mut() {
+                        d.forget(pid);
+                    }
+                }
+                Life::Exec { pid, time_ns } => {
+                    if let Some(d) = &f.discovery {
+                        f.metrics.execs.inc();
+                        if d.stale(pid, time_ns) {
+                            continue;
+                        }
+                    }
+                    // A watched process that runs another program is gone
+                    // as the process it was.
+                    if app.with_collector(|c| c.watches(pid)) {
+                        app.unwatch(pid);
+                        tracing::info!(pid, "process ran exec; detached, its series removed");
+                    }
+                    let Some(d) = f.discovery.as_mut() else {
+                        continue;
+                    };
+                    let decision = d.judge(pid);
+                    let ctx = Consider {
+                        app,
+                        plumbing: &f.plumbing,
+                        naming: &f.naming,
+                        metrics: &f.metrics,
+                        max_processes: f.max_processes,
+                    };
+                    if ctx.consider(d, pid, decision, &mut limit_logged) {
+                        let delay = monotonic_ns().saturating_sub(time_ns);
+                        f.metrics.attach_delay.observe(delay as f64 / 1e9);
+                    }
+                }
+            }
+        }
+        let now_lost = f.events.lost();
+        if now_lost > lost {
+            f.metrics.events_lost.inc_by(now_lost - lost);
+            tracing::warn!(
+                lost = now_lost - lost,
+                "exec/exit events lost (ring full); rescanning /proc"
+            );
+            lost = now_lost;
+            next_rescan = Instant::now();
+        }
+        f.metrics
+            .processes_watched
+            .set(app.with_collector(|c| c.count()) as i64);
+        if let Some(d) = &f.discovery {
+            let counted = f.metrics.executables_judged.get();
+            f.metrics
+                .executables_judged
+                .inc_by(d.judged().saturating_sub(counted));
+        }
+    }
+}
+
+/// Judges every process in /proc not judged yet.
+fn rescan(ctx: &Consider<'_>, d: &mut Discovery, limit_logged: &mut bool) {
+    let (app, metrics) = (ctx.app, ctx.metrics);
+    metrics.rescans.inc();
+    let pids = match d.unjudged() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!("scanning /proc: {e}");
+            return;
+        }
+    };
+    let agent = std::process::id();
+    for pid in pids {
+        if pid == agent || app.with_collector(|c| c.watches(pid)) {
+            continue;
+        }
+        let decision = d.judge(pid);
+        ctx.consider(d, pid, decision, limit_logged);
+    }
+}
+
+struct Consider<'a> {
+    app: &'a App,
+    plumbing: &'a Plumbing,
+    naming: &'a Naming,
+    metrics: &'a DiscoveryMetrics,
+    max_processes: usize,
+}
+
+impl Consider<'_> {
+    /// Acts on a decision; true when the process is now watched.
+    fn consider(
+        &self,
+        d: &mut Discovery,
+        pid: u32,
+        decision: Decision,
+        limit_logged: &mut bool,
+    ) -> bool {
+        let skip = |reason: &'static str| {
+            self.metrics
+                .skipped
+                .get_or_create(&SkipLabels { reason })
+                .inc();
+        };
+        let exe = match decision {
+            Decision::Skip { reason, why } => {
+                skip(reason);
+                if reason != "not_go" && reason != "gone" && d.first_skip(ExeKey::of(pid).ok()) {
+                    let name = procfs::exe_name(pid).unwrap_or_default();
+                    tracing::info!(pid, exe = %name, reason, "not watching: {why}");
+                }
+                return false;
+            }
+            Decision::Watch { exe, .. } => exe,
+        };
+        if self.app.with_collector(|c| c.count()) >= self.max_processes {
+            skip("limit");
+            if !std::mem::replace(limit_logged, true) {
+                tracing::warn!(
+                    pid,
+                    "--max-processes {} reached: further Go processes are not watched \
+                     (counted in gopulse_discovery_skipped_total{{reason=\"limit\"}})",
+                    self.max_processes
+                );
+            }
+            return false;
+        }
+        match watch(self.app, pid, self.plumbing, self.naming) {
+            Ok(()) => true,
+            Err(e) => {
+                let gone = procfs::start_time(pid).is_err();
+                skip(if gone { "gone" } else { "refused" });
+                if !gone && d.first_skip(Some(exe)) {
+                    tracing::warn!(pid, "cannot watch: {e:#}");
+                }
+                false
+            }
+        }
+    }
 }

@@ -1,5 +1,7 @@
-//! A pid that is gone, is not a Go program, or runs an unsupported Go
-//! release gets one clear log line, and the agent serves the others.
+//! Bad input: a pid that is gone, is not a Go program, or runs an
+//! unsupported Go release gets one clear log line, and the agent serves the
+//! others; bad flags and an unreachable Kubernetes API are refused with the
+//! reason.
 mod support;
 
 use std::{
@@ -89,14 +91,36 @@ fn bad_pids_are_reported_and_the_rest_is_served() {
     agent.stop();
 }
 
+/// Flags that cannot work are refused before anything is loaded: usage
+/// errors (exit 2) name the flag; a selection that needs the Kubernetes API
+/// without one is a fatal error (exit 1) that says what is missing.
 #[test]
-fn no_pid_is_a_usage_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))
-        .output()
-        .expect("gopulse");
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--pid"), "{err}");
+fn bad_flags_are_refused_with_the_reason() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("gopulse");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for (args, needle) in [
+        (&["--labels", "pid,podname"][..], "podname"),
+        (&["--pod-selector", "env in prod"][..], "--pod-selector"),
+        (&["--exe-regex", "("][..], "--exe-regex"),
+        (&["--max-processes", "0"][..], "--max-processes"),
+    ] {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let (code, err) = run(&["--namespace", "shop", "--kubernetes", "off"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("need the Kubernetes API"), "{err}");
 }
 
 #[test]
@@ -106,4 +130,63 @@ fn pid_zero_is_rejected() {
         .output()
         .expect("gopulse");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// The Kubernetes API client up to its edge (no API server can run on the
+/// test machine): a kubeconfig naming a server that does not answer is fatal
+/// with `--kubernetes on`, and with `auto` the agent says so and serves
+/// without pod names.
+#[test]
+fn an_unreachable_kubernetes_api_is_reported() {
+    if !support::have_root() {
+        return;
+    }
+    // A port nothing listens on: bind one, note it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let kubeconfig = dir.join(format!("kubeconfig-{}", std::process::id()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters:\n- name: k\n  cluster:\n    server: https://127.0.0.1:{port}\n    insecure-skip-tls-verify: true\n\
+             users:\n- name: u\n  user:\n    token: t\n\
+             contexts:\n- name: c\n  context:\n    cluster: k\n    user: u\n"
+        ),
+    )
+    .unwrap();
+    let kc = kubeconfig.to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))
+        .args([
+            "--kubernetes",
+            "on",
+            "--kubeconfig",
+            kc,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("gopulse");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "reaching the Kubernetes API at https://127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+
+    let mut agent = Agent::spawn_with(
+        &[],
+        &["--kubeconfig", kc, "--exe-regex", "^no-such-program$"],
+    );
+    let line = agent.wait_log("not pod names", Duration::from_secs(10));
+    assert!(line.contains("reaching the Kubernetes API"), "{line}");
+    assert_eq!(agent.get("/healthz").0, 200);
+    agent.stop();
+    let _ = std::fs::remove_file(&kubeconfig);
 }

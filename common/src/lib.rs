@@ -4,7 +4,8 @@
 //! the layout byte for byte and no uninitialised padding reaches a BPF map.
 #![no_std]
 
-/// Most Go processes one agent watches at once (sizes the per-process maps).
+/// The per-process maps' size in the object; the agent resizes them at load
+/// time from `--max-processes`.
 pub const MAX_PROCS: u32 = 1024;
 
 /// Pauses a process's stop-the-world state keeps for the agent to read (a
@@ -368,6 +369,25 @@ pub struct StwEvent {
     pub end_ns: u64,
 }
 
+/// A process's lifecycle, for discovery: it ran `exec` (any process, while
+/// discovery is on), or a watched process's thread-group leader exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifeEvent {
+    /// Thread-group id (the process id in the root pid namespace).
+    pub pid: u32,
+    /// `LIFE_EXEC` or `LIFE_EXIT`.
+    pub kind: u32,
+    /// CLOCK_MONOTONIC ns of the event.
+    pub time_ns: u64,
+}
+
+pub const LIFE_EXEC: u32 = 1;
+pub const LIFE_EXIT: u32 = 2;
+/// The lifecycle ring: 16 bytes of header and event each, so 16,384 events
+/// can wait for the agent (16 s of a 1,000 execs/s storm).
+pub const LIFE_RING_BYTES: u32 = 256 * 1024;
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), made only of integers, with explicit padding.
@@ -383,4 +403,5 @@ mod pod {
     unsafe impl aya::Pod for super::PageBits {}
     unsafe impl aya::Pod for super::MapKey {}
     unsafe impl aya::Pod for super::MapSeen {}
+    unsafe impl aya::Pod for super::LifeEvent {}
 }

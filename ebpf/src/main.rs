@@ -28,21 +28,21 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
-    macros::{map, uprobe},
-    maps::{HashMap, LruHashMap, PerCpuHashMap},
-    programs::ProbeContext,
+    macros::{map, raw_tracepoint, uprobe},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{ProbeContext, RawTracePointContext},
 };
 use gopulse_common::{
     GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
-    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, MAP_HEADER_BYTES,
-    MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS, MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH,
-    MAX_TRACKED_MAPS, MapKey, MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC,
-    PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE,
-    PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET,
-    PROG_STW_STOP, PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, SITE_CACHE, SITE_FOUND,
-    SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY,
-    STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState,
-    TABLE_HEADER_BYTES,
+    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, LIFE_EXEC, LIFE_EXIT,
+    LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS,
+    MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_TRACKED_MAPS, MapKey, MapSeen,
+    PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_TABLE,
+    PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
+    PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP,
+    PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST,
+    START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
+    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -72,6 +72,53 @@ static GROWTHS: HashMap<GrowthKey, GrowthCount> = HashMap::with_max_entries(MAX_
 /// The maps assignments and deletions touched: latest count, seed and site.
 #[map]
 static MAP_SEEN: LruHashMap<MapKey, MapSeen> = LruHashMap::with_max_entries(MAX_TRACKED_MAPS, 0);
+
+/// Exec and exit events for discovery.
+#[map]
+static LIFE: RingBuf = RingBuf::with_byte_size(LIFE_RING_BYTES, 0);
+
+/// Lifecycle events the ring had no room for (the agent rescans /proc when
+/// this grows).
+#[map]
+static LIFE_LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
+fn life_event(pid: u32, kind: u32) {
+    let e = LifeEvent {
+        pid,
+        kind,
+        // SAFETY: no preconditions.
+        time_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    if LIFE.output::<LifeEvent>(&e, 0).is_err()
+        && let Some(n) = LIFE_LOST.get_ptr_mut(0)
+    {
+        // SAFETY: this CPU's slot of a live array.
+        unsafe { *n += 1 };
+    }
+}
+
+/// `sched_process_exec`: the current task has just become a new program.
+/// Every exec is sent; the agent decides, once per executable, whether it
+/// is Go. (A raw tracepoint: attached by name, no tracefs needed.)
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn on_exec(_ctx: RawTracePointContext) -> i32 {
+    life_event(current_pid(), LIFE_EXEC);
+    0
+}
+
+/// `sched_process_exit`, for each exiting thread: only a watched process's
+/// thread-group leader is sent (Go's main thread lives until exit_group).
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // SAFETY: a lookup only, for presence.
+    if tgid == tid && unsafe { STW.get(&tgid) }.is_some() {
+        life_event(tgid, LIFE_EXIT);
+    }
+    0
+}
 
 #[inline(always)]
 fn regs(ctx: &ProbeContext) -> &pt_regs {

@@ -6,6 +6,7 @@ mod disasm;
 mod elf;
 pub mod offsets;
 pub mod pclntab;
+mod quick;
 pub mod version;
 
 use std::{
@@ -17,6 +18,7 @@ pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
 pub use offsets::{MapImpl, MapOffsets, Offsets};
 pub use pclntab::Symbolizer;
+pub use quick::{Release, go_release};
 pub use version::GoVersion;
 
 /// Why a binary cannot be probed. Each message says what to do about it.

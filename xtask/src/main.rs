@@ -81,6 +81,10 @@ enum Bench {
     /// the whole cost from a Go loop on the probed path, with and without
     /// the agent, classic and swiss builds.
     Probes(bench::ProbesArgs),
+    /// What a node's churn of non-Go programs costs the agent in node mode:
+    /// its CPU idle and during a paced storm of /bin/true execs, and what
+    /// its discovery metrics counted.
+    ExecStorm(bench::ExecStormArgs),
 }
 
 #[derive(Subcommand)]
@@ -132,6 +136,9 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::Bench {
             what: Bench::Probes(args),
         } => bench::probes(&cache, &args),
+        Cmd::Bench {
+            what: Bench::ExecStorm(args),
+        } => bench::exec_storm(&cache, &args),
         Cmd::Codegen {
             what: Codegen::Offsets { check },
         } => codegen::offsets(&cache, check),

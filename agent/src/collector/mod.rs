@@ -144,6 +144,16 @@ impl Collector {
         );
     }
 
+    /// Whether `pid` is watched.
+    pub fn watches(&self, pid: u32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
+    /// How many processes are watched.
+    pub fn count(&self) -> usize {
+        self.procs.len()
+    }
+
     /// Every requested process is watched.
     pub fn ready(&self) -> bool {
         self.requested
@@ -239,6 +249,11 @@ impl Collector {
             .collect();
         for k in stale {
             let _ = self.maps.growths.remove(&k);
+        }
+        // Without the pid label, replicas in one container share series:
+        // they go with the last of them.
+        if self.procs.values().any(|o| o.labels == p.labels) {
+            return;
         }
         let reasons: Vec<String> = p.seen_reasons.into_iter().collect();
         let growths: Vec<_> = p.growth_series.into_iter().collect();

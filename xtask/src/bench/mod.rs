@@ -3,11 +3,14 @@
 //! - `overhead` ([`overhead`]): a map-heavy Go program, phase by phase,
 //!   without the agent and with it in several configurations.
 //! - `probes` ([`probes`]): what one hit of each BPF program costs.
+//! - `exec-storm` ([`exec_storm`]): what a storm of non-Go execs costs the
+//!   agent in node mode (its own CPU, not a workload's).
 //!
-//! Both drive a Go workload from `bench/` (package `harness` there has the
+//! The first two drive a Go workload from `bench/` (package `harness` there has the
 //! line protocol) one fresh process per run: the workload on one CPU, the
 //! agent, the harness and whatever it runs (bpftool) on another, so the
 //! agent's own work does not take the workload's CPU.
+mod exec_storm;
 mod json;
 mod overhead;
 mod probes;
@@ -27,6 +30,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 
 pub use self::{
+    exec_storm::{ExecStormArgs, exec_storm},
     overhead::{OverheadArgs, overhead},
     probes::{ProbesArgs, probes},
 };

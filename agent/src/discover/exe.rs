@@ -1,0 +1,174 @@
+//! Executables as the kernel knows them (device and inode), and the
+//! verdict on each — Go or not, which release, watchable or why not —
+//! decided once and kept while the file is unchanged.
+use std::{
+    collections::HashMap,
+    io,
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    inspect::{self, InspectError, Release},
+    procfs,
+};
+
+/// An executable: device and inode.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ExeKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl ExeKey {
+    /// The executable process `pid` runs.
+    pub fn of(pid: u32) -> io::Result<Self> {
+        Ok(Self::stat(pid)?.0)
+    }
+
+    /// The key and the file's stamp (a file rewritten in place keeps its
+    /// inode, not its mtime and size).
+    fn stat(pid: u32) -> io::Result<(Self, Stamp)> {
+        let m = std::fs::metadata(procfs::exe_path(pid))?;
+        Ok((
+            Self {
+                dev: m.dev(),
+                ino: m.ino(),
+            },
+            Stamp {
+                mtime_ns: m.mtime() as i128 * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                size: m.size(),
+            },
+        ))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    mtime_ns: i128,
+    size: u64,
+}
+
+/// Why an executable is not watched; the `reason` label of
+/// `gopulse_discovery_skipped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// Not a Go program (or not ELF at all: scripts).
+    NotGo,
+    /// A Go release, or an architecture, gopulse does not probe.
+    Unsupported,
+    /// Go, but its executable could not be read or made sense of.
+    Refused,
+}
+
+impl Skip {
+    pub fn label(self) -> &'static str {
+        match self {
+            Skip::NotGo => "not_go",
+            Skip::Unsupported => "unsupported",
+            Skip::Refused => "refused",
+        }
+    }
+}
+
+/// The verdict on one executable.
+#[derive(Clone, Debug)]
+pub enum Verdict {
+    Go(Release),
+    Skipped(Skip, String),
+}
+
+impl Verdict {
+    fn of(e: InspectError) -> Self {
+        let skip = match e {
+            InspectError::NotElf | InspectError::NotGo => Skip::NotGo,
+            InspectError::WrongArch(_) | InspectError::UnsupportedVersion { .. } => {
+                Skip::Unsupported
+            }
+            _ => Skip::Refused,
+        };
+        Verdict::Skipped(skip, e.to_string())
+    }
+}
+
+struct Entry {
+    stamp: Stamp,
+    verdict: Verdict,
+    used: Instant,
+}
+
+/// Verdicts by executable. Bounded: the least recently used go first.
+pub struct ExeCache {
+    entries: HashMap<ExeKey, Entry>,
+    capacity: usize,
+    /// Verdicts decided (cache misses), for the metrics.
+    pub judged: u64,
+}
+
+impl ExeCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            capacity: capacity.max(1),
+            judged: 0,
+        }
+    }
+
+    /// The executable of `pid` and the verdict on it; the error is from
+    /// /proc (the process is gone, or not ours to read).
+    pub fn judge(&mut self, pid: u32) -> io::Result<(ExeKey, Verdict)> {
+        let (key, stamp) = ExeKey::stat(pid)?;
+        let now = Instant::now();
+        if let Some(e) = self.entries.get_mut(&key)
+            && e.stamp == stamp
+        {
+            e.used = now;
+            return Ok((key, e.verdict.clone()));
+        }
+        let verdict = match inspect::go_release(&procfs::exe_path(pid)) {
+            Ok(release) => Verdict::Go(release),
+            Err(InspectError::Io { source, .. }) => return Err(source),
+            Err(e) => Verdict::of(e),
+        };
+        self.judged += 1;
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            self.evict();
+        }
+        self.entries.insert(
+            key,
+            Entry {
+                stamp,
+                verdict: verdict.clone(),
+                used: now,
+            },
+        );
+        Ok((key, verdict))
+    }
+
+    fn evict(&mut self) {
+        // Rare (thousands of distinct executables): a scan is fine.
+        if let Some(oldest) = self
+            .entries
+            .iter()
+            .min_by_key(|(_, e)| e.used)
+            .map(|(k, _)| *k)
+        {
+            self.entries.remove(&oldest);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Forgets verdicts unused for `idle` (binaries upgraded away).
+    pub fn expire(&mut self, idle: Duration) {
+        let now = Instant::now();
+        self.entries
+            .retain(|_, e| now.duration_since(e.used) < idle);
+    }
+}
