@@ -97,7 +97,7 @@ struct Args {
 
     /// How often, in seconds, discovery rescans /proc for Go processes the
     /// kernel's exec events missed (it also rescans at once when events
-    /// are lost).
+    /// are lost), and watched processes are checked for a missed exit.
     #[arg(long, value_name = "SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     rescan_interval: u64,
@@ -176,8 +176,7 @@ struct Args {
     #[arg(long, value_name = "PREFIX")]
     site_skip: Vec<String>,
 
-    /// How often, in milliseconds, to fold kernel counters into the metrics
-    /// and check that watched processes still run.
+    /// How often, in milliseconds, to fold kernel counters into the metrics.
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
     poll_interval_ms: u64,
@@ -405,19 +404,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
 
-    // Housekeeping: kernel counters and tables, exited processes.
+    // Housekeeping: kernel counters and tables; and, as a safety net for
+    // a lost exit event, a check that watched processes still run (every
+    // rescan interval: exits arrive as events).
     let house_app = app.clone();
     let period = Duration::from_millis(args.poll_interval_ms);
+    let reap_every = Duration::from_secs(args.rescan_interval);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reaped = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             house_app.with_collector(|c| {
                 c.drain();
                 c.sync();
             });
-            house_app.reap();
+            if reaped.elapsed() >= reap_every {
+                house_app.reap();
+                reaped = tokio::time::Instant::now();
+            }
         }
     });
 

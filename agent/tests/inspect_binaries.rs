@@ -110,6 +110,10 @@ fn build_matrix_of_every_release() {
                 .unwrap_or_else(|e| panic!("go{version} {kind}: {e}"));
             let what = format!("go{version} {kind}");
             assert_eq!(found.version.raw, format!("go{version}"), "{what}");
+            // Discovery's quick check (headers and .go.buildinfo only) agrees.
+            let quick = inspect::go_release(&bin).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(quick.version, found.version, "{what}");
+            assert_eq!(quick.main_path, found.build.path, "{what}");
             assert_eq!(
                 found.build.path.as_deref(),
                 Some("example.com/gopulse/gcload"),
@@ -367,6 +371,21 @@ fn bad_input_gets_the_right_error() {
     let c_program = std::path::Path::new("/bin/sleep");
     let e = inspect::inspect(c_program, &[]).unwrap_err();
     assert!(matches!(e, InspectError::NotGo), "{e}");
+    // Discovery's quick check gives the same answers.
+    for (path, want) in [
+        (&empty, "NotElf"),
+        (&noise, "NotElf"),
+        (&script, "NotElf"),
+        (&c_program.to_path_buf(), "NotGo"),
+    ] {
+        let e = inspect::go_release(path).unwrap_err();
+        assert!(
+            format!("{e:?}").starts_with(want),
+            "{}: {e:?}",
+            path.display()
+        );
+    }
+    assert!(inspect::go_release(&elf_noise).is_err());
     let missing = dir.join("missing");
     assert!(matches!(
         inspect::inspect(&missing, &[]),
@@ -430,4 +449,6 @@ fn old_go_is_refused_with_the_range() {
         msg.contains("go1.19") && msg.contains("go1.21 to go1.27"),
         "{msg}"
     );
+    let quick = inspect::go_release(&bin).unwrap_err();
+    assert_eq!(quick.to_string(), msg, "the quick check refuses it alike");
 }
