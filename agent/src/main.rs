@@ -360,6 +360,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         collector: Mutex::new(collector),
         probes: Mutex::new(probes),
         registry,
+        scanned: std::sync::atomic::AtomicBool::new(!discovering),
     });
     tracing::debug!(plumbing = ?DEFAULT_PLUMBING, extra = ?args.site_skip, "site walk");
     let plumbing = Plumbing::new(&args.site_skip);

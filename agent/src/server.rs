@@ -1,5 +1,8 @@
 //! HTTP endpoints: /metrics (OpenMetrics text), /healthz, /readyz.
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, Ordering},
+};
 
 use axum::{
     Router,
@@ -20,6 +23,8 @@ pub struct App {
     pub collector: Mutex<Collector>,
     pub probes: Mutex<Probes>,
     pub registry: Registry,
+    /// Discovery has scanned /proc once (true at once without discovery).
+    pub scanned: AtomicBool,
 }
 
 /// A lock that a panic elsewhere must not wedge.
@@ -84,7 +89,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.with_collector(|c| c.ready()) {
+    if !app.scanned.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: discovery has not finished its first scan of /proc\n",
+        )
+            .into_response()
+    } else if app.with_collector(|c| c.ready()) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (

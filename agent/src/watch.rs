@@ -1,6 +1,9 @@
 //! Starting to watch one process: read its executable, plan the probes,
 //! hand it to the attach stage, then to the collector.
-use std::time::{Duration, Instant};
+use std::{
+    cell::Cell,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 
@@ -88,45 +91,60 @@ pub struct Follow {
 /// Follows processes until the agent stops (on a thread of its own: it
 /// reads executables and attaches probes, both blocking). Exits detach at
 /// once; with discovery, every exec is judged and Go programs are watched.
-pub fn follow(app: &App, mut f: Follow) {
+pub fn follow(app: &App, f: Follow) {
+    let Follow {
+        mut discovery,
+        mut events,
+        max_processes,
+        rescan_every,
+        plumbing,
+        naming,
+        metrics,
+    } = f;
+    let ctx = Consider {
+        app,
+        plumbing: &plumbing,
+        naming: &naming,
+        metrics: &metrics,
+        max_processes,
+        limit_logged: Cell::new(false),
+    };
     let mut lost = 0u64;
     let mut next_rescan = Instant::now();
-    let mut limit_logged = false;
     loop {
-        if let Some(d) = f.discovery.as_mut()
+        if let Some(d) = discovery.as_mut()
             && Instant::now() >= next_rescan
         {
-            let ctx = Consider {
-                app,
-                plumbing: &f.plumbing,
-                naming: &f.naming,
-                metrics: &f.metrics,
-                max_processes: f.max_processes,
-            };
-            rescan(&ctx, d, &mut limit_logged);
-            next_rescan = Instant::now() + f.rescan_every;
+            rescan(&ctx, d);
+            if !app.scanned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(
+                    watched = app.with_collector(|c| c.count()),
+                    "first scan of /proc done"
+                );
+            }
+            next_rescan = Instant::now() + rescan_every;
         }
         let wait = next_rescan.saturating_duration_since(Instant::now());
-        let events = f.events.wait(wait.min(Duration::from_secs(1)));
-        if !events.is_empty() {
+        let batch = events.wait(wait.min(Duration::from_secs(1)));
+        if !batch.is_empty() {
             // Let a storm of execs gather: one wakeup per batch, not per
             // exec (a node can exec thousands of programs a second).
             std::thread::sleep(BATCH);
         }
-        for event in events.into_iter().chain(f.events.drain()) {
+        for event in batch.into_iter().chain(events.drain()) {
             match event {
                 Life::Exit { pid } => {
                     if app.with_collector(|c| c.watches(pid)) {
                         app.unwatch(pid);
                         tracing::info!(pid, "process exited; detached, its series removed");
                     }
-                    if let Some(d) = f.discovery.as_mut() {
+                    if let Some(d) = discovery.as_mut() {
                         d.forget(pid);
                     }
                 }
                 Life::Exec { pid, time_ns } => {
-                    if let Some(d) = &f.discovery {
-                        f.metrics.execs.inc();
+                    if let Some(d) = &discovery {
+                        metrics.execs.inc();
                         if d.stale(pid, time_ns) {
                             continue;
                         }
@@ -137,27 +155,20 @@ pub fn follow(app: &App, mut f: Follow) {
                         app.unwatch(pid);
                         tracing::info!(pid, "process ran exec; detached, its series removed");
                     }
-                    let Some(d) = f.discovery.as_mut() else {
+                    let Some(d) = discovery.as_mut() else {
                         continue;
                     };
                     let decision = d.judge(pid);
-                    let ctx = Consider {
-                        app,
-                        plumbing: &f.plumbing,
-                        naming: &f.naming,
-                        metrics: &f.metrics,
-                        max_processes: f.max_processes,
-                    };
-                    if ctx.consider(d, pid, decision, &mut limit_logged) {
+                    if ctx.consider(d, pid, decision) {
                         let delay = monotonic_ns().saturating_sub(time_ns);
-                        f.metrics.attach_delay.observe(delay as f64 / 1e9);
+                        metrics.attach_delay.observe(delay as f64 / 1e9);
                     }
                 }
             }
         }
-        let now_lost = f.events.lost();
+        let now_lost = events.lost();
         if now_lost > lost {
-            f.metrics.events_lost.inc_by(now_lost - lost);
+            metrics.events_lost.inc_by(now_lost - lost);
             tracing::warn!(
                 lost = now_lost - lost,
                 "exec/exit events lost (ring full); rescanning /proc"
@@ -165,12 +176,12 @@ pub fn follow(app: &App, mut f: Follow) {
             lost = now_lost;
             next_rescan = Instant::now();
         }
-        f.metrics
+        metrics
             .processes_watched
             .set(app.with_collector(|c| c.count()) as i64);
-        if let Some(d) = &f.discovery {
-            let counted = f.metrics.executables_judged.get();
-            f.metrics
+        if let Some(d) = &discovery {
+            let counted = metrics.executables_judged.get();
+            metrics
                 .executables_judged
                 .inc_by(d.judged().saturating_sub(counted));
         }
@@ -178,7 +189,7 @@ pub fn follow(app: &App, mut f: Follow) {
 }
 
 /// Judges every process in /proc not judged yet.
-fn rescan(ctx: &Consider<'_>, d: &mut Discovery, limit_logged: &mut bool) {
+fn rescan(ctx: &Consider<'_>, d: &mut Discovery) {
     let (app, metrics) = (ctx.app, ctx.metrics);
     metrics.rescans.inc();
     let pids = match d.unjudged() {
@@ -194,7 +205,7 @@ fn rescan(ctx: &Consider<'_>, d: &mut Discovery, limit_logged: &mut bool) {
             continue;
         }
         let decision = d.judge(pid);
-        ctx.consider(d, pid, decision, limit_logged);
+        ctx.consider(d, pid, decision);
     }
 }
 
@@ -204,17 +215,13 @@ struct Consider<'a> {
     naming: &'a Naming,
     metrics: &'a DiscoveryMetrics,
     max_processes: usize,
+    /// Whether reaching --max-processes was logged (once).
+    limit_logged: Cell<bool>,
 }
 
 impl Consider<'_> {
     /// Acts on a decision; true when the process is now watched.
-    fn consider(
-        &self,
-        d: &mut Discovery,
-        pid: u32,
-        decision: Decision,
-        limit_logged: &mut bool,
-    ) -> bool {
+    fn consider(&self, d: &mut Discovery, pid: u32, decision: Decision) -> bool {
         let skip = |reason: &'static str| {
             self.metrics
                 .skipped
@@ -234,7 +241,7 @@ impl Consider<'_> {
         };
         if self.app.with_collector(|c| c.count()) >= self.max_processes {
             skip("limit");
-            if !std::mem::replace(limit_logged, true) {
+            if !self.limit_logged.replace(true) {
                 tracing::warn!(
                     pid,
                     "--max-processes {} reached: further Go processes are not watched \

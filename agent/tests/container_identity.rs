@@ -371,11 +371,7 @@ fn series_carry_container_ids() {
     if !support::have_root() {
         return;
     }
-    let Some(go) = support::go_tool("1.27.3") else {
-        assert!(
-            !support::prerequisite(false, "Go 1.27.3 is not installed (cargo xtask setup)"),
-            "unreachable"
-        );
+    let Some(go) = support::go_or_skip("1.27.3") else {
         return;
     };
     let built = support::build_fixture("gcload", &go, "1.27.3-default", &[]);

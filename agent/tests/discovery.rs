@@ -37,16 +37,7 @@ fn builds(prefix: &str, which: &[(&str, &str, &[&str])]) -> Option<Vec<Build>> {
     std::fs::create_dir_all(&dir).unwrap();
     let mut out = Vec::new();
     for &(version, tag, args) in which {
-        let Some(go) = support::go_tool(version) else {
-            assert!(
-                !support::prerequisite(
-                    false,
-                    &format!("Go {version} is not installed (cargo xtask setup)")
-                ),
-                "unreachable"
-            );
-            return None;
-        };
+        let go = support::go_or_skip(version)?;
         let built = support::build_fixture("gcload", &go, &format!("{version}-{tag}"), args);
         let path = dir.join(format!("{prefix}{}-{tag}", version.replace('.', "_")));
         std::fs::copy(&built, &path).unwrap();
@@ -163,6 +154,24 @@ fn finds_running_and_new_go_processes() {
         .map(|b| (Target::spawn(&b.path, &["2", "3"]), b))
         .collect();
     let regex = format!("^{p}");
+    // `--list` says what the agent would watch, and why not the rest.
+    let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))
+        .args(["--list", "--exe-regex", &regex])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8(out.stdout).unwrap();
+    for (t, b) in &targets {
+        let row = list
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&t.pid.to_string()))
+            .unwrap_or_else(|| panic!("pid {} not in --list:\n{list}", t.pid));
+        assert!(
+            row.contains(&b.go_version) && row.ends_with("watch"),
+            "{row}"
+        );
+    }
+    assert!(list.contains("Go process(es);"), "{list}");
     let mut agent = Agent::spawn_with(&[], &["--exe-regex", &regex, "--map-assign-probes", "off"]);
     let m = agent.scrape_until(Duration::from_secs(10), |m| {
         targets.iter().all(|(t, _)| attached(m, t.pid))

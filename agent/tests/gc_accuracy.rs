@@ -34,14 +34,7 @@ fn check_build(version: &str, kind: &str, args: &[&str]) {
     if !support::have_root() {
         return;
     }
-    let Some(go) = support::go_tool(version) else {
-        assert!(
-            !support::prerequisite(
-                false,
-                &format!("Go {version} is not installed (cargo xtask setup)")
-            ),
-            "unreachable"
-        );
+    let Some(go) = support::go_or_skip(version) else {
         return;
     };
     let bin = support::build_fixture("gcload", &go, &format!("{version}-{kind}"), args);

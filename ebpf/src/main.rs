@@ -90,7 +90,7 @@ fn life_event(pid: u32, kind: u32) {
         // SAFETY: no preconditions.
         time_ns: unsafe { bpf_ktime_get_ns() },
     };
-    if LIFE.output::<LifeEvent>(&e, 0).is_err()
+    if LIFE.output::<LifeEvent>(e, 0).is_err()
         && let Some(n) = LIFE_LOST.get_ptr_mut(0)
     {
         // SAFETY: this CPU's slot of a live array.
@@ -114,7 +114,7 @@ pub fn on_exit(_ctx: RawTracePointContext) -> i32 {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     // SAFETY: a lookup only, for presence.
-    if tgid == tid && unsafe { STW.get(&tgid) }.is_some() {
+    if tgid == tid && unsafe { STW.get(tgid) }.is_some() {
         life_event(tgid, LIFE_EXIT);
     }
     0

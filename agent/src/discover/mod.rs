@@ -264,12 +264,34 @@ pub fn all_pids() -> io::Result<Vec<u32>> {
     Ok(pids)
 }
 
+/// Who a process is, for `--list`: its pod (namespace/name) when the API
+/// knows it, else its short container id, else `-`.
+fn container_of(pid: u32, pods: Option<&PodDirectory>) -> String {
+    let id = identity::of_pid(pid).unwrap_or_default();
+    let named = id
+        .pod_uid
+        .as_deref()
+        .and_then(|uid| pods?.lookup(uid, id.container_id.as_deref()));
+    match (named, id.container_id) {
+        (Some(m), _) => match m.container {
+            Some(c) => format!("{}/{}/{c}", m.namespace, m.pod),
+            None => format!("{}/{}", m.namespace, m.pod),
+        },
+        (None, Some(cid)) => cid.chars().take(12).collect(),
+        (None, None) => "-".to_owned(),
+    }
+}
+
 /// `gopulse --list`: every Go process here, and whether the agent would
 /// watch it or why not; then how many other processes were passed over.
 pub fn list(select: Selection) -> io::Result<String> {
     use std::fmt::Write as _;
+    let pods = select.pods.clone();
     let mut d = Discovery::new(select);
-    let mut out = format!("{:>8}  {:<24} {:<16} {}\n", "PID", "EXE", "GO", "VERDICT");
+    let mut out = format!(
+        "{:>8}  {:<24} {:<12} {:<28} {}\n",
+        "PID", "EXE", "GO", "CONTAINER", "VERDICT"
+    );
     let (mut go, mut other) = (0usize, 0usize);
     for pid in all_pids()? {
         let decision = d.judge(pid);
@@ -283,7 +305,11 @@ pub fn list(select: Selection) -> io::Result<String> {
             Decision::Watch { release, .. } => (release.version.short(), "watch".to_owned()),
             Decision::Skip { reason, why } => ("-".to_owned(), format!("skip ({reason}): {why}")),
         };
-        let _ = writeln!(out, "{pid:>8}  {exe:<24} {version:<16} {verdict}");
+        let _ = writeln!(
+            out,
+            "{pid:>8}  {exe:<24} {version:<12} {:<28} {verdict}",
+            container_of(pid, pods.as_ref())
+        );
     }
     let _ = writeln!(
         out,

@@ -56,6 +56,21 @@ pub fn cache_dir() -> PathBuf {
     PathBuf::from(env::var_os("HOME").expect("HOME")).join(".cache/gopulse")
 }
 
+/// The `go` binary of a test toolchain; `None` when it is not installed,
+/// after [`prerequisite`] said so (a skip, or a failure under `cargo xtask
+/// test`).
+pub fn go_or_skip(version: &str) -> Option<PathBuf> {
+    let go = go_tool(version);
+    if prerequisite(
+        go.is_some(),
+        &format!("Go {version} is not installed (cargo xtask setup)"),
+    ) {
+        go
+    } else {
+        None
+    }
+}
+
 /// The `go` binary of a test toolchain, if installed.
 pub fn go_tool(version: &str) -> Option<PathBuf> {
     let go = cache_dir().join("go").join(version).join("go/bin/go");
