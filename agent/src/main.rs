@@ -294,6 +294,14 @@ async fn list(args: Args) -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // The probes report pids of the host's namespace; /proc here would
+    // name other ones (or none).
+    if !gopulse_agent::procfs::in_host_pid_namespace().unwrap_or(true) {
+        anyhow::bail!(
+            "gopulse runs in a nested pid namespace, but its probes see the host's pids: run it \
+             in the host's pid namespace (hostPID: true on Kubernetes, --pid=host with docker)"
+        );
+    }
     if !(args.overhead_budget > 0.0 && args.overhead_budget <= 1.0) {
         anyhow::bail!(
             "--overhead-budget must be in (0, 1], got {}",

@@ -112,6 +112,19 @@ pub fn describe(err: &io::Error) -> String {
     }
 }
 
+/// The kernel's inode number of the initial pid namespace
+/// (`PROC_PID_INIT_INO`, fixed since Linux 3.8).
+const INIT_PID_NS_INO: u64 = 0xEFFF_FFFC;
+
+/// Whether the agent runs in the host's (initial) pid namespace, from
+/// /proc/self/ns/pid. The probes see pids of that namespace, so the agent
+/// must run there (`hostPID: true`). (`NSpid` in /proc/self/status cannot
+/// tell: a container's own /proc shows only its own level.)
+pub fn in_host_pid_namespace() -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt as _;
+    Ok(fs::metadata("/proc/self/ns/pid")?.ino() == INIT_PID_NS_INO)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -190,3 +190,26 @@ fn an_unreachable_kubernetes_api_is_reported() {
     agent.stop();
     let _ = std::fs::remove_file(&kubeconfig);
 }
+
+/// In a nested pid namespace (a container without `hostPID`) the probes
+/// would report pids /proc there does not know: the agent refuses to start
+/// and says what to do.
+#[test]
+fn a_nested_pid_namespace_is_refused() {
+    if !support::have_root() {
+        return;
+    }
+    let unshare = std::path::Path::new("/usr/bin/unshare");
+    if !support::prerequisite(unshare.exists(), "unshare (util-linux) is not installed") {
+        return;
+    }
+    let out = Command::new(unshare)
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(env!("CARGO_BIN_EXE_gopulse"))
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .expect("unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("hostPID: true"), "{err}");
+}
