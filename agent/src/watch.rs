@@ -240,7 +240,11 @@ impl Consider<'_> {
             Decision::Watch { exe, .. } => exe,
         };
         if self.app.with_collector(|c| c.count()) >= self.max_processes {
-            skip("limit");
+            // Asked again at each rescan (room may have been made), counted
+            // once.
+            if d.limited(pid) {
+                skip("limit");
+            }
             if !self.limit_logged.replace(true) {
                 tracing::warn!(
                     pid,

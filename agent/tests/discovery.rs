@@ -310,3 +310,67 @@ fn replicas_share_one_set_of_probes() {
     check_exit_removes(&agent, targets);
     agent.stop();
 }
+
+/// `--max-processes`: the Go processes beyond it are counted once and
+/// logged once, and one of them is watched when room is made.
+#[test]
+fn max_processes_is_a_limit_and_room_is_reused() {
+    if !support::have_root() {
+        return;
+    }
+    let p = prefix("max");
+    let Some(builds) = builds(&p, &[("1.27.3", "default", &[])]) else {
+        return;
+    };
+    let b = &builds[0];
+    let regex = format!("^{p}");
+    let mut agent = Agent::spawn_with(
+        &[],
+        &[
+            "--exe-regex",
+            &regex,
+            "--max-processes",
+            "2",
+            "--rescan-interval",
+            "1",
+            "--map-assign-probes",
+            "off",
+        ],
+    );
+    let mut targets: Vec<Target> = (0..4)
+        .map(|_| Target::spawn(&b.path, &["1", "1"]))
+        .collect();
+    let limited = |m: &Metrics| m.value("gopulse_discovery_skipped_total", &[("reason", "limit")]);
+    // Let several rescans pass: the two left out are counted once each.
+    std::thread::sleep(Duration::from_secs(3));
+    let m = agent.scrape();
+    assert_eq!(m.value("gopulse_processes_watched", &[]), 2.0);
+    assert_eq!(limited(&m), 2.0, "{}", m.text);
+    let watched: Vec<usize> = (0..4).filter(|&i| attached(&m, targets[i].pid)).collect();
+    assert_eq!(watched.len(), 2);
+    agent.wait_log("--max-processes 2 reached", Duration::from_secs(1));
+    assert_eq!(
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("--max-processes 2 reached"))
+            .count(),
+        1,
+        "logged once"
+    );
+    // Room: one watched process ends; a left-out one is taken at a rescan.
+    drop(targets.remove(watched[0]));
+    let m = agent.scrape_until(Duration::from_secs(5), |m| {
+        m.value("gopulse_processes_watched", &[]) == 2.0
+            && targets.iter().filter(|t| attached(m, t.pid)).count() == 2
+    });
+    assert_eq!(
+        targets.iter().filter(|t| attached(&m, t.pid)).count(),
+        2,
+        "{}",
+        m.text
+    );
+    assert_eq!(limited(&m), 2.0);
+    drop(targets);
+    agent.stop();
+}

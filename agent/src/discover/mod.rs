@@ -151,6 +151,8 @@ pub struct Discovery {
     known: HashMap<u32, u64>,
     /// Executables whose skipping was logged (once each).
     logged: HashSet<ExeKey>,
+    /// Processes passed over for --max-processes, asked again at rescans.
+    limited: HashSet<u32>,
 }
 
 impl Discovery {
@@ -160,6 +162,7 @@ impl Discovery {
             select,
             known: HashMap::new(),
             logged: HashSet::new(),
+            limited: HashSet::new(),
         }
     }
 
@@ -210,6 +213,14 @@ impl Discovery {
     /// The process exited: judge it afresh next time.
     pub fn forget(&mut self, pid: u32) {
         self.known.remove(&pid);
+        self.limited.remove(&pid);
+    }
+
+    /// The process was passed over for `--max-processes`: the next rescan
+    /// asks again. True the first time (count it then).
+    pub fn limited(&mut self, pid: u32) -> bool {
+        self.known.remove(&pid);
+        self.limited.insert(pid)
     }
 
     /// Whether an exec at `time_ns` happened before `pid` was last judged:
@@ -224,6 +235,7 @@ impl Discovery {
         let pids = all_pids()?;
         let live: HashSet<u32> = pids.iter().copied().collect();
         self.known.retain(|p, _| live.contains(p));
+        self.limited.retain(|p| live.contains(p));
         Ok(pids
             .into_iter()
             .filter(|p| !self.known.contains_key(p))
