@@ -369,6 +369,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         probes: Mutex::new(probes),
         registry,
         scanned: std::sync::atomic::AtomicBool::new(!discovering),
+        binaries: Mutex::new(Default::default()),
     });
     tracing::debug!(plumbing = ?DEFAULT_PLUMBING, extra = ?args.site_skip, "site walk");
     let plumbing = Plumbing::new(&args.site_skip);

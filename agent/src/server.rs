@@ -25,6 +25,8 @@ pub struct App {
     pub registry: Registry,
     /// Discovery has scanned /proc once (true at once without discovery).
     pub scanned: AtomicBool,
+    /// Executables read lately (watching a process reads its executable).
+    pub binaries: Mutex<crate::watch::Binaries>,
 }
 
 /// A lock that a panic elsewhere must not wedge.
@@ -39,6 +41,10 @@ impl App {
 
     pub fn with_probes<T>(&self, f: impl FnOnce(&mut Probes) -> T) -> T {
         f(&mut lock(&self.probes))
+    }
+
+    pub fn with_binaries<T>(&self, f: impl FnOnce(&mut crate::watch::Binaries) -> T) -> T {
+        f(&mut lock(&self.binaries))
     }
 
     /// Detaches and forgets every watched process that exited.

@@ -2,6 +2,8 @@
 //! hand it to the attach stage, then to the collector.
 use std::{
     cell::Cell,
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,9 +14,9 @@ use crate::{
     discover::{
         Decision, Discovery, Naming,
         events::{Life, LifeEvents, monotonic_ns},
-        exe::ExeKey,
+        exe::{ExeKey, Stamp},
     },
-    inspect,
+    inspect::{self, GoBinary, Symbolizer},
     metrics::{DiscoveryMetrics, SkipLabels},
     plan::{self, Plumbing},
     probes::Target,
@@ -23,19 +25,75 @@ use crate::{
     stw,
 };
 
+/// An executable as read for watching: what is the same for every process
+/// that runs it.
+pub struct Inspected {
+    /// Without its symbolizer, which is shared below.
+    bin: GoBinary,
+    symbolizer: Arc<Symbolizer>,
+    pages: Arc<BTreeMap<u32, gopulse_common::PageBits>>,
+}
+
+/// Executables read lately, kept while the file is unchanged: a Go program
+/// started again (a replica, a command run by cron) is not read and decoded
+/// again. Small: a big binary's symbol table is megabytes.
+#[derive(Default)]
+pub struct Binaries {
+    entries: HashMap<ExeKey, (Stamp, Instant, Arc<Inspected>)>,
+}
+
+const BINARIES_KEPT: usize = 16;
+
+impl Binaries {
+    /// The executable of `pid`, read now or earlier; and whether it was
+    /// read now.
+    fn get(&mut self, pid: u32, plumbing: &Plumbing) -> anyhow::Result<(Arc<Inspected>, bool)> {
+        let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
+        let (key, stamp) = ExeKey::stat(pid).map_err(io)?;
+        if let Some((s, used, found)) = self.entries.get_mut(&key)
+            && *s == stamp
+        {
+            *used = Instant::now();
+            return Ok((found.clone(), false));
+        }
+        let mut bin = inspect::inspect(&procfs::exe_path(pid), &plan::wanted_functions())?;
+        let symbolizer = Arc::new(std::mem::take(&mut bin.symbolizer));
+        let pages = Arc::new(plumbing.pages(&symbolizer));
+        let found = Arc::new(Inspected {
+            bin,
+            symbolizer,
+            pages,
+        });
+        if self.entries.len() >= BINARIES_KEPT
+            && let Some(oldest) = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used, _))| *used)
+                .map(|(k, _)| *k)
+        {
+            self.entries.remove(&oldest);
+        }
+        self.entries
+            .insert(key, (stamp, Instant::now(), found.clone()));
+        Ok((found, true))
+    }
+}
+
 /// Starts watching `pid`; the error says why it cannot be watched.
 pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyhow::Result<()> {
     let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
     let start_time = procfs::start_time(pid).map_err(io)?;
     let exe = procfs::exe_name(pid).map_err(io)?;
     let exe_key = ExeKey::of(pid).map_err(io)?;
-    let bin = inspect::inspect(&procfs::exe_path(pid), &plan::wanted_functions())
+    let (found, read) = app
+        .with_binaries(|b| b.get(pid, plumbing))
         .with_context(|| exe.clone())?;
+    let bin = &found.bin;
     let load_bias = procfs::exe_mapping_start(pid)
         .map_err(io)?
         .wrapping_sub(bin.image_base);
-    let plan = plan::plan(&bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
-    let pages = plumbing.pages(&bin.symbolizer);
+    let plan = plan::plan(bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
+    let pages = &found.pages;
     let labels = naming.labels(pid, exe, bin.version.short());
     let probes = app.with_probes(|p| {
         p.attach(Target {
@@ -43,7 +101,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             labels: labels.clone(),
             exe: exe_key,
             plan: &plan,
-            pages: &pages,
+            pages,
         })
     })?;
     tracing::info!(
@@ -57,6 +115,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
         maps = ?bin.map_impl,
         probes,
         plumbing_pages = pages.len(),
+        executable = if read { "read" } else { "known" },
         "watching process"
     );
     app.with_collector(|c| {
@@ -65,7 +124,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             labels,
             reasons: stw::table_for(&bin.version),
             start_time,
-            symbolizer: bin.symbolizer,
+            symbolizer: found.symbolizer.clone(),
             map_offsets: bin.offsets.map,
         })
     });

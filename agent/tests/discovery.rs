@@ -278,6 +278,12 @@ fn replicas_share_one_set_of_probes() {
     });
     assert_eq!(m.value("gopulse_processes_watched", &[]), 50.0);
     assert_eq!(m.value("gopulse_executables_probed", &[]), 1.0);
+    let reads = agent
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("watching process") && l.contains("executable=\"read\""))
+        .count();
+    assert_eq!(reads, 1, "the executable is read once for 50 processes");
     let set = m.value(
         "gopulse_probes_attached",
         &[("pid", &targets[0].0.pid.to_string())],

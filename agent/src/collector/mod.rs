@@ -33,8 +33,9 @@ pub struct NewProc {
     pub labels: ProcLabels,
     pub reasons: &'static [Reason],
     pub start_time: u64,
-    /// Link-time PC → Go function, for sites.
-    pub symbolizer: Symbolizer,
+    /// Link-time PC → Go function, for sites (shared by the processes of
+    /// one executable).
+    pub symbolizer: Arc<Symbolizer>,
     pub map_offsets: MapOffsets,
 }
 
@@ -51,7 +52,7 @@ struct Proc {
     /// Kernel counters already folded into the metrics.
     synced: Counters,
     start_time: u64,
-    symbolizer: Symbolizer,
+    symbolizer: Arc<Symbolizer>,
     /// Growths already counted per kernel key, and the key's site label.
     growth_keys: BTreeMap<GrowthKey, (u64, String)>,
     /// (site, kind) pairs with series, to remove them with the process.

@@ -28,7 +28,7 @@ impl ExeKey {
 
     /// The key and the file's stamp (a file rewritten in place keeps its
     /// inode, not its mtime and size).
-    fn stat(pid: u32) -> io::Result<(Self, Stamp)> {
+    pub fn stat(pid: u32) -> io::Result<(Self, Stamp)> {
         let m = std::fs::metadata(procfs::exe_path(pid))?;
         Ok((
             Self {
@@ -43,8 +43,9 @@ impl ExeKey {
     }
 }
 
+/// What changes when a file is rewritten in place.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
+pub struct Stamp {
     mtime_ns: i128,
     size: u64,
 }
