@@ -11,9 +11,8 @@ pub mod selector;
 use std::{
     collections::{HashMap, HashSet},
     io,
+    sync::Arc,
 };
-
-use std::sync::Arc;
 
 use self::{
     exe::{ExeCache, ExeKey, Skip, Verdict},
@@ -79,8 +78,8 @@ pub struct Selection {
     pub pods: Option<PodDirectory>,
 }
 
-/// Why a process's pod keeps it out, if it does; `Err` when the pod is not
-/// known yet (ask again later).
+/// Whether a process's pod lets it in; `Unknown` while the API has not
+/// shown the pod (ask again at the next rescan).
 enum PodVerdict {
     Admitted,
     Filtered(String),
