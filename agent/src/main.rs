@@ -269,7 +269,7 @@ fn selection(args: &Args, pods: Option<PodDirectory>) -> anyhow::Result<Selectio
         pod_selector: args.pod_selector.clone(),
         pods,
     };
-    if (!select.namespaces.is_empty() || select.pod_selector.is_some()) && select.pods.is_none() {
+    if select.by_pod() && select.pods.is_none() {
         anyhow::bail!(
             "--namespace and --pod-selector need the Kubernetes API (in a pod with a service \
              account, or --kubeconfig)"
@@ -320,7 +320,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     let pods = pod_directory(&args).await?;
     let select = selection(&args, pods.clone())?;
-    if select.pod_selector.is_some() || !select.namespaces.is_empty() {
+    if select.by_pod() {
         // Selecting by pod before the first list would filter every pod out.
         if let Some(dir) = &pods {
             dir.wait_ready(Duration::from_secs(10)).await;

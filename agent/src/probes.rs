@@ -72,7 +72,8 @@ pub struct Target<'a> {
 struct Cuttable {
     sites: Vec<ProbeSite>,
     links: Option<Links>,
-    /// Cut by the governor (not merely between sampling windows).
+    /// Growth group: cut by the governor, to be put back when the buckets
+    /// refill. (A cut access group simply waits for the next window.)
     cut: bool,
 }
 
@@ -384,7 +385,6 @@ impl Probes {
                             .is_none_or(|a| a.access.spend(now, 0.0))
                     }) =>
                 {
-                    exe.access.cut = false;
                     attach_access(&mut self.bpf, exe);
                 }
                 (false, true) => {
@@ -456,12 +456,13 @@ impl Probes {
                 continue;
             };
             let mut changed = false;
-            let exe_name = exe
-                .pids
-                .first()
-                .and_then(|p| self.procs.get(p))
-                .map(|a| a.labels.exe.clone())
-                .unwrap_or_default();
+            // For the log lines below only (rare): no copy per check.
+            let exe_name = || {
+                exe.pids
+                    .first()
+                    .and_then(|p| self.procs.get(p))
+                    .map_or("", |a| a.labels.exe.as_str())
+            };
             if exe.growth.links.is_some() && growth_dry {
                 if let Some(links) = exe.growth.links.take() {
                     self.bpf.detach_links(links);
@@ -469,7 +470,7 @@ impl Probes {
                 exe.growth.cut = true;
                 changed = true;
                 tracing::warn!(
-                    exe = %exe_name,
+                    exe = exe_name(),
                     processes = exe.pids.len(),
                     "map growth probes spent their budget ({:.2}% of a CPU over {:?}): \
                      detached until it refills; growth counts miss that time",
@@ -482,10 +483,10 @@ impl Probes {
                         exe.growth.links = Some(links);
                         exe.growth.cut = false;
                         changed = true;
-                        tracing::info!(exe = %exe_name, "map growth probes re-attached");
+                        tracing::info!(exe = exe_name(), "map growth probes re-attached");
                     }
                     Err(e) => {
-                        tracing::warn!(exe = %exe_name, "re-attaching map growth probes: {e:#}")
+                        tracing::warn!(exe = exe_name(), "re-attaching map growth probes: {e:#}")
                     }
                 }
             }
@@ -495,10 +496,9 @@ impl Probes {
                     if let Some(links) = exe.access.links.take() {
                         self.bpf.detach_links(links);
                     }
-                    exe.access.cut = true;
                     changed = true;
                     tracing::info!(
-                        exe = %exe_name,
+                        exe = exe_name(),
                         "map assignment probes spent their budget ({:.2}% of a CPU over {:?}): \
                          detached until the next window",
                         self.access_budget.fraction * 100.0,

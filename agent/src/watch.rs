@@ -14,7 +14,7 @@ use crate::{
     discover::{
         Decision, Discovery, Naming,
         events::{Life, LifeEvents, monotonic_ns},
-        exe::{ExeKey, Stamp},
+        exe::{ExeKey, Skip, Stamp},
     },
     inspect::{self, GoBinary, Symbolizer},
     metrics::{DiscoveryMetrics, SkipLabels},
@@ -45,16 +45,20 @@ pub struct Binaries {
 const BINARIES_KEPT: usize = 16;
 
 impl Binaries {
-    /// The executable of `pid`, read now or earlier; and whether it was
-    /// read now.
-    fn get(&mut self, pid: u32, plumbing: &Plumbing) -> anyhow::Result<(Arc<Inspected>, bool)> {
+    /// The executable of `pid` (key, and what was read, now or earlier);
+    /// and whether it was read now.
+    fn get(
+        &mut self,
+        pid: u32,
+        plumbing: &Plumbing,
+    ) -> anyhow::Result<(ExeKey, Arc<Inspected>, bool)> {
         let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
         let (key, stamp) = ExeKey::stat(pid).map_err(io)?;
         if let Some((s, used, found)) = self.entries.get_mut(&key)
             && *s == stamp
         {
             *used = Instant::now();
-            return Ok((found.clone(), false));
+            return Ok((key, found.clone(), false));
         }
         let mut bin = inspect::inspect(&procfs::exe_path(pid), &plan::wanted_functions())?;
         let symbolizer = Arc::new(std::mem::take(&mut bin.symbolizer));
@@ -75,7 +79,7 @@ impl Binaries {
         }
         self.entries
             .insert(key, (stamp, Instant::now(), found.clone()));
-        Ok((found, true))
+        Ok((key, found, true))
     }
 }
 
@@ -84,8 +88,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
     let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
     let start_time = procfs::start_time(pid).map_err(io)?;
     let exe = procfs::exe_name(pid).map_err(io)?;
-    let exe_key = ExeKey::of(pid).map_err(io)?;
-    let (found, read) = app
+    let (exe_key, found, read) = app
         .with_binaries(|b| b.get(pid, plumbing))
         .with_context(|| exe.clone())?;
     let bin = &found.bin;
@@ -281,18 +284,21 @@ struct Consider<'a> {
 impl Consider<'_> {
     /// Acts on a decision; true when the process is now watched.
     fn consider(&self, d: &mut Discovery, pid: u32, decision: Decision) -> bool {
-        let skip = |reason: &'static str| {
+        let skip = |reason: Skip| {
             self.metrics
                 .skipped
-                .get_or_create(&SkipLabels { reason })
+                .get_or_create(&SkipLabels {
+                    reason: reason.label(),
+                })
                 .inc();
         };
         let exe = match decision {
             Decision::Skip { reason, why } => {
                 skip(reason);
-                if reason != "not_go" && reason != "gone" && d.first_skip(ExeKey::of(pid).ok()) {
+                if !matches!(reason, Skip::NotGo | Skip::Gone) && d.first_skip(ExeKey::of(pid).ok())
+                {
                     let name = procfs::exe_name(pid).unwrap_or_default();
-                    tracing::info!(pid, exe = %name, reason, "not watching: {why}");
+                    tracing::info!(pid, exe = %name, reason = reason.label(), "not watching: {why}");
                 }
                 return false;
             }
@@ -302,7 +308,7 @@ impl Consider<'_> {
             // Asked again at each rescan (room may have been made), counted
             // once.
             if d.limited(pid) {
-                skip("limit");
+                skip(Skip::Limit);
             }
             if !self.limit_logged.replace(true) {
                 tracing::warn!(
@@ -318,7 +324,7 @@ impl Consider<'_> {
             Ok(()) => true,
             Err(e) => {
                 let gone = procfs::start_time(pid).is_err();
-                skip(if gone { "gone" } else { "refused" });
+                skip(if gone { Skip::Gone } else { Skip::Refused });
                 if !gone && d.first_skip(Some(exe)) {
                     tracing::warn!(pid, "cannot watch: {e:#}");
                 }

@@ -143,10 +143,8 @@ pub fn inspect(path: &Path, wanted: &[&str]) -> Result<GoBinary, InspectError> {
     inspect_bytes(&data, wanted)
 }
 
-/// [`inspect`] on bytes already read.
-pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectError> {
-    let elf = elf::Elf::parse(data)?;
-    let build = elf.build_info()?;
+/// The Go release a build says it was made with, if gopulse supports it.
+fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
     let version = GoVersion::parse(&build.version).ok_or_else(|| InspectError::Corrupt {
         section: ".go.buildinfo",
         detail: format!("unreadable Go version {:?}", build.version),
@@ -157,6 +155,14 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
             range: version::supported_range(),
         });
     }
+    Ok(version)
+}
+
+/// [`inspect`] on bytes already read.
+pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectError> {
+    let elf = elf::Elf::parse(data)?;
+    let build = elf.build_info()?;
+    let version = supported_version(&build)?;
     let pcln = elf.pclntab()?;
     let text_start = text_start(&elf, &pcln)?;
     let symbolizer = pcln.table.symbolizer(text_start)?;

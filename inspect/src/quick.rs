@@ -59,18 +59,8 @@ pub fn go_release(path: &Path) -> Result<Release, InspectError> {
         }
         None => return Err(InspectError::NotGo),
     };
-    let version = GoVersion::parse(&info.version).ok_or_else(|| InspectError::Corrupt {
-        section: ".go.buildinfo",
-        detail: format!("unreadable Go version {:?}", info.version),
-    })?;
-    if !version.is_supported() {
-        return Err(InspectError::UnsupportedVersion {
-            version: version.raw.clone(),
-            range: crate::version::supported_range(),
-        });
-    }
     Ok(Release {
-        version,
+        version: crate::supported_version(&info)?,
         main_path: info.path,
     })
 }

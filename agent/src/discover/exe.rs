@@ -60,6 +60,12 @@ pub enum Skip {
     Unsupported,
     /// Go, but its executable could not be read or made sense of.
     Refused,
+    /// Left out by `--exe-regex`, `--namespace` or `--pod-selector`.
+    Filtered,
+    /// Beyond `--max-processes`.
+    Limit,
+    /// Exited before it was looked at.
+    Gone,
 }
 
 impl Skip {
@@ -68,6 +74,9 @@ impl Skip {
             Skip::NotGo => "not_go",
             Skip::Unsupported => "unsupported",
             Skip::Refused => "refused",
+            Skip::Filtered => "filtered",
+            Skip::Limit => "limit",
+            Skip::Gone => "gone",
         }
     }
 }

@@ -91,7 +91,8 @@ impl Selection {
         self.exe.as_ref().is_none_or(|r| r.is_match(exe_name))
     }
 
-    fn by_pod(&self) -> bool {
+    /// Whether processes are chosen by their pod (which needs the API).
+    pub fn by_pod(&self) -> bool {
         !self.namespaces.is_empty() || self.pod_selector.is_some()
     }
 
@@ -125,11 +126,11 @@ impl Selection {
 #[derive(Clone, Debug)]
 pub enum Decision {
     Watch { exe: ExeKey, release: Release },
-    Skip { reason: &'static str, why: String },
+    Skip { reason: Skip, why: String },
 }
 
 impl Decision {
-    fn skip(reason: &'static str, why: impl Into<String>) -> Self {
+    fn skip(reason: Skip, why: impl Into<String>) -> Self {
         Decision::Skip {
             reason,
             why: why.into(),
@@ -138,7 +139,13 @@ impl Decision {
 
     /// Whether the process is a Go program (watched or not).
     pub fn is_go(&self) -> bool {
-        !matches!(self, Decision::Skip { reason, .. } if *reason == Skip::NotGo.label() || *reason == "gone")
+        !matches!(
+            self,
+            Decision::Skip {
+                reason: Skip::NotGo | Skip::Gone,
+                ..
+            }
+        )
     }
 }
 
@@ -178,12 +185,12 @@ impl Discovery {
             Err(e) => return judge_error(pid, &e),
         };
         match verdict {
-            Verdict::Skipped(skip, why) => Decision::skip(skip.label(), why),
+            Verdict::Skipped(skip, why) => Decision::skip(skip, why),
             Verdict::Go(release) => {
                 let name = procfs::exe_name(pid).unwrap_or_default();
                 if !self.select.admits(&name) {
                     return Decision::skip(
-                        "filtered",
+                        Skip::Filtered,
                         format!("{name} does not match --exe-regex"),
                     );
                 }
@@ -192,12 +199,12 @@ impl Discovery {
                 }
                 match self.select.pod_verdict(pid) {
                     PodVerdict::Admitted => Decision::Watch { exe, release },
-                    PodVerdict::Filtered(why) => Decision::skip("filtered", why),
+                    PodVerdict::Filtered(why) => Decision::skip(Skip::Filtered, why),
                     PodVerdict::Unknown => {
                         // The API has not shown the pod yet: a rescan asks
                         // again.
                         self.known.remove(&pid);
-                        Decision::skip("filtered", "its pod is not known to the API yet")
+                        Decision::skip(Skip::Filtered, "its pod is not known to the API yet")
                     }
                 }
             }
@@ -247,14 +254,14 @@ fn judge_error(pid: u32, e: &io::Error) -> Decision {
         // No /proc/PID: it exited. /proc/PID but no exe: a kernel thread
         // (or a zombie), not a program.
         io::ErrorKind::NotFound if std::path::Path::new(&format!("/proc/{pid}")).exists() => {
-            Decision::skip(Skip::NotGo.label(), "no executable (a kernel thread)")
+            Decision::skip(Skip::NotGo, "no executable (a kernel thread)")
         }
-        io::ErrorKind::NotFound => Decision::skip("gone", "exited before it was looked at"),
+        io::ErrorKind::NotFound => Decision::skip(Skip::Gone, "exited before it was looked at"),
         // ESRCH: /proc/PID was there, the process died while it was read.
         _ if e.raw_os_error() == Some(libc::ESRCH) => {
-            Decision::skip("gone", "exited while it was looked at")
+            Decision::skip(Skip::Gone, "exited while it was looked at")
         }
-        _ => Decision::skip(Skip::Refused.label(), procfs::describe(e)),
+        _ => Decision::skip(Skip::Refused, procfs::describe(e)),
     }
 }
 
@@ -314,7 +321,9 @@ pub fn list(select: Selection) -> io::Result<String> {
         let exe = procfs::exe_name(pid).unwrap_or_else(|_| "?".into());
         let (version, verdict) = match &decision {
             Decision::Watch { release, .. } => (release.version.short(), "watch".to_owned()),
-            Decision::Skip { reason, why } => ("-".to_owned(), format!("skip ({reason}): {why}")),
+            Decision::Skip { reason, why } => {
+                ("-".to_owned(), format!("skip ({}): {why}", reason.label()))
+            }
         };
         let _ = writeln!(
             out,

@@ -25,9 +25,7 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::{
-    Agent, Prepared, allowed_cpus, cpu_set, describe_load, free_addr, machine, median, prepare,
-};
+use super::{Agent, Prepared, describe_load, free_addr, machine, median, pin_self, prepare};
 use crate::{openmetrics, project::fmt_elapsed, signal};
 
 /// The program the storm runs: small, not Go, on every Linux host.
@@ -95,15 +93,13 @@ struct Pinning {
 
 impl Pinning {
     /// The agent on the first CPU this process may use, the generator on
-    /// the last; `None` with fewer than two.
+    /// the last (where the other benchmarks put their workload); `None`
+    /// with fewer than two.
     fn choose() -> Result<Option<Self>> {
-        let cpus = allowed_cpus()?;
-        Ok(match (cpus.first(), cpus.last()) {
-            (Some(&agent), Some(&generator)) if agent != generator => {
-                Some(Self { agent, generator })
-            }
-            _ => None,
-        })
+        Ok(super::Pinning::choose()?.map(|p| Self {
+            agent: p.agent,
+            generator: p.workload,
+        }))
     }
 
     fn describe(pinning: Option<Self>) -> String {
@@ -117,18 +113,6 @@ impl Pinning {
             None => "not pinned: fewer than two CPUs to use".to_string(),
         }
     }
-}
-
-/// Pins the calling thread, and so every thread and child it starts
-/// afterwards, to `cpu`.
-fn pin_self(cpu: usize) -> Result<()> {
-    let set = cpu_set(cpu);
-    // SAFETY: `set` is a valid cpu_set_t of the size passed.
-    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("pinning xtask to CPU {cpu}"));
-    }
-    Ok(())
 }
 
 pub fn exec_storm(cache: &Path, args: &ExecStormArgs) -> Result<()> {

@@ -157,15 +157,20 @@ impl Pinning {
     /// spawns unless told otherwise, and every thread it starts) to the
     /// agent's CPU.
     fn pin_harness(&self) -> Result<()> {
-        let set = cpu_set(self.agent);
-        // SAFETY: `set` is a valid cpu_set_t of the size passed.
-        let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context(format!("pinning xtask to CPU {}", self.agent));
-        }
-        Ok(())
+        pin_self(self.agent)
     }
+}
+
+/// Pins the calling thread, and so every thread and child it starts
+/// afterwards, to `cpu`.
+fn pin_self(cpu: usize) -> Result<()> {
+    let set = cpu_set(cpu);
+    // SAFETY: `set` is a valid cpu_set_t of the size passed.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("pinning xtask to CPU {cpu}"));
+    }
+    Ok(())
 }
 
 /// For the report header.
