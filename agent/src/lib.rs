@@ -1,16 +1,19 @@
 //! gopulse's agent. One direction of flow: `plan` (where probes go in an
 //! executable) → `probes` (the attach stage: registration, attachment, the
-//! overhead budget) → `collector` (kernel maps and events → metrics) →
-//! `server` (the Prometheus endpoint). The `gopulse` binary (`main.rs`)
+//! overhead budget) → `collector` (kernel maps and events → the metric
+//! `model`) → `export` (Prometheus, served by `server`; OTLP), leaves that
+//! only read the model. The `gopulse` binary (`main.rs`)
 //! wires them together; the modules are a library so integration tests can
 //! check them against real Go toolchains.
 pub mod bpf;
 pub mod collector;
 pub mod cost;
 pub mod discover;
+pub mod export;
 pub mod governor;
 pub mod mapshape;
 pub mod metrics;
+pub mod model;
 pub mod plan;
 pub mod probes;
 pub mod procfs;

@@ -20,6 +20,7 @@ use gopulse_agent::{
         pods::{ApiAccess, PodDirectory},
         selector::LabelSelector,
     },
+    export::otlp::{HistogramKind, Otlp, OtlpConfig, OtlpProtocol},
     governor::Budget,
     metrics::{self, LabelChoice},
     plan::{DEFAULT_PLUMBING, Plumbing},
@@ -105,6 +106,31 @@ struct Args {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
+
+    /// Do not serve /metrics (only /healthz and /readyz): for nodes that
+    /// only push OTLP.
+    #[arg(long)]
+    no_prometheus: bool,
+
+    /// Push metrics over OTLP to this collector (a base URL such as
+    /// http://127.0.0.1:4318, or :4317 with --otlp-protocol grpc). Without
+    /// it, OTLP is on when OTEL_EXPORTER_OTLP_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_METRICS_ENDPOINT is set. Every export interval
+    /// (OTEL_METRIC_EXPORT_INTERVAL, ms, default 60000) each watched process
+    /// goes as its own resource; OTEL_RESOURCE_ATTRIBUTES is added to all.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// OTLP protocol (default: OTEL_EXPORTER_OTLP_METRICS_PROTOCOL or
+    /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf).
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    otlp_protocol: Option<OtlpProtocol>,
+
+    /// How histograms (pauses, load factors, attach delays) go out over OTLP
+    /// (default: OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION,
+    /// else exponential).
+    #[arg(long, value_enum, value_name = "KIND")]
+    otlp_histograms: Option<HistogramKind>,
 
     /// Most distinct map growth sites per process; growths at further sites
     /// are counted under site="other" (and in gopulse_map_sites_dropped_total).
@@ -314,6 +340,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(bad) = args.site_skip.iter().find(|p| p.is_empty()) {
         anyhow::bail!("--site-skip {bad:?}: a prefix must not be empty");
     }
+    let explicit_node = args
+        .node_name
+        .clone()
+        .or_else(|| std::env::var("NODE_NAME").ok());
+    let otlp = OtlpConfig::resolve(
+        args.otlp_endpoint.clone(),
+        args.otlp_protocol,
+        args.otlp_histograms,
+        explicit_node,
+    )
+    .context("OTLP configuration")?;
     // Bind first: a busy port should fail before anything is attached.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -335,9 +372,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (mut bpf, maps, life) = bpf::Bpf::load(max_processes)?;
     let discovering = args.pids.is_empty();
     bpf.attach_lifecycle(discovering)?;
-    let mut registry = prometheus_client::registry::Registry::with_prefix("gopulse");
-    let metrics = metrics::Metrics::new(&mut registry);
-    let discovery_metrics = metrics::DiscoveryMetrics::new(&mut registry);
+    let model = gopulse_agent::model::Model::new();
+    let registry = gopulse_agent::export::prometheus::registry(&model);
+    let metrics = metrics::Metrics::new(&model);
+    let otlp = match otlp {
+        Some(config) => {
+            tracing::info!("OTLP: pushing to {}", config.describe());
+            Some(Otlp::new(&model, config).context("OTLP exporter")?)
+        }
+        None => None,
+    };
+    let discovery_metrics = metrics::DiscoveryMetrics::new(&model);
     let budget = Budget {
         fraction: args.overhead_budget,
         window: Duration::from_secs(args.overhead_window),
@@ -476,14 +521,55 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    // OTLP: an export every interval, with fresh counters; a last one at
+    // shutdown.
+    let stop_otlp = Arc::new(tokio::sync::Notify::new());
+    let otlp_task = otlp.map(|mut otlp| {
+        let (otlp_app, stop) = (app.clone(), stop_otlp.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(otlp.interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                let stopping = tokio::select! {
+                    _ = tick.tick() => false,
+                    _ = stop.notified() => true,
+                };
+                otlp_app.with_collector(|c| {
+                    c.drain();
+                    c.sync();
+                });
+                otlp.export().await;
+                if stopping {
+                    otlp.shutdown();
+                    return;
+                }
+            }
+        })
+    });
+
     let local = listener.local_addr().context("listener address")?;
-    tracing::info!("serving http://{local}/metrics");
-    axum::serve(listener, server::router(app.clone()))
+    if args.no_prometheus {
+        tracing::info!("serving http://{local}/healthz and /readyz (--no-prometheus)");
+    } else {
+        tracing::info!("serving http://{local}/metrics");
+    }
+    axum::serve(listener, server::router(app.clone(), !args.no_prometheus))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("HTTP server")?;
     tracing::info!("shutting down; detaching probes");
     app.with_probes(|p| p.detach_all());
+    if let Some(task) = otlp_task {
+        stop_otlp.notify_one();
+        // A collector that does not answer must not hold the exit up.
+        if tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("OTLP: the last export did not finish within 2s");
+        }
+    }
     Ok(())
 }
 

@@ -546,8 +546,7 @@ impl Probes {
         for (i, p) in PROGRAM_TABLE.iter().enumerate() {
             self.metrics
                 .probe_hit_cost
-                .get_or_create(&crate::metrics::ProbeNameLabels { probe: p.name })
-                .set(self.costs.per_hit_s(i));
+                .set_float(&crate::metrics::NodeLabel(p.name), self.costs.per_hit_s(i));
         }
     }
 
@@ -557,26 +556,22 @@ impl Probes {
             return;
         };
         for a in exe.pids.iter().filter_map(|p| self.procs.get(p)) {
-            self.metrics
-                .probes_attached
-                .get_or_create(&a.labels)
-                .set(exe.probe_count() as i64);
-            self.metrics
-                .map_assign_attached
-                .get_or_create(&a.labels)
-                .set(i64::from(exe.access.links.is_some()));
-            self.metrics
-                .map_growth_attached
-                .get_or_create(&a.labels)
-                .set(i64::from(exe.growth.links.is_some()));
+            let m = &self.metrics;
+            m.probes_attached.set(&a.labels, exe.probe_count() as i64);
+            m.map_assign_attached
+                .set(&a.labels, i64::from(exe.access.links.is_some()));
+            m.map_growth_attached
+                .set(&a.labels, i64::from(exe.growth.links.is_some()));
         }
     }
 
     /// The node's totals: uprobes attached and executables probed.
     fn publish_node(&self) {
         let uprobes: usize = self.exes.values().map(Exe::probe_count).sum();
-        self.metrics.uprobes_attached.set(uprobes as i64);
-        self.metrics.executables_probed.set(self.exes.len() as i64);
+        self.metrics.uprobes_attached.set(&(), uprobes as i64);
+        self.metrics
+            .executables_probed
+            .set(&(), self.exes.len() as i64);
     }
 }
 

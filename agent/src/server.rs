@@ -68,15 +68,19 @@ impl App {
             c.drain();
             c.sync();
         });
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
-        Ok(out)
+        crate::export::prometheus::render(&self.registry)
     }
 }
 
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
+/// The endpoints; `/metrics` only when `prometheus` (not
+/// `--no-prometheus`).
+pub fn router(app: Arc<App>, prometheus: bool) -> Router {
+    let router = if prometheus {
+        Router::new().route("/metrics", get(metrics))
+    } else {
+        Router::new()
+    };
+    router
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/", get(index))

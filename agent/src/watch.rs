@@ -17,7 +17,7 @@ use crate::{
         exe::{ExeKey, Skip, Stamp},
     },
     inspect::{self, GoBinary, Symbolizer},
-    metrics::{DiscoveryMetrics, SkipLabels},
+    metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
     probes::Target,
     procfs,
@@ -206,7 +206,7 @@ pub fn follow(app: &App, f: Follow) {
                 }
                 Life::Exec { pid, time_ns } => {
                     if let Some(d) = &discovery {
-                        metrics.execs.inc();
+                        metrics.execs.inc(&());
                         if d.stale(pid, time_ns) {
                             continue;
                         }
@@ -223,14 +223,14 @@ pub fn follow(app: &App, f: Follow) {
                     let decision = d.judge(pid);
                     if ctx.consider(d, pid, decision) {
                         let delay = monotonic_ns().saturating_sub(time_ns);
-                        metrics.attach_delay.observe(delay as f64 / 1e9);
+                        metrics.attach_delay.observe(&(), delay as f64 / 1e9);
                     }
                 }
             }
         }
         let now_lost = events.lost();
         if now_lost > lost {
-            metrics.events_lost.inc_by(now_lost - lost);
+            metrics.events_lost.inc_by(&(), now_lost - lost);
             tracing::warn!(
                 lost = now_lost - lost,
                 "exec/exit events lost (ring full); rescanning /proc"
@@ -240,12 +240,12 @@ pub fn follow(app: &App, f: Follow) {
         }
         metrics
             .processes_watched
-            .set(app.with_collector(|c| c.count()) as i64);
+            .set(&(), app.with_collector(|c| c.count()) as i64);
         if let Some(d) = &discovery {
-            let counted = metrics.executables_judged.get();
+            let counted = metrics.executables_judged.get(&());
             metrics
                 .executables_judged
-                .inc_by(d.judged().saturating_sub(counted));
+                .inc_by(&(), d.judged().saturating_sub(counted));
         }
     }
 }
@@ -253,7 +253,7 @@ pub fn follow(app: &App, f: Follow) {
 /// Judges every process in /proc not judged yet.
 fn rescan(ctx: &Consider<'_>, d: &mut Discovery) {
     let (app, metrics) = (ctx.app, ctx.metrics);
-    metrics.rescans.inc();
+    metrics.rescans.inc(&());
     let pids = match d.unjudged() {
         Ok(p) => p,
         Err(e) => {
@@ -285,12 +285,7 @@ impl Consider<'_> {
     /// Acts on a decision; true when the process is now watched.
     fn consider(&self, d: &mut Discovery, pid: u32, decision: Decision) -> bool {
         let skip = |reason: Skip| {
-            self.metrics
-                .skipped
-                .get_or_create(&SkipLabels {
-                    reason: reason.label(),
-                })
-                .inc();
+            self.metrics.skipped.inc(&NodeLabel(reason.label()));
         };
         let exe = match decision {
             Decision::Skip { reason, why } => {

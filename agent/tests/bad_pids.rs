@@ -123,6 +123,53 @@ fn bad_flags_are_refused_with_the_reason() {
     assert!(err.contains("need the Kubernetes API"), "{err}");
 }
 
+/// OTLP settings that cannot work are refused before anything is attached,
+/// naming the flag or variable.
+#[test]
+fn bad_otlp_settings_are_refused_with_the_reason() {
+    let run = |args: &[&str], envs: &[(&str, &str)]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))
+            .args(args)
+            .args(["--listen", "127.0.0.1:0"])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .envs(envs.iter().copied())
+            .output()
+            .expect("gopulse");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--otlp-protocol", "http/json"], &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--otlp-protocol"), "{err}");
+    for (args, envs, needle) in [
+        (
+            &["--otlp-endpoint", "collector:4318"][..],
+            &[][..],
+            "--otlp-endpoint",
+        ),
+        (&["--otlp-endpoint", "https://c:4318"][..], &[][..], "TLS"),
+        (
+            &[][..],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+            ][..],
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ),
+        (
+            &["--otlp-endpoint", "http://c:4318"][..],
+            &[("OTEL_METRIC_EXPORT_INTERVAL", "soon")][..],
+            "OTEL_METRIC_EXPORT_INTERVAL",
+        ),
+    ] {
+        let (code, err) = run(args, envs);
+        assert_eq!(code, Some(1), "{args:?} {envs:?}: {err}");
+        assert!(err.contains(needle), "{args:?} {envs:?}: {err}");
+    }
+}
+
 #[test]
 fn pid_zero_is_rejected() {
     let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))

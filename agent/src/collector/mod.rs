@@ -20,7 +20,7 @@ use crate::{
     bpf::{CollectorMaps, Counters},
     cost::Costs,
     inspect::{MapOffsets, Symbolizer},
-    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, PhaseLabels, ProbeLabels, ProcLabels},
+    metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, ProcAnd, ProcLabels},
     plan::PROGRAM_TABLE,
     procfs,
     storm::{StormRule, StormTracker},
@@ -43,8 +43,6 @@ pub struct NewProc {
 struct Proc {
     labels: ProcLabels,
     reasons: &'static [Reason],
-    /// Reason labels with series, to remove them when the process goes.
-    seen_reasons: BTreeSet<String>,
     /// Time of abandoned mark-termination stops, added to the cycle's pause.
     mark_carry_ns: u64,
     /// Pauses read from the process's log so far.
@@ -55,14 +53,10 @@ struct Proc {
     symbolizer: Arc<Symbolizer>,
     /// Growths already counted per kernel key, and the key's site label.
     growth_keys: BTreeMap<GrowthKey, (u64, String)>,
-    /// (site, kind) pairs with series, to remove them with the process.
-    growth_series: BTreeSet<(String, &'static str)>,
     /// Site labels in use (bounded by `--max-map-sites`).
     sites: BTreeSet<String>,
     /// Storm state by real site (never "other").
     storms: BTreeMap<String, StormTracker>,
-    /// Sites with a storm series.
-    storm_sites: BTreeSet<String>,
     /// The largest map seen growing at each site.
     largest: BTreeMap<String, MapRef>,
     map_offsets: MapOffsets,
@@ -109,16 +103,21 @@ impl Collector {
     pub fn add(&mut self, p: NewProc) {
         let labels = p.labels;
         // Create the series now, so they read 0 rather than being absent.
-        let _ = self.metrics.gc_cycles.get_or_create(&labels);
-        let _ = self.metrics.events_lost.get_or_create(&labels);
-        let _ = self.metrics.map_sites_dropped.get_or_create(&labels);
-        let _ = self.metrics.maps_untracked.get_or_create(&labels);
-        let _ = self.metrics.map_growths_unattributed.get_or_create(&labels);
-        let _ = self.metrics.probe_overhead.get_or_create(&labels);
+        let m = &self.metrics;
+        for f in [
+            &m.gc_cycles,
+            &m.events_lost,
+            &m.map_sites_dropped,
+            &m.maps_untracked,
+            &m.map_growths_unattributed,
+            &m.probe_overhead,
+        ] {
+            f.create(&labels);
+        }
         for phase in [PHASE_SWEEP, PHASE_MARK] {
-            let _ = self.metrics.gc_pause.get_or_create(&PhaseLabels {
-                proc: labels.clone(),
-                phase,
+            m.gc_pause.create(&ProcAnd {
+                proc: &labels,
+                value: phase,
             });
         }
         self.procs.insert(
@@ -126,17 +125,14 @@ impl Collector {
             Proc {
                 labels,
                 reasons: p.reasons,
-                seen_reasons: BTreeSet::new(),
                 mark_carry_ns: 0,
                 stw_seq: 0,
                 synced: Counters::default(),
                 start_time: p.start_time,
                 symbolizer: p.symbolizer,
                 growth_keys: BTreeMap::new(),
-                growth_series: BTreeSet::new(),
                 sites: BTreeSet::new(),
                 storms: BTreeMap::new(),
-                storm_sites: BTreeSet::new(),
                 largest: BTreeMap::new(),
                 map_offsets: p.map_offsets,
                 maps_taken: 0,
@@ -202,14 +198,13 @@ impl Collector {
             let m = &self.metrics;
             let d = |now: u64, then: u64| now.saturating_sub(then);
             m.gc_cycles
-                .get_or_create(&p.labels)
-                .inc_by(d(stats.gc_cycles, p.synced.gc_cycles));
-            m.map_growths_unattributed
-                .get_or_create(&p.labels)
-                .inc_by(d(stats.growths_unattributed, p.synced.growths_unattributed));
+                .inc_by(&p.labels, d(stats.gc_cycles, p.synced.gc_cycles));
+            m.map_growths_unattributed.inc_by(
+                &p.labels,
+                d(stats.growths_unattributed, p.synced.growths_unattributed),
+            );
             m.map_evacuated_buckets
-                .get_or_create(&p.labels)
-                .inc_by(d(stats.evacuations, p.synced.evacuations));
+                .inc_by(&p.labels, d(stats.evacuations, p.synced.evacuations));
             maps::refresh_shapes(&self.metrics, pid, p);
             if stats.stw_unmatched > p.synced.stw_unmatched {
                 tracing::debug!(
@@ -256,11 +251,7 @@ impl Collector {
         if self.procs.values().any(|o| o.labels == p.labels) {
             return;
         }
-        let reasons: Vec<String> = p.seen_reasons.into_iter().collect();
-        let growths: Vec<_> = p.growth_series.into_iter().collect();
-        let storms: Vec<_> = p.storm_sites.into_iter().collect();
-        self.metrics
-            .remove_process(&p.labels, &reasons, &growths, &storms);
+        self.metrics.remove_process(&p.labels);
     }
 }
 
@@ -273,16 +264,13 @@ fn fold_hits(metrics: &Metrics, costs: &Costs, p: &Proc, stats: &Counters) {
             continue; // no series for probes that never ran
         }
         overhead += hits as f64 * costs.per_hit_s(i);
-        metrics
-            .probe_hits
-            .get_or_create(&ProbeLabels {
-                proc: p.labels.clone(),
-                probe: prog.name,
-            })
-            .inc_by(hits);
+        metrics.probe_hits.inc_by(
+            &ProcAnd {
+                proc: &p.labels,
+                value: prog.name,
+            },
+            hits,
+        );
     }
-    metrics
-        .probe_overhead
-        .get_or_create(&p.labels)
-        .inc_by(overhead);
+    metrics.probe_overhead.add(&p.labels, overhead);
 }

@@ -233,8 +233,13 @@ impl Agent {
 
     /// [`Agent::spawn`] with extra command-line flags.
     pub fn spawn_with(pids: &[u32], flags: &[&str]) -> Self {
+        Self::spawn_env(pids, flags, &[])
+    }
+
+    /// [`Agent::spawn_with`] with extra environment variables.
+    pub fn spawn_env(pids: &[u32], flags: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gopulse"));
-        cmd.args(flags);
+        cmd.args(flags).envs(envs.iter().copied());
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }
@@ -319,6 +324,17 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The agent's resident memory, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS")
     }
 
     /// SIGTERM, and expect a clean exit.
@@ -453,6 +469,19 @@ impl Agent {
 /// 2.8.4 is built with Go 1.22 (classic maps), 2.11.7 with Go 1.26 (swiss
 /// tables).
 pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
+
+/// rotel (PyPI `rotel`, installed by `cargo xtask setup`; xtask's
+/// ROTEL_VERSION).
+pub const ROTEL_VERSION: &str = "0.0.1a15";
+
+/// `<cache>/rotel/<version>/rotel/rotel-agent`, if installed.
+pub fn rotel_binary() -> Option<PathBuf> {
+    let bin = cache_dir()
+        .join("rotel")
+        .join(ROTEL_VERSION)
+        .join("rotel/rotel-agent");
+    bin.exists().then_some(bin)
+}
 
 /// `<cache>/caddy/<version>/bin/caddy`, if installed.
 pub fn caddy_binary(version: &str) -> Option<PathBuf> {

@@ -1,0 +1,716 @@
+//! OTLP push: the model sent to an OpenTelemetry collector every export
+//! interval, over gRPC or HTTP/protobuf, each watched process as its own
+//! resource (`process.*`, `container.id`, `k8s.*`) and the agent's own
+//! metrics under a resource of their own (`service.name` = `gopulse`).
+//!
+//! Counters and gauges are observable instruments whose callbacks read the
+//! model at export time. Histograms cannot be observed in OpenTelemetry, so
+//! the model keeps each observation until the next export
+//! ([`Model::take_pending`]) and they are recorded then, in order: count and
+//! sum equal the model's. Temporality is cumulative by default, so an export
+//! that fails loses nothing: the next one carries the totals.
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Histogram, Meter, MeterProvider as _},
+};
+use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    error::OTelSdkResult,
+    metrics::{
+        Aggregation, Instrument, InstrumentKind, ManualReader, Pipeline, SdkMeterProvider, Stream,
+        Temporality, data::ResourceMetrics, exporter::PushMetricExporter as _,
+        reader::MetricReader,
+    },
+};
+
+use crate::{
+    metrics::{NodeLabel, ProcLabels},
+    model::{
+        Family, Group, Model, Value,
+        decl::{self, Decl, Kind, Number, Scope},
+    },
+};
+
+/// Wire protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpProtocol {
+    #[value(name = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// How pause and other histograms go out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HistogramKind {
+    /// Base-2 exponential buckets (OTLP ExponentialHistogram): fine
+    /// resolution at every scale; the OpenTelemetry Collector, rotel and
+    /// Prometheus (native histograms) take them.
+    Exponential,
+    /// The same bucket bounds as `/metrics`.
+    Explicit,
+}
+
+/// Why OTLP cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var}={value:?}: {why}")]
+    Env {
+        var: &'static str,
+        value: String,
+        why: &'static str,
+    },
+    #[error("--otlp-endpoint {0:?}: not a URL (for example http://127.0.0.1:4318)")]
+    Endpoint(String),
+    #[error(
+        "{0}: TLS is not built into gopulse yet; use a collector on the node, or a \
+         plain-text (http://) hop"
+    )]
+    Tls(String),
+    #[error("building the OTLP exporter: {0}")]
+    Build(String),
+}
+
+/// Where and how to push.
+#[derive(Clone, Debug)]
+pub struct OtlpConfig {
+    /// From `--otlp-endpoint`; `None`: the `OTEL_EXPORTER_OTLP_*ENDPOINT`
+    /// variables.
+    pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub temporality: Temporality,
+    pub histograms: HistogramKind,
+    /// `k8s.node.name` of every resource, when known.
+    pub node_name: Option<String>,
+}
+
+fn env(var: &'static str) -> Option<String> {
+    std::env::var(var).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn env_ms(var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    match env(var) {
+        None => Ok(Duration::from_millis(default)),
+        Some(v) => match v.trim().parse::<u64>() {
+            Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
+            _ => Err(ConfigError::Env {
+                var,
+                value: v,
+                why: "expected a positive number of milliseconds",
+            }),
+        },
+    }
+}
+
+impl OtlpConfig {
+    /// The configuration from the flags and the standard variables, or
+    /// `None` when OTLP is not configured (no endpoint anywhere, or
+    /// `OTEL_METRICS_EXPORTER=none`).
+    pub fn resolve(
+        endpoint: Option<String>,
+        protocol: Option<OtlpProtocol>,
+        histograms: Option<HistogramKind>,
+        node_name: Option<String>,
+    ) -> Result<Option<Self>, ConfigError> {
+        if endpoint.is_none()
+            && (env("OTEL_METRICS_EXPORTER").as_deref() == Some("none")
+                || (env("OTEL_EXPORTER_OTLP_ENDPOINT").is_none()
+                    && env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT").is_none()))
+        {
+            return Ok(None);
+        }
+        let protocol = match protocol {
+            Some(p) => p,
+            None => {
+                let var = if env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL").is_some() {
+                    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
+                } else {
+                    "OTEL_EXPORTER_OTLP_PROTOCOL"
+                };
+                match env(var).as_deref().map(str::trim) {
+                    // The specification's default.
+                    None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+                    Some("grpc") => OtlpProtocol::Grpc,
+                    Some(other) => {
+                        return Err(ConfigError::Env {
+                            var,
+                            value: other.to_owned(),
+                            why: "gopulse speaks grpc or http/protobuf",
+                        });
+                    }
+                }
+            }
+        };
+        let var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+        let temporality = match env(var).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("cumulative") => Temporality::Cumulative,
+            Some("delta") => Temporality::Delta,
+            Some("lowmemory") => Temporality::LowMemory,
+            Some(other) => {
+                return Err(ConfigError::Env {
+                    var,
+                    value: other.to_owned(),
+                    why: "expected cumulative, delta or lowmemory",
+                });
+            }
+        };
+        let var = "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION";
+        let histograms = match histograms {
+            Some(h) => h,
+            None => match env(var).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+                None | Some("base2_exponential_bucket_histogram") => HistogramKind::Exponential,
+                Some("explicit_bucket_histogram") => HistogramKind::Explicit,
+                Some(other) => {
+                    return Err(ConfigError::Env {
+                        var,
+                        value: other.to_owned(),
+                        why: "expected base2_exponential_bucket_histogram or \
+                              explicit_bucket_histogram",
+                    });
+                }
+            },
+        };
+        let endpoint = match endpoint {
+            None => None,
+            Some(e) => Some(endpoint_url(&e, protocol)?),
+        };
+        for var in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        ] {
+            if let Some(e) = env(var).filter(|e| e.trim().starts_with("https://")) {
+                return Err(ConfigError::Tls(format!("{var}={e}")));
+            }
+        }
+        Ok(Some(Self {
+            endpoint,
+            protocol,
+            interval: env_ms("OTEL_METRIC_EXPORT_INTERVAL", 60_000)?,
+            timeout: env_ms("OTEL_METRIC_EXPORT_TIMEOUT", 30_000)?,
+            temporality,
+            histograms,
+            node_name,
+        }))
+    }
+
+    /// Where the exports go, for the log.
+    pub fn describe(&self) -> String {
+        let to = self.endpoint.clone().unwrap_or_else(|| {
+            env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+                .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+                .unwrap_or_default()
+        });
+        let protocol = match self.protocol {
+            OtlpProtocol::Grpc => "grpc",
+            OtlpProtocol::HttpProtobuf => "http/protobuf",
+        };
+        format!("{to} ({protocol}, every {:?})", self.interval)
+    }
+}
+
+/// `--otlp-endpoint` is a base URL, as `OTEL_EXPORTER_OTLP_ENDPOINT`: over
+/// HTTP the metrics path is appended when it has none.
+fn endpoint_url(e: &str, protocol: OtlpProtocol) -> Result<String, ConfigError> {
+    let e = e.trim();
+    let Some((scheme, rest)) = e.split_once("://") else {
+        return Err(ConfigError::Endpoint(e.to_owned()));
+    };
+    if scheme == "https" {
+        return Err(ConfigError::Tls(e.to_owned()));
+    }
+    if scheme != "http" || rest.is_empty() {
+        return Err(ConfigError::Endpoint(e.to_owned()));
+    }
+    let has_path = rest.trim_end_matches('/').contains('/');
+    Ok(match protocol {
+        OtlpProtocol::HttpProtobuf if !has_path => {
+            format!("{}/v1/metrics", e.trim_end_matches('/'))
+        }
+        _ => e.to_owned(),
+    })
+}
+
+/// One resource's instruments: a meter provider read by hand.
+struct ResourceExport {
+    provider: SdkMeterProvider,
+    reader: Arc<ManualReader>,
+    /// Histogram instruments by metric id.
+    histograms: HashMap<usize, Histogram<f64>>,
+}
+
+/// A reader shared between the provider and the export loop.
+#[derive(Debug)]
+struct SharedReader(Arc<ManualReader>);
+
+impl MetricReader for SharedReader {
+    fn register_pipeline(&self, pipeline: std::sync::Weak<Pipeline>) {
+        self.0.register_pipeline(pipeline);
+    }
+    fn collect(&self, rm: &mut ResourceMetrics) -> OTelSdkResult {
+        self.0.collect(rm)
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        self.0.force_flush()
+    }
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+    fn temporality(&self, kind: InstrumentKind) -> Temporality {
+        self.0.temporality(kind)
+    }
+}
+
+/// The push loop's state.
+pub struct Otlp {
+    model: Model,
+    config: OtlpConfig,
+    exporter: MetricExporter,
+    resources: HashMap<Group, ResourceExport>,
+    exports: Family<NodeLabel>,
+    host_name: String,
+    /// Since when exports fail, and how many failed (one log line each way).
+    outage: Option<(Instant, u64)>,
+}
+
+/// Attempts per export: the first and two retries (0.5 s, then 1 s apart).
+const ATTEMPTS: u32 = 3;
+
+impl Otlp {
+    /// Builds the exporter; the model starts keeping observations for it.
+    pub fn new(model: &Model, config: OtlpConfig) -> Result<Self, ConfigError> {
+        let build = |e: opentelemetry_otlp::ExporterBuildError| ConfigError::Build(e.to_string());
+        let builder = MetricExporter::builder().with_temporality(config.temporality);
+        let exporter = match config.protocol {
+            OtlpProtocol::Grpc => {
+                let mut b = builder
+                    .with_tonic()
+                    .with_protocol(Protocol::Grpc)
+                    .with_timeout(config.timeout);
+                if let Some(e) = &config.endpoint {
+                    b = b.with_endpoint(e.clone());
+                }
+                b.build().map_err(build)?
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let mut b = builder
+                    .with_http()
+                    .with_protocol(Protocol::HttpBinary)
+                    .with_timeout(config.timeout);
+                if let Some(e) = &config.endpoint {
+                    b = b.with_endpoint(e.clone());
+                }
+                b.build().map_err(build)?
+            }
+        };
+        model.keep_observations(true);
+        let exports = model.family::<NodeLabel>(&decl::OTLP_EXPORTS);
+        exports.create(&NodeLabel("ok"));
+        exports.create(&NodeLabel("failed"));
+        model.family::<()>(&decl::OTLP_POINTS_DROPPED).create(&());
+        Ok(Self {
+            model: model.clone(),
+            config,
+            exporter,
+            resources: HashMap::new(),
+            exports,
+            host_name: host_name(),
+            outage: None,
+        })
+    }
+
+    pub fn interval(&self) -> Duration {
+        self.config.interval
+    }
+
+    /// One export round: every resource's metrics, one request each.
+    pub async fn export(&mut self) {
+        self.sync_resources();
+        let delta = self.config.temporality != Temporality::Cumulative;
+        let mut groups: Vec<Group> = self.resources.keys().cloned().collect();
+        groups.sort();
+        for group in groups {
+            let Some(r) = self.resources.get(&group) else {
+                continue;
+            };
+            let mut rm = ResourceMetrics::default();
+            if let Err(e) = r.reader.collect(&mut rm) {
+                tracing::debug!("collecting OTLP metrics: {e}");
+                continue;
+            }
+            let points = count_histogram_points(&rm);
+            match self.send(&rm).await {
+                Ok(()) => {
+                    self.exports.inc(&NodeLabel("ok"));
+                    if let Some((since, failed)) = self.outage.take() {
+                        tracing::info!(
+                            failed,
+                            "OTLP export resumed after {failed} failed exports over {:.0?}",
+                            since.elapsed()
+                        );
+                    }
+                }
+                Err(e) => {
+                    self.exports.inc(&NodeLabel("failed"));
+                    // Cumulative totals go again next time; deltas are lost.
+                    if delta {
+                        self.model.count_dropped(points);
+                    }
+                    match &mut self.outage {
+                        Some((_, failed)) => *failed += 1,
+                        None => {
+                            tracing::warn!(
+                                "OTLP export to {} failed: {e}; retrying every {:?} (logged \
+                                 again when it recovers; gopulse_otlp_exports_total counts \
+                                 each)",
+                                self.config.describe(),
+                                self.config.interval
+                            );
+                            self.outage = Some((Instant::now(), 1));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one request, retrying with back-off within bounds.
+    async fn send(&self, rm: &ResourceMetrics) -> Result<(), String> {
+        let mut wait = Duration::from_millis(500);
+        let mut last = String::new();
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            match tokio::time::timeout(self.config.timeout, self.exporter.export(rm)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no answer within {:?}", self.config.timeout),
+            }
+            // Down for the whole round: do not pile up attempts.
+            if self.outage.is_some() {
+                break;
+            }
+        }
+        Err(last)
+    }
+
+    /// Creates resources for new groups, drops those of groups gone, and
+    /// records the histogram observations kept since the last round.
+    fn sync_resources(&mut self) {
+        let groups = self.model.groups();
+        self.resources.retain(|g, r| {
+            let keep = groups.contains(g);
+            if !keep {
+                let _ = r.provider.shutdown();
+            }
+            keep
+        });
+        for g in groups {
+            if !self.resources.contains_key(&g) {
+                let r = self.resource_export(&g);
+                self.resources.insert(g, r);
+            }
+        }
+        let resources = &self.resources;
+        let mut lost = 0;
+        self.model.take_pending(|group, d, values, xs| {
+            let Some(r) = resources.get(group) else {
+                lost += xs.len() as u64;
+                return;
+            };
+            let Some(h) = r.histograms.get(&decl::id_of(d)) else {
+                return;
+            };
+            let attrs = attributes(d, values);
+            for x in xs {
+                h.record(x, &attrs);
+            }
+        });
+        self.model.count_dropped(lost);
+    }
+
+    fn resource_export(&self, group: &Group) -> ResourceExport {
+        let reader = Arc::new(
+            ManualReader::builder()
+                .with_temporality(self.config.temporality)
+                .build(),
+        );
+        let mut builder = SdkMeterProvider::builder()
+            .with_resource(self.resource(group))
+            .with_reader(SharedReader(reader.clone()));
+        if self.config.histograms == HistogramKind::Exponential {
+            builder = builder.with_view(|i: &Instrument| {
+                (i.kind() == InstrumentKind::Histogram)
+                    .then(|| {
+                        Stream::builder()
+                            .with_aggregation(Aggregation::Base2ExponentialHistogram {
+                                max_size: 160,
+                                max_scale: 20,
+                                record_min_max: true,
+                            })
+                            .build()
+                            .ok()
+                    })
+                    .flatten()
+            });
+        }
+        let provider = builder.build();
+        let meter = provider.meter_with_scope(
+            opentelemetry::InstrumentationScope::builder("gopulse")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+        );
+        let scope = if group.is_some() {
+            Scope::Process
+        } else {
+            Scope::Node
+        };
+        let mut histograms = HashMap::new();
+        for d in decl::ALL.iter().copied().filter(|d| d.scope == scope) {
+            if let Kind::Histogram(bounds) = d.kind {
+                let h = meter
+                    .f64_histogram(d.otel)
+                    .with_unit(d.otel_unit)
+                    .with_description(d.help)
+                    .with_boundaries(bounds.to_vec())
+                    .build();
+                histograms.insert(decl::id_of(d), h);
+            } else {
+                self.observe(&meter, d, group);
+            }
+        }
+        ResourceExport {
+            provider,
+            reader,
+            histograms,
+        }
+    }
+
+    /// An observable instrument whose callback reads the model.
+    fn observe(&self, meter: &Meter, d: &'static Decl, group: &Group) {
+        let (model, group) = (self.model.clone(), group.clone());
+        let each = move |f: &mut dyn FnMut(&Value, &[KeyValue])| {
+            model.visit_group(d, &group, |values, v| f(v, &attributes(d, values)));
+        };
+        match d.kind {
+            Kind::Counter(Number::Int) => {
+                meter
+                    .u64_observable_counter(d.otel)
+                    .with_unit(d.otel_unit)
+                    .with_description(d.help)
+                    .with_callback(move |o| {
+                        each(&mut |v, a| {
+                            if let Value::Count(n) = v {
+                                o.observe(*n, a);
+                            }
+                        })
+                    })
+                    .build();
+            }
+            Kind::Counter(Number::Float) => {
+                meter
+                    .f64_observable_counter(d.otel)
+                    .with_unit(d.otel_unit)
+                    .with_description(d.help)
+                    .with_callback(move |o| {
+                        each(&mut |v, a| {
+                            if let Value::Float(x) = v {
+                                o.observe(*x, a);
+                            }
+                        })
+                    })
+                    .build();
+            }
+            Kind::Gauge(Number::Int) => {
+                meter
+                    .i64_observable_gauge(d.otel)
+                    .with_unit(d.otel_unit)
+                    .with_description(d.help)
+                    .with_callback(move |o| {
+                        each(&mut |v, a| {
+                            if let Value::Int(n) = v {
+                                o.observe(*n, a);
+                            }
+                        })
+                    })
+                    .build();
+            }
+            Kind::Gauge(Number::Float) => {
+                meter
+                    .f64_observable_gauge(d.otel)
+                    .with_unit(d.otel_unit)
+                    .with_description(d.help)
+                    .with_callback(move |o| {
+                        each(&mut |v, a| {
+                            if let Value::Float(x) = v {
+                                o.observe(*x, a);
+                            }
+                        })
+                    })
+                    .build();
+            }
+            Kind::Histogram(_) => {}
+        }
+    }
+
+    /// A watched process's resource, or the agent's own.
+    fn resource(&self, group: &Group) -> Resource {
+        let mut attrs = vec![KeyValue::new("host.name", self.host_name.clone())];
+        if let Some(node) = &self.config.node_name {
+            attrs.push(KeyValue::new("k8s.node.name", node.clone()));
+        }
+        match group {
+            None => {
+                attrs.push(KeyValue::new("service.name", "gopulse"));
+                attrs.push(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")));
+            }
+            Some(p) => attrs.extend(process_attributes(p)),
+        }
+        // The defaults (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, the
+        // SDK's own), then ours: a process's identity wins.
+        Resource::builder().with_attributes(attrs).build()
+    }
+
+    /// Ends every resource (at shutdown, after a last export).
+    pub fn shutdown(&mut self) {
+        for (_, r) in self.resources.drain() {
+            let _ = r.provider.shutdown();
+        }
+        let _ = self.exporter.shutdown();
+    }
+}
+
+/// A process's resource attributes.
+fn process_attributes(p: &ProcLabels) -> Vec<KeyValue> {
+    let mut attrs = vec![
+        KeyValue::new("service.name", p.exe.clone()),
+        KeyValue::new("process.executable.name", p.exe.clone()),
+        KeyValue::new("process.runtime.name", "go"),
+        KeyValue::new("process.runtime.version", p.go_version.clone()),
+    ];
+    if let Some(pid) = p.pid.as_deref().and_then(|s| s.parse::<i64>().ok()) {
+        attrs.push(KeyValue::new("process.pid", pid));
+    }
+    if let Some(id) = &p.container_id {
+        attrs.push(KeyValue::new("container.id", id.clone()));
+    }
+    if let Some(uid) = &p.pod_uid {
+        attrs.push(KeyValue::new("k8s.pod.uid", uid.clone()));
+    }
+    if let Some(names) = &p.names {
+        for (k, v) in names.labels() {
+            let key = match k {
+                "namespace" => "k8s.namespace.name",
+                "pod" => "k8s.pod.name",
+                "container" => "k8s.container.name",
+                _ => continue,
+            };
+            attrs.push(KeyValue::new(key, v));
+        }
+    }
+    attrs
+}
+
+/// A series' own attributes (the process is in the resource).
+fn attributes(d: &Decl, values: &[String]) -> Vec<KeyValue> {
+    d.labels
+        .iter()
+        .zip(values)
+        .map(|(l, v)| KeyValue::new(l.otel, v.clone()))
+        .collect()
+}
+
+/// Histogram observations in a request (what a lost delta export loses).
+fn count_histogram_points(rm: &ResourceMetrics) -> u64 {
+    use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData};
+    let mut n = 0;
+    for sm in rm.scope_metrics() {
+        for m in sm.metrics() {
+            if let AggregatedMetrics::F64(data) = m.data() {
+                match data {
+                    MetricData::Histogram(h) => {
+                        n += h.data_points().map(|p| p.count()).sum::<u64>()
+                    }
+                    MetricData::ExponentialHistogram(h) => {
+                        n += h.data_points().map(|p| p.count() as u64).sum::<u64>()
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    n
+}
+
+/// This host's name (`host.name`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_base_urls() {
+        let http = OtlpProtocol::HttpProtobuf;
+        assert_eq!(
+            endpoint_url("http://c:4318", http).unwrap(),
+            "http://c:4318/v1/metrics"
+        );
+        assert_eq!(
+            endpoint_url("http://c:4318/", http).unwrap(),
+            "http://c:4318/v1/metrics"
+        );
+        assert_eq!(
+            endpoint_url("http://c:4318/custom/path", http).unwrap(),
+            "http://c:4318/custom/path"
+        );
+        assert_eq!(
+            endpoint_url("http://c:4317", OtlpProtocol::Grpc).unwrap(),
+            "http://c:4317"
+        );
+        assert!(endpoint_url("c:4317", OtlpProtocol::Grpc).is_err());
+        assert!(endpoint_url("ftp://c", http).is_err());
+        assert!(matches!(
+            endpoint_url("https://c:4318", http),
+            Err(ConfigError::Tls(_))
+        ));
+    }
+
+    #[test]
+    fn process_resource_names() {
+        let p = ProcLabels {
+            pid: Some("42".into()),
+            exe: "api".into(),
+            go_version: "go1.27.3".into(),
+            container_id: Some("abc".into()),
+            pod_uid: Some("u-1".into()),
+            names: None,
+        };
+        let attrs = process_attributes(&p);
+        let get = |k: &str| {
+            attrs
+                .iter()
+                .find(|kv| kv.key.as_str() == k)
+                .map(|kv| kv.value.to_string())
+        };
+        assert_eq!(get("process.pid").as_deref(), Some("42"));
+        assert_eq!(get("process.runtime.name").as_deref(), Some("go"));
+        assert_eq!(get("process.runtime.version").as_deref(), Some("go1.27.3"));
+        assert_eq!(get("container.id").as_deref(), Some("abc"));
+        assert_eq!(get("k8s.pod.uid").as_deref(), Some("u-1"));
+    }
+}

@@ -1,0 +1,646 @@
+//! Every metric gopulse exports, declared once: its Prometheus name, its
+//! OpenTelemetry name, kind, unit, help and labels. Both exporters render
+//! from these; the README's metric table is tested against them. Names,
+//! labels and units are part of the product: change them only with the
+//! docs and dashboards.
+
+/// What a metric is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    /// Only goes up (from 0 when its series appears).
+    Counter(Number),
+    /// A value that goes up and down.
+    Gauge(Number),
+    /// Observations in buckets (upper bounds, ascending; +Inf implied).
+    Histogram(&'static [f64]),
+}
+
+/// Integer or floating point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Number {
+    Int,
+    Float,
+}
+
+/// A label of a metric besides the process's own (per process metrics) and
+/// its attribute name on OTLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Label {
+    pub prom: &'static str,
+    pub otel: &'static str,
+}
+
+/// Whether a metric's series belong to a watched process or to the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Carries the process's labels (Prometheus) / is in its resource (OTLP).
+    Process,
+    /// The agent's own, for the node.
+    Node,
+}
+
+/// One metric.
+#[derive(Debug, PartialEq)]
+pub struct Decl {
+    /// After `gopulse_` and before the unit and `_total` suffixes.
+    pub name: &'static str,
+    /// `seconds` or none; Prometheus appends it to the name.
+    pub prom_unit: Option<&'static str>,
+    /// The OpenTelemetry name (semantic conventions where they exist).
+    pub otel: &'static str,
+    /// UCUM, as OpenTelemetry wants it: `s`, `1`, `{growth}`, ...
+    pub otel_unit: &'static str,
+    pub kind: Kind,
+    pub scope: Scope,
+    pub labels: &'static [Label],
+    pub help: &'static str,
+}
+
+impl Decl {
+    /// The name of its series on `/metrics` (`_total` for counters; the
+    /// histogram's `_bucket`, `_sum`, `_count` go after it).
+    pub fn prom_series_name(&self) -> String {
+        let mut n = format!("gopulse_{}", self.name);
+        if let Some(u) = self.prom_unit {
+            n.push('_');
+            n.push_str(u);
+        }
+        if matches!(self.kind, Kind::Counter(_)) {
+            n.push_str("_total");
+        }
+        n
+    }
+
+    /// `counter`, `gauge` or `histogram`.
+    pub fn type_name(&self) -> &'static str {
+        match self.kind {
+            Kind::Counter(_) => "counter",
+            Kind::Gauge(_) => "gauge",
+            Kind::Histogram(_) => "histogram",
+        }
+    }
+}
+
+const fn label(prom: &'static str, otel: &'static str) -> Label {
+    Label { prom, otel }
+}
+
+pub const PHASE: Label = label("phase", "go.gc.phase");
+pub const REASON: Label = label("reason", "go.stw.reason");
+pub const SITE: Label = label("site", "code.function.name");
+pub const GROWTH_KIND: Label = label("kind", "gopulse.map.growth.kind");
+pub const PROBE: Label = label("probe", "gopulse.probe");
+pub const SKIP_REASON: Label = label("reason", "gopulse.discovery.skip_reason");
+pub const RESULT: Label = label("result", "gopulse.otlp.result");
+
+/// Pause buckets in seconds: 1-2.5-5 steps from 1 µs to 10 s, so 10 µs is
+/// told from 50 µs and 100 ms from 1 s.
+pub const PAUSE_BUCKETS: [f64; 22] = [
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+    5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Load factor buckets: fine near the top, where growth happens (6.5/8 and
+/// 7/8), coarse below, where oversized maps sit.
+pub const LOAD_FACTOR_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8125, 0.875, 1.0,
+];
+
+/// Exec-to-attached buckets in seconds: the target is 200 ms, the promise 1 s.
+pub const ATTACH_DELAY_BUCKETS: [f64; 10] =
+    [0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.5, 10.0];
+
+use Kind::{Counter, Gauge, Histogram};
+use Number::{Float, Int};
+use Scope::{Node, Process};
+
+pub static GC_CYCLES: Decl = Decl {
+    name: "gc_cycles",
+    prom_unit: None,
+    otel: "go.memory.gc.cycles",
+    otel_unit: "{cycle}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Completed GC cycles (runtime.gcMarkTermination) since the agent attached",
+};
+
+pub static GC_PAUSE: Decl = Decl {
+    name: "gc_pause",
+    prom_unit: Some("seconds"),
+    otel: "go.memory.gc.pause.duration",
+    otel_unit: "s",
+    kind: Histogram(&PAUSE_BUCKETS),
+    scope: Process,
+    labels: &[PHASE],
+    help: "GC stop-the-world pauses by phase, from the stop request until the world runs \
+           again; one per phase per cycle (an abandoned mark-termination stop is added to \
+           its cycle's mark_termination pause)",
+};
+
+pub static STW_PAUSE: Decl = Decl {
+    name: "stw_pause",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.stw.pause.duration",
+    otel_unit: "s",
+    kind: Histogram(&PAUSE_BUCKETS),
+    scope: Process,
+    labels: &[REASON],
+    help: "Every stop-the-world pause by Go's stop reason",
+};
+
+pub static STW_PAUSE_MAX: Decl = Decl {
+    name: "stw_pause_max",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.stw.pause.max",
+    otel_unit: "s",
+    kind: Gauge(Float),
+    scope: Process,
+    labels: &[REASON],
+    help: "Longest stop-the-world pause by reason since the agent attached",
+};
+
+pub static EVENTS_LOST: Decl = Decl {
+    name: "events_lost",
+    prom_unit: None,
+    otel: "gopulse.events.lost",
+    otel_unit: "{event}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Events the kernel dropped because the ring buffer was full",
+};
+
+pub static PROBES_ATTACHED: Decl = Decl {
+    name: "probes_attached",
+    prom_unit: None,
+    otel: "gopulse.probes.attached",
+    otel_unit: "{probe}",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[],
+    help: "Uprobes attached to the process",
+};
+
+pub static MAP_GROWTHS: Decl = Decl {
+    name: "map_growths",
+    prom_unit: None,
+    otel: "gopulse.map.growths",
+    otel_unit: "{growth}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE, GROWTH_KIND],
+    help: "Map growths by the Go function whose map grew (site: the first caller outside \
+           the runtime, reflect, encoding/* and the other plumbing) and kind: double or \
+           same_size (classic maps); to_table, grow, split or prune (swiss tables)",
+};
+
+pub static MAP_GROWTHS_UNATTRIBUTED: Decl = Decl {
+    name: "map_growths_unattributed",
+    prom_unit: None,
+    otel: "gopulse.map.growths.unattributed",
+    otel_unit: "{growth}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Map growths counted without a site because the kernel's growth table (32768 \
+           sites for all processes) was full",
+};
+
+pub static MAP_SITES_DROPPED: Decl = Decl {
+    name: "map_sites_dropped",
+    prom_unit: None,
+    otel: "gopulse.map.sites.dropped",
+    otel_unit: "{growth}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Map growths counted under site=\"other\" because the process reached the \
+           --max-map-sites limit",
+};
+
+pub static MAP_GROWTH_STORMS: Decl = Decl {
+    name: "map_growth_storms",
+    prom_unit: None,
+    otel: "gopulse.map.growth.storms",
+    otel_unit: "{storm}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Growth storms: episodes of more than --storm-growths map growths at one site \
+           within --storm-window-ms; the site is always the real one, even past \
+           --max-map-sites",
+};
+
+pub static MAP_ENTRIES: Decl = Decl {
+    name: "map_entries",
+    prom_unit: None,
+    otel: "gopulse.map.entries",
+    otel_unit: "{entry}",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Entries of the largest map seen growing at the site, read from the process when \
+           metrics are collected",
+};
+
+pub static MAP_CAPACITY: Decl = Decl {
+    name: "map_capacity_slots",
+    prom_unit: None,
+    otel: "gopulse.map.capacity",
+    otel_unit: "{slot}",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Slots of that map: classic 8<<B; swiss the summed capacity of its tables (8 for \
+           a small map)",
+};
+
+pub static MAP_LOAD_FACTOR: Decl = Decl {
+    name: "map_load_factor",
+    prom_unit: None,
+    otel: "gopulse.map.load_factor",
+    otel_unit: "1",
+    kind: Gauge(Float),
+    scope: Process,
+    labels: &[SITE],
+    help: "Entries / capacity slots of that map",
+};
+
+pub static MAP_OVERFLOW: Decl = Decl {
+    name: "map_overflow_buckets",
+    prom_unit: None,
+    otel: "gopulse.map.overflow_buckets",
+    otel_unit: "{bucket}",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Overflow buckets of that map (classic maps; Go counts them approximately from \
+           B >= 16)",
+};
+
+pub static MAP_TABLES: Decl = Decl {
+    name: "map_tables",
+    prom_unit: None,
+    otel: "gopulse.map.tables",
+    otel_unit: "{table}",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Distinct tables of that map (swiss maps; 0 for a small map)",
+};
+
+pub static MAP_LOAD_FACTOR_RATIO: Decl = Decl {
+    name: "map_load_factor_ratio",
+    prom_unit: None,
+    otel: "gopulse.map.load_factor.sampled",
+    otel_unit: "1",
+    kind: Histogram(&LOAD_FACTOR_BUCKETS),
+    scope: Process,
+    labels: &[],
+    help: "Load factor of each map the assignment probes saw, one observation per map per \
+           sampling window: oversized, mostly empty maps sit low",
+};
+
+pub static PROBE_HITS: Decl = Decl {
+    name: "probe_hits",
+    prom_unit: None,
+    otel: "gopulse.probe.hits",
+    otel_unit: "{hit}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[PROBE],
+    help: "Uprobe hits by probe (BPF program)",
+};
+
+pub static PROBE_OVERHEAD: Decl = Decl {
+    name: "probe_overhead",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.probe.overhead",
+    otel_unit: "s",
+    kind: Counter(Float),
+    scope: Process,
+    labels: &[],
+    help: "Estimated CPU time the probes cost the process: each probe's hits times its \
+           cost per hit (gopulse_probe_hit_cost_seconds)",
+};
+
+pub static MAP_ASSIGN_ATTACHED: Decl = Decl {
+    name: "map_assign_probes_attached",
+    prom_unit: None,
+    otel: "gopulse.map.assign_probes.attached",
+    otel_unit: "1",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[],
+    help: "1 while the map assignment/deletion probes are attached to the process; when \
+           they are sampled or cut by the overhead budget, shapes of maps that never grew \
+           are only seen while attached",
+};
+
+pub static MAP_GROWTH_ATTACHED: Decl = Decl {
+    name: "map_growth_probes_attached",
+    prom_unit: None,
+    otel: "gopulse.map.growth_probes.attached",
+    otel_unit: "1",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[],
+    help: "1 while the map growth probes are attached; 0 while the overhead governor has \
+           cut them (the process grew maps so fast for so long that they spent \
+           --overhead-budget over --overhead-window), and then growth counts, sites and \
+           shapes miss what happens meanwhile",
+};
+
+pub static MAPS_UNTRACKED: Decl = Decl {
+    name: "map_untracked",
+    prom_unit: None,
+    otel: "gopulse.map.untracked",
+    otel_unit: "{map}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Maps the assignment probes saw but the kernel's map table (64k maps for all \
+           processes) evicted before the agent read them",
+};
+
+pub static MAP_EVACUATED_BUCKETS: Decl = Decl {
+    name: "map_evacuated_buckets",
+    prom_unit: None,
+    otel: "gopulse.map.evacuated_buckets",
+    otel_unit: "{bucket}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Old buckets classic maps moved in their incremental growth \
+           (runtime.evacuate*), counted while the assignment probes are attached",
+};
+
+pub static PROBE_HIT_COST: Decl = Decl {
+    name: "probe_hit_cost",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.probe.hit_cost",
+    otel_unit: "s",
+    kind: Gauge(Float),
+    scope: Node,
+    labels: &[PROBE],
+    help: "What one hit of each probe costs on this node: the uprobe trap, timed by the \
+           agent at start-up, plus the program's mean run time from the kernel's BPF \
+           statistics",
+};
+
+pub static UPROBES_ATTACHED: Decl = Decl {
+    name: "uprobes_attached",
+    prom_unit: None,
+    otel: "gopulse.uprobes.attached",
+    otel_unit: "{uprobe}",
+    kind: Gauge(Int),
+    scope: Node,
+    labels: &[],
+    help: "Uprobes the agent has attached on this host: one set per executable, shared by \
+           every watched process that runs it",
+};
+
+pub static EXECUTABLES_PROBED: Decl = Decl {
+    name: "executables_probed",
+    prom_unit: None,
+    otel: "gopulse.executables.probed",
+    otel_unit: "{executable}",
+    kind: Gauge(Int),
+    scope: Node,
+    labels: &[],
+    help: "Executables with probes attached (replicas of one binary count once)",
+};
+
+pub static DISCOVERY_EXECS: Decl = Decl {
+    name: "discovery_execs",
+    prom_unit: None,
+    otel: "gopulse.discovery.execs",
+    otel_unit: "{exec}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[],
+    help: "Programs started on the host (exec) that discovery looked at",
+};
+
+pub static DISCOVERY_SKIPPED: Decl = Decl {
+    name: "discovery_skipped",
+    prom_unit: None,
+    otel: "gopulse.discovery.skipped",
+    otel_unit: "{process}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[SKIP_REASON],
+    help: "Processes discovery did not watch, by reason: not_go, unsupported (Go release or \
+           architecture), refused (unreadable executable), filtered (--exe-regex), limit \
+           (--max-processes reached), gone (exited before it was looked at)",
+};
+
+pub static DISCOVERY_EVENTS_LOST: Decl = Decl {
+    name: "discovery_events_lost",
+    prom_unit: None,
+    otel: "gopulse.discovery.events.lost",
+    otel_unit: "{event}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[],
+    help: "Exec and exit events the kernel's ring had no room for (each loss triggers a \
+           /proc rescan)",
+};
+
+pub static DISCOVERY_EXECUTABLES_JUDGED: Decl = Decl {
+    name: "discovery_executables_judged",
+    prom_unit: None,
+    otel: "gopulse.discovery.executables.judged",
+    otel_unit: "{executable}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[],
+    help: "Executables read to decide whether they are Go (once per file: device, inode, \
+           mtime and size)",
+};
+
+pub static PROCESSES_WATCHED: Decl = Decl {
+    name: "processes_watched",
+    prom_unit: None,
+    otel: "gopulse.processes.watched",
+    otel_unit: "{process}",
+    kind: Gauge(Int),
+    scope: Node,
+    labels: &[],
+    help: "Go processes the agent watches now",
+};
+
+pub static DISCOVERY_ATTACH_DELAY: Decl = Decl {
+    name: "discovery_attach_delay",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.discovery.attach_delay",
+    otel_unit: "s",
+    kind: Histogram(&ATTACH_DELAY_BUCKETS),
+    scope: Node,
+    labels: &[],
+    help: "From a Go program's exec to its probes attached",
+};
+
+pub static DISCOVERY_RESCANS: Decl = Decl {
+    name: "discovery_rescans",
+    prom_unit: None,
+    otel: "gopulse.discovery.rescans",
+    otel_unit: "{scan}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[],
+    help: "Scans of /proc (at start-up, every --rescan-interval, and after lost events)",
+};
+
+pub static OTLP_EXPORTS: Decl = Decl {
+    name: "otlp_exports",
+    prom_unit: None,
+    otel: "gopulse.otlp.exports",
+    otel_unit: "{export}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[RESULT],
+    help: "OTLP export requests (one per resource: each watched process, and the agent) by \
+           result: ok, or failed (the collector refused, was unreachable or did not answer \
+           within OTEL_METRIC_EXPORT_TIMEOUT, after two retries)",
+};
+
+pub static OTLP_POINTS_DROPPED: Decl = Decl {
+    name: "otlp_points_dropped",
+    prom_unit: None,
+    otel: "gopulse.otlp.points.dropped",
+    otel_unit: "{point}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[],
+    help: "Histogram observations (pauses, load factors, attach delays) OTLP never \
+           received: more than 100,000 per series waited between two exports, or the \
+           export that carried them failed",
+};
+
+/// Every metric, in the order `/metrics` lists them.
+pub static ALL: [&Decl; 34] = [
+    &GC_CYCLES,
+    &GC_PAUSE,
+    &STW_PAUSE,
+    &STW_PAUSE_MAX,
+    &EVENTS_LOST,
+    &PROBES_ATTACHED,
+    &MAP_GROWTHS,
+    &MAP_GROWTHS_UNATTRIBUTED,
+    &MAP_SITES_DROPPED,
+    &MAP_GROWTH_STORMS,
+    &MAP_ENTRIES,
+    &MAP_CAPACITY,
+    &MAP_LOAD_FACTOR,
+    &MAP_OVERFLOW,
+    &MAP_TABLES,
+    &MAP_LOAD_FACTOR_RATIO,
+    &PROBE_HITS,
+    &PROBE_OVERHEAD,
+    &MAP_ASSIGN_ATTACHED,
+    &MAP_GROWTH_ATTACHED,
+    &MAPS_UNTRACKED,
+    &MAP_EVACUATED_BUCKETS,
+    &PROBE_HIT_COST,
+    &UPROBES_ATTACHED,
+    &EXECUTABLES_PROBED,
+    &DISCOVERY_EXECS,
+    &DISCOVERY_SKIPPED,
+    &DISCOVERY_EVENTS_LOST,
+    &DISCOVERY_EXECUTABLES_JUDGED,
+    &PROCESSES_WATCHED,
+    &DISCOVERY_ATTACH_DELAY,
+    &DISCOVERY_RESCANS,
+    &OTLP_EXPORTS,
+    &OTLP_POINTS_DROPPED,
+];
+
+/// The position of a metric in [`ALL`]: its id in the model.
+pub fn id_of(d: &'static Decl) -> usize {
+    ALL.iter()
+        .position(|x| std::ptr::eq(*x, d))
+        .unwrap_or_else(|| unreachable!("metric {} is not in decl::ALL", d.name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_well_formed() {
+        let mut prom: Vec<_> = ALL.iter().map(|d| d.prom_series_name()).collect();
+        let mut otel: Vec<_> = ALL.iter().map(|d| d.otel).collect();
+        prom.sort();
+        otel.sort();
+        let n = ALL.len();
+        prom.dedup();
+        otel.dedup();
+        assert_eq!((prom.len(), otel.len()), (n, n));
+        for d in ALL {
+            assert!(d.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+            assert!(d.otel.starts_with("gopulse.") || d.otel.starts_with("go."));
+            assert!(!d.help.is_empty() && !d.otel_unit.is_empty());
+            if let Kind::Histogram(b) = d.kind {
+                assert!(b.windows(2).all(|w| w[0] < w[1]), "{}", d.name);
+            }
+            if d.prom_unit == Some("seconds") {
+                assert_eq!(d.otel_unit, "s", "{}", d.name);
+            }
+        }
+    }
+
+    /// The README's metric table lists exactly the declared metrics, with
+    /// their OTLP names, units, types and labels; its attribute table maps
+    /// every label.
+    #[test]
+    fn readme_tables_match_the_declarations() {
+        let readme = include_str!("../../../README.md");
+        let table: Vec<Vec<String>> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| metric | OTLP name, unit |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                l.replace("\\|", "/")
+                    .split('|')
+                    .map(|c| c.trim().to_owned())
+                    .collect()
+            })
+            .collect();
+        assert_eq!(table.len(), ALL.len(), "README metric rows");
+        for d in ALL {
+            let name = format!("`{}`", d.prom_series_name());
+            let row = table
+                .iter()
+                .find(|r| r[1] == name)
+                .unwrap_or_else(|| panic!("{name} is not in the README's metric table"));
+            assert_eq!(row[2], format!("`{}` `{}`", d.otel, d.otel_unit), "{name}");
+            assert_eq!(row[3], d.type_name(), "{name}");
+            for l in d.labels {
+                assert!(
+                    row[4].contains(&format!("`{}`", l.prom)),
+                    "{name}: {}",
+                    l.prom
+                );
+                let mapped = readme.lines().any(|line| {
+                    line.starts_with(&format!("| `{}`", l.prom))
+                        && line.ends_with(&format!("| `{}` |", l.otel))
+                });
+                assert!(mapped, "{} -> {} is not in the README", l.prom, l.otel);
+            }
+            assert_eq!(d.scope == Scope::Node, row[4].contains("(node)"), "{name}");
+        }
+    }
+
+    #[test]
+    fn pause_buckets_separate_the_ranges_users_care_about() {
+        let b = PAUSE_BUCKETS;
+        let between = |lo: f64, hi: f64| b.iter().any(|&x| x >= lo && x < hi);
+        assert!(between(10e-6, 50e-6));
+        assert!(between(100e-3, 1.0));
+        assert!((b[0] - 1e-6).abs() < 1e-12);
+        assert_eq!(b[b.len() - 1], 10.0);
+    }
+}

@@ -1,0 +1,488 @@
+//! The one metric model: every series gopulse exports, with its value.
+//! The collection stage (and the attach and discovery stages, for their own
+//! gauges) record into it through typed handles; the exporters
+//! (`crate::export`) only read it, so `/metrics` and OTLP cannot disagree.
+//!
+//! A series is a metric ([`decl`]), a group (the watched process's labels, or
+//! none for the node's own metrics) and the metric's label values.
+pub mod decl;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    marker::PhantomData,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use decl::{Decl, Kind, Number};
+
+use crate::metrics::ProcLabels;
+
+/// Observations of one histogram series kept for OTLP between two exports;
+/// beyond it they are counted in `gopulse_otlp_points_dropped_total`.
+pub const MAX_PENDING: usize = 100_000;
+
+/// Who a series belongs to: a watched process, or the node (`None`).
+pub type Group = Option<ProcLabels>;
+
+/// A series' identity.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SeriesKey {
+    pub group: Group,
+    /// The metric's label values, in its declaration's order.
+    pub values: Vec<String>,
+}
+
+/// A histogram series.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Hist {
+    pub count: u64,
+    pub sum: f64,
+    /// Per bucket of the declaration (not cumulative), then the +Inf one.
+    pub buckets: Vec<u64>,
+    /// Observations since the OTLP exporter last took them (only kept while
+    /// it runs).
+    pub pending: Vec<f64>,
+}
+
+/// A series' value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    /// An integer counter.
+    Count(u64),
+    /// An integer gauge.
+    Int(i64),
+    /// A floating point counter or gauge.
+    Float(f64),
+    Hist(Hist),
+}
+
+impl Value {
+    fn zero(d: &Decl) -> Self {
+        match d.kind {
+            Kind::Counter(Number::Int) => Value::Count(0),
+            Kind::Gauge(Number::Int) => Value::Int(0),
+            Kind::Counter(Number::Float) | Kind::Gauge(Number::Float) => Value::Float(0.0),
+            Kind::Histogram(bounds) => Value::Hist(Hist {
+                buckets: vec![0; bounds.len() + 1],
+                ..Hist::default()
+            }),
+        }
+    }
+}
+
+/// Every series: one table per metric of [`decl::ALL`].
+type Tables = Vec<BTreeMap<SeriesKey, Value>>;
+
+struct Inner {
+    tables: Mutex<Tables>,
+    /// Keep histogram observations for the OTLP exporter.
+    keep: AtomicBool,
+}
+
+/// The model. Clones share it.
+#[derive(Clone)]
+pub struct Model {
+    inner: Arc<Inner>,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Model {
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                tables: Mutex::new(vec![BTreeMap::new(); decl::ALL.len()]),
+                keep: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Tables> {
+        // A panic elsewhere must not wedge the exporters.
+        self.inner
+            .tables
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Handle to a metric, its series labelled by `L`.
+    pub fn family<L: LabelKind>(&self, d: &'static Decl) -> Family<L> {
+        Family {
+            model: self.clone(),
+            id: decl::id_of(d),
+            decl: d,
+            _labels: PhantomData,
+        }
+    }
+
+    /// Keeps histogram observations for [`Model::take_pending`] (while an
+    /// OTLP exporter runs).
+    pub fn keep_observations(&self, on: bool) {
+        self.inner.keep.store(on, Ordering::Relaxed);
+    }
+
+    /// Calls `f` with each metric and its series, in [`decl::ALL`] order.
+    pub fn visit(&self, mut f: impl FnMut(&'static Decl, &BTreeMap<SeriesKey, Value>)) {
+        let tables = self.lock();
+        for (d, t) in decl::ALL.iter().zip(tables.iter()) {
+            f(d, t);
+        }
+    }
+
+    /// The groups that have series now.
+    pub fn groups(&self) -> BTreeSet<Group> {
+        let tables = self.lock();
+        tables
+            .iter()
+            .flat_map(|t| t.keys().map(|k| k.group.clone()))
+            .collect()
+    }
+
+    /// Calls `f` with each series of one metric in one group.
+    pub fn visit_group(
+        &self,
+        d: &'static Decl,
+        group: &Group,
+        mut f: impl FnMut(&[String], &Value),
+    ) {
+        let tables = self.lock();
+        let from = SeriesKey {
+            group: group.clone(),
+            values: Vec::new(),
+        };
+        for (k, v) in tables[decl::id_of(d)].range(from..) {
+            if &k.group != group {
+                break;
+            }
+            f(&k.values, v);
+        }
+    }
+
+    /// Takes the observations kept for OTLP since the last call: for each
+    /// histogram series with some, `f(group, metric, label values, values)`.
+    pub fn take_pending(&self, mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<f64>)) {
+        let mut tables = self.lock();
+        for (d, t) in decl::ALL.iter().zip(tables.iter_mut()) {
+            if !matches!(d.kind, Kind::Histogram(_)) {
+                continue;
+            }
+            for (k, v) in t.iter_mut() {
+                if let Value::Hist(h) = v
+                    && !h.pending.is_empty()
+                {
+                    f(&k.group, d, &k.values, std::mem::take(&mut h.pending));
+                }
+            }
+        }
+    }
+
+    /// Counts observations OTLP will not receive.
+    pub fn count_dropped(&self, n: u64) {
+        let mut tables = self.lock();
+        add_dropped(&mut tables, n);
+    }
+
+    /// Drops every series of a process.
+    pub fn remove_group(&self, labels: &ProcLabels) {
+        let mut tables = self.lock();
+        let mut dropped = 0;
+        for t in tables.iter_mut() {
+            t.retain(|k, v| {
+                let mine = k.group.as_ref() == Some(labels);
+                if let (true, Value::Hist(h)) = (mine, v) {
+                    dropped += h.pending.len() as u64;
+                }
+                !mine
+            });
+        }
+        add_dropped(&mut tables, dropped);
+    }
+
+    /// Runs `op` on a series' value, creating the series (at zero) first.
+    fn with(&self, id: usize, key: SeriesKey, op: impl FnOnce(&mut Value, bool) -> u64) {
+        let keep = self.inner.keep.load(Ordering::Relaxed);
+        let mut tables = self.lock();
+        let d = decl::ALL[id];
+        let v = tables[id].entry(key).or_insert_with(|| Value::zero(d));
+        let dropped = op(v, keep);
+        add_dropped(&mut tables, dropped);
+    }
+
+    fn read<T>(&self, id: usize, key: &SeriesKey, f: impl FnOnce(&Value) -> T) -> Option<T> {
+        self.lock()[id].get(key).map(f)
+    }
+}
+
+fn add_dropped(tables: &mut Tables, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let id = decl::id_of(&decl::OTLP_POINTS_DROPPED);
+    let key = SeriesKey {
+        group: None,
+        values: Vec::new(),
+    };
+    if let Value::Count(c) = tables[id]
+        .entry(key)
+        .or_insert_with(|| Value::zero(&decl::OTLP_POINTS_DROPPED))
+    {
+        *c += n;
+    }
+}
+
+/// The labels of a family's series: the group and the metric's own values.
+pub trait Labels {
+    fn key(&self) -> SeriesKey;
+}
+
+/// The node's own metrics without labels.
+impl Labels for () {
+    fn key(&self) -> SeriesKey {
+        SeriesKey {
+            group: None,
+            values: Vec::new(),
+        }
+    }
+}
+
+/// A process's metrics without labels of their own.
+impl Labels for ProcLabels {
+    fn key(&self) -> SeriesKey {
+        SeriesKey {
+            group: Some(self.clone()),
+            values: Vec::new(),
+        }
+    }
+}
+
+/// Names the label type of a family's series, whatever it borrows.
+pub trait LabelKind {
+    type Of<'a>: Labels;
+}
+
+impl LabelKind for () {
+    type Of<'a> = ();
+}
+
+impl LabelKind for ProcLabels {
+    type Of<'a> = ProcLabels;
+}
+
+/// A handle to one metric of the model, its series labelled by `L`.
+pub struct Family<L> {
+    model: Model,
+    id: usize,
+    decl: &'static Decl,
+    _labels: PhantomData<fn(&L)>,
+}
+
+impl<L> Clone for Family<L> {
+    fn clone(&self) -> Self {
+        Self {
+            model: self.model.clone(),
+            id: self.id,
+            decl: self.decl,
+            _labels: PhantomData,
+        }
+    }
+}
+
+impl<L: LabelKind> Family<L> {
+    /// Creates the series (at zero) so it reads 0 rather than being absent.
+    pub fn create(&self, l: &L::Of<'_>) {
+        self.model.with(self.id, l.key(), |_, _| 0);
+    }
+
+    /// Adds to an integer counter.
+    pub fn inc_by(&self, l: &L::Of<'_>, n: u64) {
+        debug_assert_eq!(
+            self.decl.kind,
+            Kind::Counter(Number::Int),
+            "{}",
+            self.decl.name
+        );
+        self.model.with(self.id, l.key(), |v, _| {
+            if let Value::Count(c) = v {
+                *c += n;
+            }
+            0
+        });
+    }
+
+    pub fn inc(&self, l: &L::Of<'_>) {
+        self.inc_by(l, 1);
+    }
+
+    /// Adds to a floating point counter.
+    pub fn add(&self, l: &L::Of<'_>, x: f64) {
+        debug_assert_eq!(
+            self.decl.kind,
+            Kind::Counter(Number::Float),
+            "{}",
+            self.decl.name
+        );
+        self.model.with(self.id, l.key(), |v, _| {
+            if let Value::Float(c) = v {
+                *c += x;
+            }
+            0
+        });
+    }
+
+    /// Sets an integer gauge.
+    pub fn set(&self, l: &L::Of<'_>, n: i64) {
+        debug_assert_eq!(
+            self.decl.kind,
+            Kind::Gauge(Number::Int),
+            "{}",
+            self.decl.name
+        );
+        self.model.with(self.id, l.key(), |v, _| {
+            *v = Value::Int(n);
+            0
+        });
+    }
+
+    /// Sets a floating point gauge.
+    pub fn set_float(&self, l: &L::Of<'_>, x: f64) {
+        debug_assert_eq!(
+            self.decl.kind,
+            Kind::Gauge(Number::Float),
+            "{}",
+            self.decl.name
+        );
+        self.model.with(self.id, l.key(), |v, _| {
+            *v = Value::Float(x);
+            0
+        });
+    }
+
+    /// Raises a floating point gauge to `x` if it is below.
+    pub fn set_max(&self, l: &L::Of<'_>, x: f64) {
+        debug_assert_eq!(
+            self.decl.kind,
+            Kind::Gauge(Number::Float),
+            "{}",
+            self.decl.name
+        );
+        self.model.with(self.id, l.key(), |v, _| {
+            if let Value::Float(m) = v
+                && x > *m
+            {
+                *m = x;
+            }
+            0
+        });
+    }
+
+    /// Adds an observation to a histogram.
+    pub fn observe(&self, l: &L::Of<'_>, x: f64) {
+        let Kind::Histogram(bounds) = self.decl.kind else {
+            debug_assert!(false, "{} is not a histogram", self.decl.name);
+            return;
+        };
+        self.model.with(self.id, l.key(), |v, keep| {
+            let Value::Hist(h) = v else { return 0 };
+            h.count += 1;
+            h.sum += x;
+            let i = bounds.iter().position(|&b| x <= b).unwrap_or(bounds.len());
+            h.buckets[i] += 1;
+            if !keep {
+                0
+            } else if h.pending.len() < MAX_PENDING {
+                h.pending.push(x);
+                0
+            } else {
+                1
+            }
+        });
+    }
+
+    /// An integer counter's value (0 when absent).
+    pub fn get(&self, l: &L::Of<'_>) -> u64 {
+        self.model
+            .read(self.id, &l.key(), |v| match v {
+                Value::Count(c) => *c,
+                _ => 0,
+            })
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proc(pid: &str) -> ProcLabels {
+        ProcLabels {
+            pid: Some(pid.into()),
+            exe: "x".into(),
+            go_version: "go1.27.3".into(),
+            ..ProcLabels::default()
+        }
+    }
+
+    #[test]
+    fn records_and_removes_by_process() {
+        let m = Model::new();
+        let cycles = m.family::<ProcLabels>(&decl::GC_CYCLES);
+        let (a, b) = (proc("1"), proc("2"));
+        cycles.inc_by(&a, 3);
+        cycles.create(&b);
+        assert_eq!((cycles.get(&a), cycles.get(&b)), (3, 0));
+        assert_eq!(m.groups().len(), 2);
+        m.remove_group(&a);
+        assert_eq!(cycles.get(&a), 0);
+        assert_eq!(m.groups().into_iter().collect::<Vec<_>>(), vec![Some(b)]);
+    }
+
+    #[test]
+    fn histograms_bucket_and_keep_for_otlp_only_when_asked() {
+        let m = Model::new();
+        let h = m.family::<()>(&decl::DISCOVERY_ATTACH_DELAY);
+        h.observe(&(), 0.01); // on a bound: in that bucket (le)
+        h.observe(&(), 100.0); // past the last bound: +Inf
+        m.keep_observations(true);
+        h.observe(&(), 0.3);
+        let mut seen = Vec::new();
+        m.visit(|d, t| {
+            if std::ptr::eq(d, &decl::DISCOVERY_ATTACH_DELAY) {
+                seen.extend(t.values().cloned());
+            }
+        });
+        let [Value::Hist(v)] = seen.as_slice() else {
+            panic!("{seen:?}")
+        };
+        assert_eq!(v.count, 3);
+        assert!((v.sum - 100.31).abs() < 1e-9);
+        assert_eq!(v.buckets[0], 1);
+        assert_eq!(v.buckets[5], 1);
+        assert_eq!(v.buckets[10], 1);
+        let mut taken = Vec::new();
+        m.take_pending(|_, _, _, xs| taken.extend(xs));
+        assert_eq!(taken, vec![0.3]);
+        m.take_pending(|_, _, _, _| panic!("taken twice"));
+    }
+
+    #[test]
+    fn observations_past_the_bound_are_counted_dropped() {
+        let m = Model::new();
+        m.keep_observations(true);
+        let h = m.family::<ProcLabels>(&decl::MAP_LOAD_FACTOR_RATIO);
+        let p = proc("7");
+        for _ in 0..MAX_PENDING + 5 {
+            h.observe(&p, 0.5);
+        }
+        let dropped = m.family::<()>(&decl::OTLP_POINTS_DROPPED);
+        assert_eq!(dropped.get(&()), 5);
+        m.remove_group(&p); // its pending observations go with it
+        assert_eq!(dropped.get(&()), 5 + MAX_PENDING as u64);
+    }
+}
