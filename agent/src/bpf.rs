@@ -141,12 +141,10 @@ impl Bpf {
                 "/gopulse"
             )))
             .map_err(|e| {
-                let hint = if is_root() {
-                    ""
-                } else {
-                    " (loading BPF programs needs root, or CAP_BPF and CAP_PERFMON)"
-                };
-                anyhow!("loading the eBPF object: {e}{hint}")
+                anyhow!(
+                    "loading the eBPF object: {e}{}",
+                    crate::caps::bpf_load_hint()
+                )
             })?;
         for name in PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]) {
             let prog: &mut UProbe = ebpf
@@ -319,9 +317,10 @@ impl Bpf {
                 Err(e) => {
                     self.detach_links(links);
                     bail!(
-                        "attaching {name} at {} (file offset {:#x}): {e}",
+                        "attaching {name} at {} (file offset {:#x}): {e:#}{}",
                         site.function,
-                        site.file_offset
+                        site.file_offset,
+                        crate::caps::uprobe_hint(&e)
                     );
                 }
             }
@@ -408,11 +407,6 @@ pub fn drop_in_parallel(links: Vec<UProbeLink>) {
 
 fn dup(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<OwnedFd> {
     fd.try_clone_to_owned().context("duplicating a map fd")
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

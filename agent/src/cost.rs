@@ -52,7 +52,7 @@ pub const DEFAULT_RUN_NS: f64 = 500.0;
 /// clock reads per program run.
 pub fn enable_kernel_stats() -> anyhow::Result<OwnedFd> {
     aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .context("enabling the kernel's BPF run-time statistics (BPF_ENABLE_STATS)")
+        .context("enabling the kernel's BPF run-time statistics (BPF_ENABLE_STATS, which needs CAP_SYS_ADMIN)")
 }
 
 /// The cost of one hit of each program, in seconds: trap plus run time.

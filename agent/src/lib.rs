@@ -6,6 +6,7 @@
 //! wires them together; the modules are a library so integration tests can
 //! check them against real Go toolchains.
 pub mod bpf;
+pub mod caps;
 pub mod collector;
 pub mod cost;
 pub mod discover;

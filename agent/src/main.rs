@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use gopulse_agent::{
-    bpf,
+    bpf, caps,
     collector::Collector,
     discover::{
         Discovery, Naming, Selection,
@@ -31,7 +31,8 @@ use gopulse_agent::{
 };
 
 /// Watches Go processes with eBPF uprobes and serves their GC and
-/// stop-the-world pause metrics. Needs root (or CAP_BPF + CAP_PERFMON).
+/// stop-the-world pause metrics. Needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE
+/// and CAP_DAC_READ_SEARCH (deploy/README.md).
 #[derive(Debug, Parser)]
 #[command(name = "gopulse", version, about, long_about = None)]
 struct Args {
@@ -194,6 +195,13 @@ struct Args {
     #[arg(long, value_enum, default_value_t = StatsMode::Sampled)]
     bpf_stats: StatsMode,
 
+    /// At start-up the agent checks it holds CAP_SYS_ADMIN (uprobes),
+    /// CAP_SYS_PTRACE (other users' processes) and CAP_DAC_READ_SEARCH
+    /// (executables its user cannot read): `enforce` refuses to start
+    /// without them, naming each; `warn` logs what is missing and goes on.
+    #[arg(long, value_enum, default_value_t = caps::CheckMode::Enforce)]
+    capability_check: caps::CheckMode,
+
     /// A function-name prefix to walk past when looking for the site of a
     /// map growth, besides the runtime, reflect, encoding/*, maps, sync and
     /// the standard library's internal packages: code that fills maps on
@@ -328,6 +336,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
              in the host's pid namespace (hostPID: true on Kubernetes, --pid=host with docker)"
         );
     }
+    // Name a missing capability now rather than let it fail later as a
+    // bare EPERM.
+    match (caps::check(), args.capability_check) {
+        (Ok(()), _) => {}
+        (Err(e), caps::CheckMode::Enforce) => {
+            return Err(anyhow::Error::new(e).context("--capability-check enforce"));
+        }
+        (Err(e), caps::CheckMode::Warn) => {
+            tracing::warn!("{e}; going on (--capability-check warn)");
+        }
+    }
     if !(args.overhead_budget > 0.0 && args.overhead_budget <= 1.0) {
         anyhow::bail!(
             "--overhead-budget must be in (0, 1], got {}",
@@ -421,7 +440,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for &pid in &args.pids {
         app.with_collector(|c| c.request(pid));
         if let Err(e) = watch(&app, pid, &plumbing, &naming) {
-            tracing::error!(pid, "pid {pid}: cannot watch: {e:#}");
+            let hint = caps::target_hint(pid).map_or_else(String::new, |h| format!(" ({h})"));
+            tracing::error!(pid, "pid {pid}: cannot watch: {e:#}{hint}");
+            if gopulse_agent::procfs::start_time(pid).is_ok() {
+                let name = gopulse_agent::procfs::exe_name(pid).unwrap_or_default();
+                discovery_metrics
+                    .watch_failures
+                    .inc(&metrics::NodeLabel(&name));
+            }
         }
     }
     if discovering {

@@ -182,15 +182,16 @@ impl LabelKind for GrowthLabels<'static> {
     type Of<'a> = GrowthLabels<'a>;
 }
 
-/// A node series with one label (probe, skip reason, export result).
+/// A node series with one label (probe, skip reason, export result,
+/// executable).
 #[derive(Clone, Copy, Debug)]
-pub struct NodeLabel(pub &'static str);
+pub struct NodeLabel<'a>(pub &'a str);
 
-impl LabelKind for NodeLabel {
-    type Of<'a> = NodeLabel;
+impl LabelKind for NodeLabel<'static> {
+    type Of<'a> = NodeLabel<'a>;
 }
 
-impl Labels for NodeLabel {
+impl Labels for NodeLabel<'_> {
     fn key(&self) -> SeriesKey {
         SeriesKey {
             group: None,
@@ -234,7 +235,9 @@ type Node = ();
 #[derive(Clone)]
 pub struct DiscoveryMetrics {
     pub execs: Family<Node>,
-    pub skipped: Family<NodeLabel>,
+    pub skipped: Family<NodeLabel<'static>>,
+    /// Go processes that could not be watched, by executable.
+    pub watch_failures: Family<NodeLabel<'static>>,
     pub events_lost: Family<Node>,
     pub executables_judged: Family<Node>,
     pub processes_watched: Family<Node>,
@@ -247,6 +250,7 @@ impl DiscoveryMetrics {
         let m = Self {
             execs: model.family(&decl::DISCOVERY_EXECS),
             skipped: model.family(&decl::DISCOVERY_SKIPPED),
+            watch_failures: model.family(&decl::WATCH_FAILURES),
             events_lost: model.family(&decl::DISCOVERY_EVENTS_LOST),
             executables_judged: model.family(&decl::DISCOVERY_EXECUTABLES_JUDGED),
             processes_watched: model.family(&decl::PROCESSES_WATCHED),
@@ -289,7 +293,7 @@ pub struct Metrics {
     pub map_load_factor_ratio: Family<Proc>,
     pub probe_hits: Family<ProcAnd<'static>>,
     pub probe_overhead: Family<Proc>,
-    pub probe_hit_cost: Family<NodeLabel>,
+    pub probe_hit_cost: Family<NodeLabel<'static>>,
     pub map_growths_unattributed: Family<Proc>,
     pub map_assign_attached: Family<Proc>,
     pub map_growth_attached: Family<Proc>,

@@ -106,7 +106,9 @@ pub fn describe(err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::NotFound => "no such process".to_owned(),
         io::ErrorKind::PermissionDenied => {
-            "permission denied reading /proc (run the agent as root)".to_owned()
+            "permission denied reading /proc (other users' processes need CAP_SYS_PTRACE, \
+             executables the agent's user cannot read CAP_DAC_READ_SEARCH)"
+                .to_owned()
         }
         _ => err.to_string(),
     }

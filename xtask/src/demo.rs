@@ -1,10 +1,9 @@
 //! `cargo xtask demo`: the agent on a bundled Go workload, with a live
 //! summary of what it measures.
 use std::{
-    fs::{self, File},
-    os::unix::process::CommandExt as _,
+    fs,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
+    process::Command,
     thread::sleep,
     time::{Duration, Instant},
 };
@@ -12,7 +11,9 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 
 use crate::{
-    http, openmetrics,
+    http,
+    managed::Managed,
+    openmetrics,
     project::{GO_VERSIONS, cargo, go_binary, go_build, is_root, run, target_dir, workspace_root},
     setup::setup,
     signal, summary,
@@ -22,8 +23,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const SUMMARY_EVERY: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(100);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a child gets to exit after SIGTERM before SIGKILL.
-const STOP_GRACE: Duration = Duration::from_secs(5);
 
 pub struct DemoArgs {
     pub duration: Option<u64>,
@@ -166,99 +165,5 @@ fn print_summary(listen: &str, elapsed: Duration) {
             summary::summarize(&samples)
         ),
         Err(err) => println!("[{:>4}s] scrape failed: {err:#}", elapsed.as_secs()),
-    }
-}
-
-/// A child in its own process group (Ctrl-C reaches only xtask, which stops
-/// the children in order) that dies with xtask and is stopped on drop.
-struct Managed {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-    exited: Option<ExitStatus>,
-}
-
-impl Managed {
-    fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Result<Self> {
-        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone()?;
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-        // and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                // Don't outlive xtask if it is killed outright.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("starting the {name} ({:?})", cmd.get_program()))?;
-        Ok(Self {
-            name,
-            child,
-            log: log.to_path_buf(),
-            exited: None,
-        })
-    }
-
-    /// An error (with the child's log) if it has exited on its own.
-    fn check_alive(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            self.exited = Some(status);
-            bail!("the {} exited ({status})\n{}", self.name, self.log_tail());
-        }
-        Ok(())
-    }
-
-    fn log_tail(&self) -> String {
-        const LINES: usize = 40;
-        let text = fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(LINES)..].join("\n");
-        format!("--- last lines of {} ---\n{tail}", self.log.display())
-    }
-
-    /// SIGTERM, then SIGKILL after a grace period; returns the exit status.
-    fn stop(&mut self) -> Result<ExitStatus> {
-        if let Some(status) = self.exited {
-            return Ok(status);
-        }
-        if let Some(status) = self.child.try_wait()? {
-            self.exited = Some(status);
-            return Ok(status);
-        }
-        let pid = libc::pid_t::try_from(self.child.id()).context("pid out of range")?;
-        // SAFETY: kill has no memory-safety preconditions; the pid is our
-        // child, not yet reaped, so it cannot have been reused.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                self.exited = Some(status);
-                return Ok(status);
-            }
-            sleep(POLL);
-        }
-        eprintln!("demo: the {} ignored SIGTERM; killing it", self.name);
-        self.child.kill()?;
-        let status = self.child.wait()?;
-        self.exited = Some(status);
-        Ok(status)
-    }
-}
-
-impl Drop for Managed {
-    fn drop(&mut self) {
-        // Error paths get here with the child running; stop it regardless.
-        if let Err(err) = self.stop() {
-            eprintln!("demo: stopping the {}: {err:#}", self.name);
-        }
     }
 }

@@ -6,8 +6,11 @@ mod demo;
 mod fuzz;
 mod histogram;
 mod http;
+mod managed;
+mod monitoring;
 mod openmetrics;
 mod project;
+mod screenshots;
 mod setup;
 mod signal;
 mod summary;
@@ -65,6 +68,13 @@ enum Cmd {
         #[command(subcommand)]
         what: Bench,
     },
+    /// Pictures of the Grafana dashboards' panels (docs/img/*.png), drawn
+    /// from a live Prometheus scraping the agent on the demo workload (root).
+    Screenshots {
+        /// How long to collect data before drawing.
+        #[arg(long, value_name = "N", default_value_t = 3)]
+        minutes: u64,
+    },
     /// Regenerate checked-in source from the Go toolchains in the cache.
     Codegen {
         #[command(subcommand)]
@@ -93,6 +103,14 @@ enum Codegen {
     /// release, from the DWARF of a fixture built with each toolchain.
     Offsets {
         /// Fail if the file differs from what would be generated; write nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// `dashboards/*.json` (the Grafana dashboards, from
+    /// xtask/src/monitoring.rs) and the PrometheusRule made of
+    /// deploy/prometheus/gopulse-rules.yml.
+    Monitoring {
+        /// Fail if a file differs from what would be generated; write nothing.
         #[arg(long)]
         check: bool,
     },
@@ -139,8 +157,12 @@ fn run(command: Cmd) -> Result<()> {
         Cmd::Bench {
             what: Bench::ExecStorm(args),
         } => bench::exec_storm(&cache, &args),
+        Cmd::Screenshots { minutes } => screenshots::screenshots(&cache, minutes),
         Cmd::Codegen {
             what: Codegen::Offsets { check },
         } => codegen::offsets(&cache, check),
+        Cmd::Codegen {
+            what: Codegen::Monitoring { check },
+        } => monitoring::generate(check),
     }
 }

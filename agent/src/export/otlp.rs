@@ -19,7 +19,10 @@ use opentelemetry::{
     KeyValue,
     metrics::{Histogram, Meter, MeterProvider as _},
 };
-use opentelemetry_otlp::{MetricExporter, Protocol, WithExportConfig as _};
+use opentelemetry_otlp::{
+    MetricExporter, Protocol, RetryPolicy, WithExportConfig as _, WithHttpConfig as _,
+    WithTonicConfig as _,
+};
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
@@ -239,8 +242,15 @@ fn endpoint_url(e: &str, protocol: OtlpProtocol) -> Result<String, ConfigError> 
     })
 }
 
+/// How long a process in a pod waits for its pod's names before it is
+/// exported without them (the names cell is filled once, with the container
+/// name, or after 30 s with the pod's only).
+const NAMES_WAIT: Duration = Duration::from_secs(60);
+
 /// One resource's instruments: a meter provider read by hand.
 struct ResourceExport {
+    /// The resource's attributes it was made with.
+    attributes: Vec<(String, String)>,
     provider: SdkMeterProvider,
     reader: Arc<ManualReader>,
     /// Histogram instruments by metric id.
@@ -275,25 +285,26 @@ pub struct Otlp {
     config: OtlpConfig,
     exporter: MetricExporter,
     resources: HashMap<Group, ResourceExport>,
-    exports: Family<NodeLabel>,
+    /// When each group was first seen (to wait for pod names).
+    first_seen: HashMap<Group, Instant>,
+    exports: Family<NodeLabel<'static>>,
     host_name: String,
     /// Since when exports fail, and how many failed (one log line each way).
     outage: Option<(Instant, u64)>,
 }
-
-/// Attempts per export: the first and two retries (0.5 s, then 1 s apart).
-const ATTEMPTS: u32 = 3;
 
 impl Otlp {
     /// Builds the exporter; the model starts keeping observations for it.
     pub fn new(model: &Model, config: OtlpConfig) -> Result<Self, ConfigError> {
         let build = |e: opentelemetry_otlp::ExporterBuildError| ConfigError::Build(e.to_string());
         let builder = MetricExporter::builder().with_temporality(config.temporality);
+        let retry = RetryPolicy::recommended();
         let exporter = match config.protocol {
             OtlpProtocol::Grpc => {
                 let mut b = builder
                     .with_tonic()
                     .with_protocol(Protocol::Grpc)
+                    .with_retry_policy(retry)
                     .with_timeout(config.timeout);
                 if let Some(e) = &config.endpoint {
                     b = b.with_endpoint(e.clone());
@@ -304,6 +315,7 @@ impl Otlp {
                 let mut b = builder
                     .with_http()
                     .with_protocol(Protocol::HttpBinary)
+                    .with_retry_policy(retry)
                     .with_timeout(config.timeout);
                 if let Some(e) = &config.endpoint {
                     b = b.with_endpoint(e.clone());
@@ -312,7 +324,7 @@ impl Otlp {
             }
         };
         model.keep_observations(true);
-        let exports = model.family::<NodeLabel>(&decl::OTLP_EXPORTS);
+        let exports = model.family::<NodeLabel<'static>>(&decl::OTLP_EXPORTS);
         exports.create(&NodeLabel("ok"));
         exports.create(&NodeLabel("failed"));
         model.family::<()>(&decl::OTLP_POINTS_DROPPED).create(&());
@@ -321,6 +333,7 @@ impl Otlp {
             config,
             exporter,
             resources: HashMap::new(),
+            first_seen: HashMap::new(),
             exports,
             host_name: host_name(),
             outage: None,
@@ -331,13 +344,23 @@ impl Otlp {
         self.config.interval
     }
 
-    /// One export round: every resource's metrics, one request each.
+    /// One export round: every resource's metrics, one request each (the
+    /// agent's own first). Two failures in a row end the round: the
+    /// collector is failing, not one request. Once exports fail, a round
+    /// sends only its first request until one succeeds; the others are not
+    /// collected meanwhile, so their totals (or deltas) go with the next
+    /// export that is sent.
     pub async fn export(&mut self) {
         self.sync_resources();
         let delta = self.config.temporality != Temporality::Cumulative;
         let mut groups: Vec<Group> = self.resources.keys().cloned().collect();
         groups.sort();
+        let was_out = self.outage.is_some();
+        let mut failed_in_a_row = 0;
         for group in groups {
+            if failed_in_a_row >= 2 || (was_out && failed_in_a_row >= 1) {
+                break;
+            }
             let Some(r) = self.resources.get(&group) else {
                 continue;
             };
@@ -349,6 +372,7 @@ impl Otlp {
             let points = count_histogram_points(&rm);
             match self.send(&rm).await {
                 Ok(()) => {
+                    failed_in_a_row = 0;
                     self.exports.inc(&NodeLabel("ok"));
                     if let Some((since, failed)) = self.outage.take() {
                         tracing::info!(
@@ -359,6 +383,7 @@ impl Otlp {
                     }
                 }
                 Err(e) => {
+                    failed_in_a_row += 1;
                     self.exports.inc(&NodeLabel("failed"));
                     // Cumulative totals go again next time; deltas are lost.
                     if delta {
@@ -368,9 +393,9 @@ impl Otlp {
                         Some((_, failed)) => *failed += 1,
                         None => {
                             tracing::warn!(
-                                "OTLP export to {} failed: {e}; retrying every {:?} (logged \
-                                 again when it recovers; gopulse_otlp_exports_total counts \
-                                 each)",
+                                "OTLP export to {} failed: {e}; trying again every {:?} \
+                                 (logged again when it recovers; gopulse_otlp_exports_total \
+                                 counts each failure)",
                                 self.config.describe(),
                                 self.config.interval
                             );
@@ -382,30 +407,20 @@ impl Otlp {
         }
     }
 
-    /// Sends one request, retrying with back-off within bounds.
+    /// Sends one request (the exporter retries transient failures with
+    /// back-off: 3 retries from 100 ms to 1.6 s), bounded by the timeout.
     async fn send(&self, rm: &ResourceMetrics) -> Result<(), String> {
-        let mut wait = Duration::from_millis(500);
-        let mut last = String::new();
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-            match tokio::time::timeout(self.config.timeout, self.exporter.export(rm)).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) => last = e.to_string(),
-                Err(_) => last = format!("no answer within {:?}", self.config.timeout),
-            }
-            // Down for the whole round: do not pile up attempts.
-            if self.outage.is_some() {
-                break;
-            }
+        match tokio::time::timeout(self.config.timeout, self.exporter.export(rm)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.config.timeout)),
         }
-        Err(last)
     }
 
-    /// Creates resources for new groups, drops those of groups gone, and
-    /// records the histogram observations kept since the last round.
+    /// Creates resources for new groups (once their pod names are known, or
+    /// after [`NAMES_WAIT`]), remakes those whose attributes changed, drops
+    /// those of groups gone, and records the histogram observations kept
+    /// since the last round.
     fn sync_resources(&mut self) {
         let groups = self.model.groups();
         self.resources.retain(|g, r| {
@@ -415,31 +430,55 @@ impl Otlp {
             }
             keep
         });
+        self.first_seen.retain(|g, _| groups.contains(g));
+        let now = Instant::now();
         for g in groups {
-            if !self.resources.contains_key(&g) {
-                let r = self.resource_export(&g);
-                self.resources.insert(g, r);
+            let since = *self.first_seen.entry(g.clone()).or_insert(now);
+            let named = match &g {
+                Some(ProcLabels {
+                    names: Some(names), ..
+                }) => names.get().is_some(),
+                _ => true,
+            };
+            if !named && now.duration_since(since) < NAMES_WAIT {
+                continue;
+            }
+            let attributes = signature(&self.resource_attributes(&g));
+            match self.resources.get(&g) {
+                Some(r) if r.attributes == attributes => {}
+                old => {
+                    // Names that came late make it a new resource: its
+                    // histograms start again there (as a new series would).
+                    if let Some(old) = old {
+                        let _ = old.provider.shutdown();
+                    }
+                    let r = self.resource_export(&g, attributes);
+                    self.resources.insert(g, r);
+                }
             }
         }
         let resources = &self.resources;
         let mut lost = 0;
-        self.model.take_pending(|group, d, values, xs| {
-            let Some(r) = resources.get(group) else {
-                lost += xs.len() as u64;
-                return;
-            };
-            let Some(h) = r.histograms.get(&decl::id_of(d)) else {
-                return;
-            };
-            let attrs = attributes(d, values);
-            for x in xs {
-                h.record(x, &attrs);
-            }
-        });
+        self.model.take_pending(
+            |group| resources.contains_key(group),
+            |group, d, values, xs| {
+                let Some(r) = resources.get(group) else {
+                    lost += xs.len() as u64;
+                    return;
+                };
+                let Some(h) = r.histograms.get(&decl::id_of(d)) else {
+                    return;
+                };
+                let attrs = attributes(d, values);
+                for x in xs {
+                    h.record(x, &attrs);
+                }
+            },
+        );
         self.model.count_dropped(lost);
     }
 
-    fn resource_export(&self, group: &Group) -> ResourceExport {
+    fn resource_export(&self, group: &Group, attributes: Vec<(String, String)>) -> ResourceExport {
         let reader = Arc::new(
             ManualReader::builder()
                 .with_temporality(self.config.temporality)
@@ -490,6 +529,7 @@ impl Otlp {
             }
         }
         ResourceExport {
+            attributes,
             provider,
             reader,
             histograms,
@@ -502,62 +542,36 @@ impl Otlp {
         let each = move |f: &mut dyn FnMut(&Value, &[KeyValue])| {
             model.visit_group(d, &group, |values, v| f(v, &attributes(d, values)));
         };
+        // One builder per instrument type; the callbacks differ only in the
+        // value they take.
+        macro_rules! observable {
+            ($builder:ident, $variant:ident) => {
+                meter
+                    .$builder(d.otel)
+                    .with_unit(d.otel_unit)
+                    .with_description(d.help)
+                    .with_callback(move |o| {
+                        each(&mut |v, a| {
+                            if let Value::$variant(x) = v {
+                                o.observe(*x, a);
+                            }
+                        })
+                    })
+                    .build()
+            };
+        }
         match d.kind {
             Kind::Counter(Number::Int) => {
-                meter
-                    .u64_observable_counter(d.otel)
-                    .with_unit(d.otel_unit)
-                    .with_description(d.help)
-                    .with_callback(move |o| {
-                        each(&mut |v, a| {
-                            if let Value::Count(n) = v {
-                                o.observe(*n, a);
-                            }
-                        })
-                    })
-                    .build();
+                observable!(u64_observable_counter, Count);
             }
             Kind::Counter(Number::Float) => {
-                meter
-                    .f64_observable_counter(d.otel)
-                    .with_unit(d.otel_unit)
-                    .with_description(d.help)
-                    .with_callback(move |o| {
-                        each(&mut |v, a| {
-                            if let Value::Float(x) = v {
-                                o.observe(*x, a);
-                            }
-                        })
-                    })
-                    .build();
+                observable!(f64_observable_counter, Float);
             }
             Kind::Gauge(Number::Int) => {
-                meter
-                    .i64_observable_gauge(d.otel)
-                    .with_unit(d.otel_unit)
-                    .with_description(d.help)
-                    .with_callback(move |o| {
-                        each(&mut |v, a| {
-                            if let Value::Int(n) = v {
-                                o.observe(*n, a);
-                            }
-                        })
-                    })
-                    .build();
+                observable!(i64_observable_gauge, Int);
             }
             Kind::Gauge(Number::Float) => {
-                meter
-                    .f64_observable_gauge(d.otel)
-                    .with_unit(d.otel_unit)
-                    .with_description(d.help)
-                    .with_callback(move |o| {
-                        each(&mut |v, a| {
-                            if let Value::Float(x) = v {
-                                o.observe(*x, a);
-                            }
-                        })
-                    })
-                    .build();
+                observable!(f64_observable_gauge, Float);
             }
             Kind::Histogram(_) => {}
         }
@@ -565,6 +579,15 @@ impl Otlp {
 
     /// A watched process's resource, or the agent's own.
     fn resource(&self, group: &Group) -> Resource {
+        // The defaults (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, the
+        // SDK's own), then ours: a process's identity wins.
+        Resource::builder()
+            .with_attributes(self.resource_attributes(group))
+            .build()
+    }
+
+    /// The attributes gopulse gives a group's resource.
+    fn resource_attributes(&self, group: &Group) -> Vec<KeyValue> {
         let mut attrs = vec![KeyValue::new("host.name", self.host_name.clone())];
         if let Some(node) = &self.config.node_name {
             attrs.push(KeyValue::new("k8s.node.name", node.clone()));
@@ -576,9 +599,7 @@ impl Otlp {
             }
             Some(p) => attrs.extend(process_attributes(p)),
         }
-        // The defaults (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, the
-        // SDK's own), then ours: a process's identity wins.
-        Resource::builder().with_attributes(attrs).build()
+        attrs
     }
 
     /// Ends every resource (at shutdown, after a last export).
@@ -588,6 +609,14 @@ impl Otlp {
         }
         let _ = self.exporter.shutdown();
     }
+}
+
+/// Attributes as comparable text.
+fn signature(attrs: &[KeyValue]) -> Vec<(String, String)> {
+    attrs
+        .iter()
+        .map(|kv| (kv.key.to_string(), kv.value.to_string()))
+        .collect()
 }
 
 /// A process's resource attributes.

@@ -92,6 +92,7 @@ pub const GROWTH_KIND: Label = label("kind", "gopulse.map.growth.kind");
 pub const PROBE: Label = label("probe", "gopulse.probe");
 pub const SKIP_REASON: Label = label("reason", "gopulse.discovery.skip_reason");
 pub const RESULT: Label = label("result", "gopulse.otlp.result");
+pub const EXE: Label = label("exe", "process.executable.name");
 
 /// Pause buckets in seconds: 1-2.5-5 steps from 1 µs to 10 s, so 10 µs is
 /// told from 50 µs and 100 ms from 1 s.
@@ -493,6 +494,19 @@ pub static DISCOVERY_RESCANS: Decl = Decl {
     help: "Scans of /proc (at start-up, every --rescan-interval, and after lost events)",
 };
 
+pub static WATCH_FAILURES: Decl = Decl {
+    name: "watch_failures",
+    prom_unit: None,
+    otel: "gopulse.watch.failures",
+    otel_unit: "{process}",
+    kind: Counter(Int),
+    scope: Node,
+    labels: &[EXE],
+    help: "Go processes the agent tried to watch and could not (reading the executable or \
+           the process, or attaching the probes failed), by executable; the reason is \
+           logged once per executable",
+};
+
 pub static OTLP_EXPORTS: Decl = Decl {
     name: "otlp_exports",
     prom_unit: None,
@@ -503,7 +517,7 @@ pub static OTLP_EXPORTS: Decl = Decl {
     labels: &[RESULT],
     help: "OTLP export requests (one per resource: each watched process, and the agent) by \
            result: ok, or failed (the collector refused, was unreachable or did not answer \
-           within OTEL_METRIC_EXPORT_TIMEOUT, after two retries)",
+           within OTEL_METRIC_EXPORT_TIMEOUT, after the exporter's retries)",
 };
 
 pub static OTLP_POINTS_DROPPED: Decl = Decl {
@@ -520,7 +534,7 @@ pub static OTLP_POINTS_DROPPED: Decl = Decl {
 };
 
 /// Every metric, in the order `/metrics` lists them.
-pub static ALL: [&Decl; 34] = [
+pub static ALL: [&Decl; 35] = [
     &GC_CYCLES,
     &GC_PAUSE,
     &STW_PAUSE,
@@ -553,6 +567,7 @@ pub static ALL: [&Decl; 34] = [
     &PROCESSES_WATCHED,
     &DISCOVERY_ATTACH_DELAY,
     &DISCOVERY_RESCANS,
+    &WATCH_FAILURES,
     &OTLP_EXPORTS,
     &OTLP_POINTS_DROPPED,
 ];

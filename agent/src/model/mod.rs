@@ -165,9 +165,14 @@ impl Model {
         }
     }
 
-    /// Takes the observations kept for OTLP since the last call: for each
-    /// histogram series with some, `f(group, metric, label values, values)`.
-    pub fn take_pending(&self, mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<f64>)) {
+    /// Takes the observations kept for OTLP since the last call, of the
+    /// groups `take` accepts: for each histogram series with some,
+    /// `f(group, metric, label values, values)`.
+    pub fn take_pending(
+        &self,
+        mut take: impl FnMut(&Group) -> bool,
+        mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<f64>),
+    ) {
         let mut tables = self.lock();
         for (d, t) in decl::ALL.iter().zip(tables.iter_mut()) {
             if !matches!(d.kind, Kind::Histogram(_)) {
@@ -176,6 +181,7 @@ impl Model {
             for (k, v) in t.iter_mut() {
                 if let Value::Hist(h) = v
                     && !h.pending.is_empty()
+                    && take(&k.group)
                 {
                     f(&k.group, d, &k.values, std::mem::take(&mut h.pending));
                 }
@@ -295,6 +301,15 @@ impl<L> Clone for Family<L> {
 }
 
 impl<L: LabelKind> Family<L> {
+    /// Runs `op` on a series of the metric, which must be of `kind`.
+    fn update(&self, l: &L::Of<'_>, kind: Kind, op: impl FnOnce(&mut Value)) {
+        debug_assert_eq!(self.decl.kind, kind, "{}", self.decl.name);
+        self.model.with(self.id, l.key(), |v, _| {
+            op(v);
+            0
+        });
+    }
+
     /// Creates the series (at zero) so it reads 0 rather than being absent.
     pub fn create(&self, l: &L::Of<'_>) {
         self.model.with(self.id, l.key(), |_, _| 0);
@@ -302,17 +317,10 @@ impl<L: LabelKind> Family<L> {
 
     /// Adds to an integer counter.
     pub fn inc_by(&self, l: &L::Of<'_>, n: u64) {
-        debug_assert_eq!(
-            self.decl.kind,
-            Kind::Counter(Number::Int),
-            "{}",
-            self.decl.name
-        );
-        self.model.with(self.id, l.key(), |v, _| {
+        self.update(l, Kind::Counter(Number::Int), |v| {
             if let Value::Count(c) = v {
                 *c += n;
             }
-            0
         });
     }
 
@@ -322,63 +330,35 @@ impl<L: LabelKind> Family<L> {
 
     /// Adds to a floating point counter.
     pub fn add(&self, l: &L::Of<'_>, x: f64) {
-        debug_assert_eq!(
-            self.decl.kind,
-            Kind::Counter(Number::Float),
-            "{}",
-            self.decl.name
-        );
-        self.model.with(self.id, l.key(), |v, _| {
+        self.update(l, Kind::Counter(Number::Float), |v| {
             if let Value::Float(c) = v {
                 *c += x;
             }
-            0
         });
     }
 
     /// Sets an integer gauge.
     pub fn set(&self, l: &L::Of<'_>, n: i64) {
-        debug_assert_eq!(
-            self.decl.kind,
-            Kind::Gauge(Number::Int),
-            "{}",
-            self.decl.name
-        );
-        self.model.with(self.id, l.key(), |v, _| {
+        self.update(l, Kind::Gauge(Number::Int), |v| {
             *v = Value::Int(n);
-            0
         });
     }
 
     /// Sets a floating point gauge.
     pub fn set_float(&self, l: &L::Of<'_>, x: f64) {
-        debug_assert_eq!(
-            self.decl.kind,
-            Kind::Gauge(Number::Float),
-            "{}",
-            self.decl.name
-        );
-        self.model.with(self.id, l.key(), |v, _| {
+        self.update(l, Kind::Gauge(Number::Float), |v| {
             *v = Value::Float(x);
-            0
         });
     }
 
     /// Raises a floating point gauge to `x` if it is below.
     pub fn set_max(&self, l: &L::Of<'_>, x: f64) {
-        debug_assert_eq!(
-            self.decl.kind,
-            Kind::Gauge(Number::Float),
-            "{}",
-            self.decl.name
-        );
-        self.model.with(self.id, l.key(), |v, _| {
+        self.update(l, Kind::Gauge(Number::Float), |v| {
             if let Value::Float(m) = v
                 && x > *m
             {
                 *m = x;
             }
-            0
         });
     }
 
@@ -466,9 +446,10 @@ mod tests {
         assert_eq!(v.buckets[5], 1);
         assert_eq!(v.buckets[10], 1);
         let mut taken = Vec::new();
-        m.take_pending(|_, _, _, xs| taken.extend(xs));
+        m.take_pending(|_| false, |_, _, _, _| panic!("not asked for"));
+        m.take_pending(|_| true, |_, _, _, xs| taken.extend(xs));
         assert_eq!(taken, vec![0.3]);
-        m.take_pending(|_, _, _, _| panic!("taken twice"));
+        m.take_pending(|_| true, |_, _, _, _| panic!("taken twice"));
     }
 
     #[test]

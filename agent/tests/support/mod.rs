@@ -2,6 +2,18 @@
 //! target processes, the agent, and scraping its metrics.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod cgroup;
+pub mod prometheus;
+
+/// A TCP port free on 127.0.0.1 (for servers that cannot take port 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 use std::{
     collections::BTreeMap,
     env,
@@ -103,8 +115,27 @@ pub fn build_fixture_env(
     extra_args: &[&str],
     envs: &[(&str, &str)],
 ) -> PathBuf {
+    build_go_dir(
+        &fixture_dir(name),
+        &format!("{name}-{tag}"),
+        go,
+        extra_args,
+        envs,
+    )
+}
+
+/// Builds the Go package in `dir` as `<CARGO_TARGET_TMPDIR>/fixtures/<key>`,
+/// once per test binary and key.
+pub fn build_go_dir(
+    dir: &Path,
+    key: &str,
+    go: &Path,
+    extra_args: &[&str],
+    envs: &[(&str, &str)],
+) -> PathBuf {
     static LOCKS: OnceLock<Mutex<BTreeMap<String, Arc<Mutex<()>>>>> = OnceLock::new();
-    let key = format!("{name}-{tag}");
+    let key = key.to_owned();
+    let name = key.as_str();
     let lock = LOCKS
         .get_or_init(Default::default)
         .lock()
@@ -121,7 +152,7 @@ pub fn build_fixture_env(
     let tmp = out_dir.join(format!("{key}.tmp{}", std::process::id()));
     let cache = cache_dir();
     let status = Command::new(go)
-        .current_dir(fixture_dir(name))
+        .current_dir(dir)
         .env("GOTOOLCHAIN", "local")
         .env("GOCACHE", cache.join("gocache"))
         .env("GOPATH", cache.join("gopath"))
@@ -592,4 +623,68 @@ impl Agent {
         }
         ids
     }
+}
+
+// The deployment (deploy/): its checking tools and the DaemonSet's
+// capability list (the `deploy_manifests` and `least_privilege` tests).
+
+/// The deploy tools `cargo xtask setup` installs (xtask's KUBECTL_VERSION,
+/// KUBERNETES_VALIDATE_VERSION, CHECKOV_VERSION).
+pub const KUBECTL_VERSION: &str = "1.37.1";
+pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+pub const CHECKOV_VERSION: &str = "3.3.30";
+
+/// `<cache>/kubectl/<version>/bin/kubectl`, if installed.
+pub fn kubectl_binary() -> Option<PathBuf> {
+    let bin = cache_dir()
+        .join("kubectl")
+        .join(KUBECTL_VERSION)
+        .join("bin/kubectl");
+    bin.exists().then_some(bin)
+}
+
+/// `<cache>/<package>/<version>`, the PYTHONPATH of a Python tool, if
+/// installed.
+pub fn python_tool_dir(package: &str, version: &str) -> Option<PathBuf> {
+    let dir = cache_dir().join(package).join(version);
+    dir.is_dir().then_some(dir)
+}
+
+/// The repository's `deploy/`.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The base DaemonSet, which holds the capability list.
+pub fn daemonset_path() -> PathBuf {
+    deploy_dir().join("kubernetes/base/daemonset.yaml")
+}
+
+/// The capabilities the DaemonSet's container adds
+/// (`securityContext.capabilities.add`), as written there (`SYS_ADMIN`):
+/// the block list after the one `add:` under `capabilities:`. Read by
+/// lines, as no YAML parser is a dependency; the `deploy_manifests` test
+/// checks it against a real YAML parser on the rendered manifests.
+pub fn daemonset_capabilities() -> Vec<String> {
+    let path = daemonset_path();
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut lines = text
+        .lines()
+        .skip_while(|l| l.trim() != "capabilities:")
+        .skip_while(|l| l.trim() != "add:");
+    let add = lines
+        .next()
+        .unwrap_or_else(|| panic!("no capabilities.add in {}", path.display()));
+    let caps: Vec<String> = lines
+        .take_while(|l| indent(l) >= indent(add) && l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start()[2..].trim().trim_matches('"').to_owned())
+        .collect();
+    assert!(
+        !caps.is_empty(),
+        "empty capabilities.add in {}",
+        path.display()
+    );
+    caps
 }

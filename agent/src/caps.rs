@@ -1,0 +1,223 @@
+//! The Linux capabilities the agent needs, checked once at start-up so a
+//! missing one is named before anything fails with a bare EPERM or EACCES.
+//! The list is the DaemonSet's (`deploy/kubernetes/base/daemonset.yaml`);
+//! `agent/tests/least_privilege.rs` runs the agent as a non-root user with
+//! exactly that list, and with each one left out.
+use std::{fmt, fs, io};
+
+/// One capability: its name as the kernel documents it and its bit in the
+/// capability sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capability {
+    pub name: &'static str,
+    pub bit: u32,
+}
+
+pub const CAP_DAC_READ_SEARCH: Capability = Capability {
+    name: "CAP_DAC_READ_SEARCH",
+    bit: 2,
+};
+pub const CAP_SYS_PTRACE: Capability = Capability {
+    name: "CAP_SYS_PTRACE",
+    bit: 19,
+};
+pub const CAP_SYS_ADMIN: Capability = Capability {
+    name: "CAP_SYS_ADMIN",
+    bit: 21,
+};
+pub const CAP_PERFMON: Capability = Capability {
+    name: "CAP_PERFMON",
+    bit: 38,
+};
+pub const CAP_BPF: Capability = Capability {
+    name: "CAP_BPF",
+    bit: 39,
+};
+
+/// A capability the agent needs, and what for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Need {
+    pub cap: Capability,
+    pub why: &'static str,
+}
+
+/// What the agent needs, in the order the DaemonSet lists it. CAP_BPF and
+/// CAP_PERFMON are not here: CAP_SYS_ADMIN, which uprobes need, stands for
+/// both in the kernel's checks.
+pub const NEEDED: [Need; 3] = [
+    Need {
+        cap: CAP_SYS_ADMIN,
+        why: "creating uprobes (perf_event_open asks for it since Linux 6.16 and the stable \
+              kernels patched in July 2025; it also covers CAP_BPF and CAP_PERFMON for loading \
+              the BPF programs)",
+    },
+    Need {
+        cap: CAP_SYS_PTRACE,
+        why: "reading other users' processes: /proc/PID/exe, /proc/PID/maps and their memory",
+    },
+    Need {
+        cap: CAP_DAC_READ_SEARCH,
+        why: "opening executables the agent's user may not read",
+    },
+];
+
+/// What to do when a needed capability is missing (`--capability-check`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckMode {
+    /// Refuse to start, naming what is missing.
+    Enforce,
+    /// Log what is missing once and go on (e.g. watching only processes of
+    /// the agent's own user, or on a kernel where CAP_BPF and CAP_PERFMON
+    /// still allow uprobes): whatever needs it fails later.
+    Warn,
+}
+
+/// The capabilities needed and missing.
+#[derive(Debug, thiserror::Error)]
+pub enum CapError {
+    #[error("reading the agent's capabilities from /proc/self/status: {0}")]
+    Read(#[from] io::Error),
+    #[error("{}", Missing(.0))]
+    Missing(Vec<&'static Need>),
+}
+
+/// Names each missing capability and what it is for.
+struct Missing<'a>(&'a [&'static Need]);
+
+impl fmt::Display for Missing<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the agent lacks ")?;
+        for (i, need) in self.0.iter().enumerate() {
+            if i > 0 {
+                write!(f, ", ")?;
+            }
+            write!(f, "{}, needed for {}", need.cap.name, need.why)?;
+        }
+        write!(
+            f,
+            "; run it as root or grant it {} (deploy/README.md)",
+            self.0
+                .iter()
+                .map(|n| n.cap.name)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// The effective set from the `CapEff:` line of /proc/self/status.
+fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+/// This process's effective capabilities.
+pub fn effective() -> io::Result<u64> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    parse_cap_eff(&status).ok_or_else(|| io::Error::other("no CapEff line in /proc/self/status"))
+}
+
+pub fn has(effective: u64, cap: Capability) -> bool {
+    effective & (1 << cap.bit) != 0
+}
+
+/// The needs an effective set leaves unmet.
+pub fn missing(effective: u64) -> Vec<&'static Need> {
+    NEEDED.iter().filter(|n| !has(effective, n.cap)).collect()
+}
+
+/// The start-up check: an error naming what is missing.
+pub fn check() -> Result<(), CapError> {
+    let lacking = missing(effective()?);
+    if lacking.is_empty() {
+        Ok(())
+    } else {
+        Err(CapError::Missing(lacking))
+    }
+}
+
+/// Why loading BPF programs may have failed: ` (...)` when the agent lacks
+/// what the kernel asks for, else empty.
+pub fn bpf_load_hint() -> &'static str {
+    match effective() {
+        Ok(e) if has(e, CAP_SYS_ADMIN) || (has(e, CAP_BPF) && has(e, CAP_PERFMON)) => "",
+        _ => " (loading BPF programs needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+    }
+}
+
+/// Why creating a uprobe may have been refused: ` (...)` when the error is
+/// a permission error and the agent lacks CAP_SYS_ADMIN, else empty.
+pub fn uprobe_hint(err: &anyhow::Error) -> &'static str {
+    let denied = err.chain().any(|e| {
+        e.downcast_ref::<io::Error>()
+            .is_some_and(|io| matches!(io.kind(), io::ErrorKind::PermissionDenied))
+    });
+    match effective() {
+        Ok(e) if denied && !has(e, CAP_SYS_ADMIN) => {
+            " (creating uprobes needs CAP_SYS_ADMIN on Linux 6.16+ and patched stable kernels)"
+        }
+        _ => "",
+    }
+}
+
+/// Which capability a permission error about process `pid` points at:
+/// /proc/PID/exe unreadable as a link is the ptrace check (CAP_SYS_PTRACE),
+/// readable but not openable is the file's mode (CAP_DAC_READ_SEARCH).
+/// `None` when neither is denied, or the agent holds the one denied (then
+/// an LSM or Yama said no).
+pub fn target_hint(pid: u32) -> Option<String> {
+    let eff = effective().ok()?;
+    let exe = format!("/proc/{pid}/exe");
+    let denied =
+        |r: io::Result<()>| matches!(r, Err(e) if e.kind() == io::ErrorKind::PermissionDenied);
+    let cap = if denied(fs::read_link(&exe).map(drop)) {
+        CAP_SYS_PTRACE
+    } else if denied(fs::File::open(&exe).map(drop)) {
+        CAP_DAC_READ_SEARCH
+    } else {
+        return None;
+    };
+    let need = NEEDED.iter().find(|n| n.cap == cap)?;
+    (!has(eff, cap)).then(|| format!("the agent lacks {}, needed for {}", cap.name, need.why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATUS: &str = "Name:\tgopulse\nCapInh:\t0000000000000000\nCapPrm:\t0000000000280004\n\
+                          CapEff:\t0000000000280004\nCapBnd:\t0000000000280004\n";
+
+    #[test]
+    fn parses_the_effective_set() {
+        assert_eq!(parse_cap_eff(STATUS), Some(0x28_0004));
+        assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn names_what_is_missing() {
+        assert!(missing(0x28_0004).is_empty());
+        // Root's full set.
+        assert!(missing(0x1ff_ffff_ffff).is_empty());
+        let lacking = missing(0x20_0004);
+        assert_eq!(lacking.len(), 1);
+        assert_eq!(lacking[0].cap, CAP_SYS_PTRACE);
+        let text = CapError::Missing(missing(0)).to_string();
+        for name in ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"] {
+            assert_eq!(text.matches(name).count(), 2, "{name} in {text}");
+        }
+        // CAP_BPF and CAP_PERFMON do not stand in for CAP_SYS_ADMIN: uprobes
+        // need the latter.
+        let bpf_perfmon = (1 << CAP_BPF.bit) | (1 << CAP_PERFMON.bit) | 0x8_0004;
+        assert_eq!(missing(bpf_perfmon)[0].cap, CAP_SYS_ADMIN);
+    }
+
+    #[test]
+    fn own_process() {
+        // Whatever this runs as, it can read its own set, and its own
+        // executable needs no capability.
+        assert!(effective().is_ok());
+        assert_eq!(target_hint(std::process::id()), None);
+    }
+}
