@@ -443,10 +443,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let hint = caps::target_hint(pid).map_or_else(String::new, |h| format!(" ({h})"));
             tracing::error!(pid, "pid {pid}: cannot watch: {e:#}{hint}");
             if gopulse_agent::procfs::start_time(pid).is_ok() {
-                let name = gopulse_agent::procfs::exe_name(pid).unwrap_or_default();
-                discovery_metrics
-                    .watch_failures
-                    .inc(&metrics::NodeLabel(&name));
+                discovery_metrics.watch_failed(pid);
             }
         }
     }

@@ -383,6 +383,8 @@ fn swiss(mem: &impl Memory, map: u64, seed: u64, o: &MapOffsets) -> io::Result<R
 mod tests {
     use std::collections::BTreeMap;
 
+    use crate::inspect::{GoVersion, MapImpl, offsets};
+
     use super::*;
 
     /// Memory made of byte regions by start address.
@@ -411,37 +413,20 @@ mod tests {
         }
     }
 
-    const CLASSIC: MapOffsets = MapOffsets::Classic {
-        count: 0,
-        flags: 8,
-        b: 9,
-        noverflow: 10,
-        hash0: 12,
-        buckets: 16,
-        oldbuckets: 24,
-        nevacuate: 32,
-        extra: 40,
-        size: 48,
-        maptype_bucket_size: 0,
-    };
+    /// The checked-in layout of a release (the fake maps below are laid out
+    /// as the runtime lays them out).
+    fn layout(version: &str, imp: MapImpl) -> MapOffsets {
+        let v = GoVersion::parse(version).unwrap();
+        offsets::from_table(&v, imp).unwrap().map
+    }
 
-    const SWISS: MapOffsets = MapOffsets::Swiss {
-        map_used: 0,
-        map_seed: 8,
-        map_dir_ptr: 16,
-        map_dir_len: 24,
-        map_global_depth: 32,
-        map_global_shift: 33,
-        map_size: 48,
-        table_used: 0,
-        table_capacity: 2,
-        table_growth_left: 4,
-        table_local_depth: 6,
-        table_index: 8,
-        table_groups_data: 16,
-        table_groups_length_mask: 24,
-        table_size: 32,
-    };
+    fn classic_layout() -> MapOffsets {
+        layout("go1.23.9", MapImpl::Classic)
+    }
+
+    fn swiss_layout() -> MapOffsets {
+        layout("go1.27.3", MapImpl::Swiss)
+    }
 
     fn hmap(
         count: u64,
@@ -467,7 +452,7 @@ mod tests {
     fn classic_at(h: Vec<u8>, seed: u64) -> Option<Shape> {
         let mut m = Fake::default();
         m.put(0x1000, h);
-        shape_in(&m, 0x1000, seed, &CLASSIC).unwrap()
+        shape_in(&m, 0x1000, seed, &classic_layout()).unwrap()
     }
 
     #[test]
@@ -560,7 +545,7 @@ mod tests {
     fn swiss_live_map() {
         let m = swiss_mem(1200, [(800, 1024), (300, 512), (100, 128)]);
         assert_eq!(
-            shape_in(&m, 0x1000, 42, &SWISS).unwrap(),
+            shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(),
             Some(Shape {
                 entries: 1200,
                 capacity: 1664,
@@ -571,7 +556,7 @@ mod tests {
         let mut small = Fake::default();
         small.put(0x1000, map_header(5, 42, 0xc000_1000, 0, 0));
         assert_eq!(
-            shape_in(&small, 0x1000, 42, &SWISS)
+            shape_in(&small, 0x1000, 42, &swiss_layout())
                 .unwrap()
                 .map(|s| s.capacity),
             Some(8)
@@ -599,12 +584,12 @@ mod tests {
             swiss_mem(0, [(800, 1024), (300, 512), (100, 128)]),
             0.into(),
         );
-        let s = shape_in(&m, 0x1000, 42, &SWISS).unwrap();
+        let s = shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap();
         assert_eq!(s.map(|s| (s.entries, s.capacity)), Some((1201, 1664)));
         // Caught mid-split every time: no verdict this time, not gone.
         let mut f = swiss_mem(0, [(800, 1024), (300, 512), (100, 128)]);
         f.put(0x4000, table(300, 512, 2, u64::MAX));
-        let e = shape_in(&Inserting(f, 0.into()), 0x1000, 42, &SWISS).unwrap_err();
+        let e = shape_in(&Inserting(f, 0.into()), 0x1000, 42, &swiss_layout()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
     }
 
@@ -612,17 +597,17 @@ mod tests {
     fn swiss_stale_header() {
         // `used` overwritten with more entries than the tables hold.
         let m = swiss_mem(5900, [(800, 1024), (300, 512), (100, 128)]);
-        assert_eq!(shape_in(&m, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(), None);
         // Plausible, but not what the tables hold.
         let m = swiss_mem(1000, [(800, 1024), (300, 512), (100, 128)]);
-        assert_eq!(shape_in(&m, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(), None);
         // Its directory reused: a table not where its index says.
         let mut m = swiss_mem(1200, [(800, 1024), (300, 512), (100, 128)]);
         m.put(0x4000, table(300, 512, 2, 7));
-        assert_eq!(shape_in(&m, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(), None);
         // A capacity no table has.
         let m = swiss_mem(1200, [(800, 1024), (300, 500), (100, 128)]);
-        assert_eq!(shape_in(&m, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(), None);
         // Its directory pointing at unmapped memory.
         let mut m = swiss_mem(1200, [(800, 1024), (300, 512), (100, 128)]);
         m.put(
@@ -632,14 +617,14 @@ mod tests {
                 .flat_map(|p| p.to_le_bytes())
                 .collect(),
         );
-        assert_eq!(shape_in(&m, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(), None);
         // A small map with more than a group holds.
         let mut small = Fake::default();
         small.put(0x1000, map_header(250_000, 42, 0xc000_1000, 0, 0));
-        assert_eq!(shape_in(&small, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&small, 0x1000, 42, &swiss_layout()).unwrap(), None);
         // Directory length not 2^depth.
         let mut m = swiss_mem(1200, [(800, 1024), (300, 512), (100, 128)]);
         m.put(0x1000, map_header(1200, 42, 0x2000, 4, 3));
-        assert_eq!(shape_in(&m, 0x1000, 42, &SWISS).unwrap(), None);
+        assert_eq!(shape_in(&m, 0x1000, 42, &swiss_layout()).unwrap(), None);
     }
 }

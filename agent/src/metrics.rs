@@ -270,6 +270,13 @@ impl DiscoveryMetrics {
         }
         m
     }
+
+    /// Counts a Go process that could not be watched (and is still there),
+    /// by its executable's name.
+    pub fn watch_failed(&self, pid: u32) {
+        let name = crate::procfs::exe_name(pid).unwrap_or_default();
+        self.watch_failures.inc(&NodeLabel(&name));
+    }
 }
 
 /// Handles to every per-process metric and the attach stage's node gauges

@@ -321,8 +321,7 @@ impl Consider<'_> {
                 let gone = procfs::start_time(pid).is_err();
                 skip(if gone { Skip::Gone } else { Skip::Refused });
                 if !gone {
-                    let name = procfs::exe_name(pid).unwrap_or_default();
-                    self.metrics.watch_failures.inc(&NodeLabel(&name));
+                    self.metrics.watch_failed(pid);
                 }
                 if !gone && d.first_skip(Some(exe)) {
                     tracing::warn!(pid, "cannot watch: {e:#}");

@@ -18,7 +18,6 @@
 mod support;
 
 use std::{
-    io::{BufRead as _, BufReader},
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
@@ -115,16 +114,7 @@ impl Unprivileged {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting setpriv (util-linux)");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[gopulse {caps}] {line}", caps = set);
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = support::tee_stderr(&mut child, format!("gopulse {set}"));
         Self { child, log }
     }
 
@@ -133,12 +123,9 @@ impl Unprivileged {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(line) = self.find("serving http://") {
-                let addr = line
-                    .split("serving http://")
-                    .nth(1)
-                    .and_then(|rest| rest.split('/').next())
-                    .unwrap_or_else(|| panic!("no address in {line:?}"));
-                return Ok(addr.to_owned());
+                return Ok(
+                    support::served_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"))
+                );
             }
             if let Some(status) = self.child.try_wait().unwrap() {
                 // Let the reader thread take the last lines.

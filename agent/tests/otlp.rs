@@ -512,12 +512,7 @@ fn no_prometheus_serves_health_only() {
     let stderr = std::io::BufReader::new(agent.stderr.take().unwrap());
     let addr = std::io::BufRead::lines(stderr)
         .map_while(Result::ok)
-        .find_map(|l| {
-            l.split("serving http://")
-                .nth(1)
-                .and_then(|r| r.split('/').next())
-                .map(str::to_owned)
-        })
+        .find_map(|l| support::served_addr(&l))
         .expect("the agent's address");
     assert_eq!(support::http_get(&addr, "/healthz").0, 200);
     assert_eq!(support::http_get(&addr, "/metrics").0, 404);

@@ -100,6 +100,24 @@ fn env(var: &'static str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
+/// A variable's value among `choices` (case-insensitive, as the OTLP
+/// exporter reads them); the first choice when it is unset.
+fn env_choice<T: Copy>(
+    var: &'static str,
+    choices: &[(&str, T)],
+    why: &'static str,
+) -> Result<T, ConfigError> {
+    let Some(value) = env(var) else {
+        return Ok(choices[0].1);
+    };
+    let value = value.trim().to_ascii_lowercase();
+    choices
+        .iter()
+        .find(|(name, _)| *name == value)
+        .map(|(_, t)| *t)
+        .ok_or(ConfigError::Env { var, value, why })
+}
+
 fn env_ms(var: &'static str, default: u64) -> Result<Duration, ConfigError> {
     match env(var) {
         None => Ok(Duration::from_millis(default)),
@@ -133,54 +151,42 @@ impl OtlpConfig {
         }
         let protocol = match protocol {
             Some(p) => p,
-            None => {
-                let var = if env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL").is_some() {
+            None => env_choice(
+                if env("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL").is_some() {
                     "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
                 } else {
                     "OTEL_EXPORTER_OTLP_PROTOCOL"
-                };
-                match env(var).as_deref().map(str::trim) {
-                    // The specification's default.
-                    None | Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
-                    Some("grpc") => OtlpProtocol::Grpc,
-                    Some(other) => {
-                        return Err(ConfigError::Env {
-                            var,
-                            value: other.to_owned(),
-                            why: "gopulse speaks grpc or http/protobuf",
-                        });
-                    }
-                }
-            }
+                },
+                // The specification's default first.
+                &[
+                    ("http/protobuf", OtlpProtocol::HttpProtobuf),
+                    ("grpc", OtlpProtocol::Grpc),
+                ],
+                "gopulse speaks grpc or http/protobuf",
+            )?,
         };
-        let var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
-        let temporality = match env(var).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("cumulative") => Temporality::Cumulative,
-            Some("delta") => Temporality::Delta,
-            Some("lowmemory") => Temporality::LowMemory,
-            Some(other) => {
-                return Err(ConfigError::Env {
-                    var,
-                    value: other.to_owned(),
-                    why: "expected cumulative, delta or lowmemory",
-                });
-            }
-        };
-        let var = "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION";
+        let temporality = env_choice(
+            "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE",
+            &[
+                ("cumulative", Temporality::Cumulative),
+                ("delta", Temporality::Delta),
+                ("lowmemory", Temporality::LowMemory),
+            ],
+            "expected cumulative, delta or lowmemory",
+        )?;
         let histograms = match histograms {
             Some(h) => h,
-            None => match env(var).map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-                None | Some("base2_exponential_bucket_histogram") => HistogramKind::Exponential,
-                Some("explicit_bucket_histogram") => HistogramKind::Explicit,
-                Some(other) => {
-                    return Err(ConfigError::Env {
-                        var,
-                        value: other.to_owned(),
-                        why: "expected base2_exponential_bucket_histogram or \
-                              explicit_bucket_histogram",
-                    });
-                }
-            },
+            None => env_choice(
+                "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+                &[
+                    (
+                        "base2_exponential_bucket_histogram",
+                        HistogramKind::Exponential,
+                    ),
+                    ("explicit_bucket_histogram", HistogramKind::Explicit),
+                ],
+                "expected base2_exponential_bucket_histogram or explicit_bucket_histogram",
+            )?,
         };
         let endpoint = match endpoint {
             None => None,
@@ -443,30 +449,30 @@ impl Otlp {
             if !named && now.duration_since(since) < NAMES_WAIT {
                 continue;
             }
-            let attributes = signature(&self.resource_attributes(&g));
+            let attrs = self.resource_attributes(&g);
+            let signature = signature(&attrs);
             match self.resources.get(&g) {
-                Some(r) if r.attributes == attributes => {}
+                Some(r) if r.attributes == signature => {}
                 old => {
                     // Names that came late make it a new resource: its
                     // histograms start again there (as a new series would).
                     if let Some(old) = old {
                         let _ = old.provider.shutdown();
                     }
-                    let r = self.resource_export(&g, attributes);
+                    let r = self.resource_export(&g, attrs, signature);
                     self.resources.insert(g, r);
                 }
             }
         }
         let resources = &self.resources;
-        let mut lost = 0;
         self.model.take_pending(
             |group| resources.contains_key(group),
             |group, d, values, xs| {
-                let Some(r) = resources.get(group) else {
-                    lost += xs.len() as u64;
-                    return;
-                };
-                let Some(h) = r.histograms.get(&decl::id_of(d)) else {
+                // Only groups with a resource are taken (above).
+                let Some(h) = resources
+                    .get(group)
+                    .and_then(|r| r.histograms.get(&decl::id_of(d)))
+                else {
                     return;
                 };
                 let attrs = attributes(d, values);
@@ -475,17 +481,25 @@ impl Otlp {
                 }
             },
         );
-        self.model.count_dropped(lost);
     }
 
-    fn resource_export(&self, group: &Group, attributes: Vec<(String, String)>) -> ResourceExport {
+    /// A group's meter provider: its resource made of `attrs` (whose
+    /// `signature` it keeps), its instruments.
+    fn resource_export(
+        &self,
+        group: &Group,
+        attrs: Vec<KeyValue>,
+        signature: Vec<(String, String)>,
+    ) -> ResourceExport {
         let reader = Arc::new(
             ManualReader::builder()
                 .with_temporality(self.config.temporality)
                 .build(),
         );
         let mut builder = SdkMeterProvider::builder()
-            .with_resource(self.resource(group))
+            // The defaults (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, the
+            // SDK's own), then ours: a process's identity wins.
+            .with_resource(Resource::builder().with_attributes(attrs).build())
             .with_reader(SharedReader(reader.clone()));
         if self.config.histograms == HistogramKind::Exponential {
             builder = builder.with_view(|i: &Instrument| {
@@ -529,7 +543,7 @@ impl Otlp {
             }
         }
         ResourceExport {
-            attributes,
+            attributes: signature,
             provider,
             reader,
             histograms,
@@ -577,16 +591,8 @@ impl Otlp {
         }
     }
 
-    /// A watched process's resource, or the agent's own.
-    fn resource(&self, group: &Group) -> Resource {
-        // The defaults (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, the
-        // SDK's own), then ours: a process's identity wins.
-        Resource::builder()
-            .with_attributes(self.resource_attributes(group))
-            .build()
-    }
-
-    /// The attributes gopulse gives a group's resource.
+    /// The attributes gopulse gives a group's resource: a watched
+    /// process's, or the agent's own.
     fn resource_attributes(&self, group: &Group) -> Vec<KeyValue> {
         let mut attrs = vec![KeyValue::new("host.name", self.host_name.clone())];
         if let Some(node) = &self.config.node_name {

@@ -139,10 +139,14 @@ impl Model {
     /// The groups that have series now.
     pub fn groups(&self) -> BTreeSet<Group> {
         let tables = self.lock();
-        tables
-            .iter()
-            .flat_map(|t| t.keys().map(|k| k.group.clone()))
-            .collect()
+        let mut groups = BTreeSet::new();
+        // A group has many series: clone its labels once.
+        for k in tables.iter().flat_map(|t| t.keys()) {
+            if !groups.contains(&k.group) {
+                groups.insert(k.group.clone());
+            }
+        }
+        groups
     }
 
     /// Calls `f` with each series of one metric in one group.

@@ -250,6 +250,28 @@ impl Drop for Target {
     }
 }
 
+/// Echoes a child's stderr (each line after `[prefix]`) and keeps its
+/// lines for the test to search.
+pub fn tee_stderr(child: &mut Child, prefix: String) -> Arc<Mutex<Vec<String>>> {
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[{prefix}] {line}");
+            sink.lock().unwrap().push(line);
+        }
+    });
+    log
+}
+
+/// `host:port` from the agent's "serving http://ADDR/..." log line.
+pub fn served_addr(line: &str) -> Option<String> {
+    let rest = line.split("serving http://").nth(1)?;
+    rest.split('/').next().map(str::to_owned)
+}
+
 /// A running agent.
 pub struct Agent {
     child: Child,
@@ -281,28 +303,14 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting gopulse");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[gopulse] {line}");
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = tee_stderr(&mut child, "gopulse".to_owned());
         let mut agent = Self {
             child,
             addr: String::new(),
             log,
         };
         let line = agent.wait_log("serving http://", Duration::from_secs(30));
-        let addr = line
-            .split("serving http://")
-            .nth(1)
-            .and_then(|rest| rest.strip_suffix("/metrics"))
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        agent.addr = addr.to_owned();
+        agent.addr = served_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
         agent
     }
 
