@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     num::NonZeroU32,
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
     time::Duration,
 };
@@ -58,6 +58,11 @@ pub struct Counters {
     pub evacuations: u64,
     pub growth_refires: u64,
     pub sites_outermost: u64,
+    /// Anomalies the probes met (`gopulse_bpf_anomalies_total{kind}`):
+    /// user reads that failed, and headers the runtime cannot have made.
+    /// (The third kind, restarts without a stop, is `stw_unmatched`.)
+    pub read_failed: u64,
+    pub map_layout: u64,
 }
 
 /// Handles on the two maps processes are registered in, for reading their
@@ -77,6 +82,7 @@ impl ProcMaps {
         let mut c = Counters {
             gc_cycles: stw.gc_cycles,
             stw_unmatched: stw.stw_unmatched,
+            read_failed: stw.read_failed,
             ..Counters::default()
         };
         for s in per_cpu.iter().map(|p| p.stats) {
@@ -86,6 +92,8 @@ impl ProcMaps {
             c.evacuations += s.evacuations;
             c.growth_refires += s.growth_refires;
             c.sites_outermost += s.sites_outermost;
+            c.read_failed += s.read_failed;
+            c.map_layout += s.map_layout;
             for (t, h) in c.hits.iter_mut().zip(s.hits) {
                 *t += h;
             }
@@ -130,12 +138,22 @@ pub struct Bpf {
 impl Bpf {
     /// Loads and verifies every program.
     /// The per-process maps are sized for `max_processes` (PROCS holds a
-    /// copy per CPU: a few hundred bytes × CPUs × processes).
-    pub fn load(max_processes: u32) -> anyhow::Result<(Self, CollectorMaps, LifeMaps)> {
+    /// copy per CPU: a few hundred bytes × CPUs × processes). With
+    /// `debug`, the programs log each anomaly through aya-log, forwarded
+    /// to tracing; without, the verifier drops their logging code.
+    pub fn load(
+        max_processes: u32,
+        debug: bool,
+    ) -> anyhow::Result<(Self, CollectorMaps, LifeMaps)> {
         raise_memlock_limit();
+        // aya-log's level global is read-only data the kernel freezes: at 0
+        // the verifier knows every log statement's test fails and removes
+        // the branch, so the programs cost what they would without logging.
+        let level: u8 = if debug { BPF_LOG_LEVEL } else { 0 };
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries("PROCS", max_processes)
             .map_max_entries("STW", max_processes)
+            .override_global(aya_log::LEVEL, &level, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
                 "/gopulse"
@@ -146,13 +164,22 @@ impl Bpf {
                     crate::caps::bpf_load_hint()
                 )
             })?;
+        // Verification dominates start-up on older kernels (6.1's verifier
+        // walks our programs far longer than 6.12's): say what it took.
+        let mut verified = Verified::default();
         for name in PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]) {
             let prog: &mut UProbe = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
+            let started = std::time::Instant::now();
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
+            let insns = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count());
+            verified.note(name, started.elapsed(), insns);
         }
         let mut take = |name: &str| {
             ebpf.take_map(name)
@@ -192,8 +219,18 @@ impl Bpf {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?
                 .try_into()?;
+            let started = std::time::Instant::now();
             prog.load()
                 .with_context(|| format!("loading program {name}"))?;
+            let insns = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count());
+            verified.note(name, started.elapsed(), insns);
+        }
+        verified.log();
+        if debug {
+            start_bpf_log(&mut ebpf)?;
         }
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         Ok((
@@ -378,6 +415,103 @@ impl Bpf {
     pub fn all_program_stats(&mut self) -> [Option<(Duration, u64)>; PROGRAMS] {
         std::array::from_fn(|i| self.program_stats(PROGRAM_TABLE[i].name).ok())
     }
+}
+
+/// How long the kernel took to verify and load each program, and how many
+/// instructions its verifier walked (5.16+).
+#[derive(Default)]
+struct Verified {
+    total: std::time::Duration,
+    insns: u64,
+    programs: usize,
+    slowest: Option<(&'static str, std::time::Duration)>,
+}
+
+impl Verified {
+    fn note(&mut self, name: &'static str, took: std::time::Duration, insns: Option<u32>) {
+        tracing::debug!(
+            program = name,
+            took_ms = took.as_secs_f64() * 1e3,
+            verified_insns = insns,
+            "BPF program loaded"
+        );
+        self.total += took;
+        self.insns += u64::from(insns.unwrap_or(0));
+        self.programs += 1;
+        if self.slowest.is_none_or(|(_, t)| took > t) {
+            self.slowest = Some((name, took));
+        }
+    }
+
+    fn log(&self) {
+        let (name, took) = self.slowest.unwrap_or(("-", std::time::Duration::ZERO));
+        tracing::info!(
+            programs = self.programs,
+            verified_insns = self.insns,
+            "loaded {} BPF programs in {:.0} ms (the verifier walked {} instructions; slowest {name}, {:.0} ms)",
+            self.programs,
+            self.total.as_secs_f64() * 1e3,
+            self.insns,
+            took.as_secs_f64() * 1e3,
+        );
+    }
+}
+
+/// aya-log's `Level::Warn`: the programs log anomalies at warn.
+const BPF_LOG_LEVEL: u8 = 2;
+
+/// The programs' log records, as tracing events (target
+/// `gopulse_agent::bpf_log`).
+struct TracingLog;
+
+impl log::Log for TracingLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        let msg = record.args();
+        match record.level() {
+            log::Level::Error => tracing::error!(target: "gopulse_agent::bpf_log", "bpf: {msg}"),
+            log::Level::Warn => tracing::warn!(target: "gopulse_agent::bpf_log", "bpf: {msg}"),
+            log::Level::Info => tracing::info!(target: "gopulse_agent::bpf_log", "bpf: {msg}"),
+            log::Level::Debug => tracing::debug!(target: "gopulse_agent::bpf_log", "bpf: {msg}"),
+            log::Level::Trace => tracing::trace!(target: "gopulse_agent::bpf_log", "bpf: {msg}"),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+/// Reads the programs' log ring on a thread of its own for as long as the
+/// agent runs (the ring is only written with `--bpf-debug`).
+fn start_bpf_log(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut logger = aya_log::EbpfLogger::init_with_logger(ebpf, TracingLog)
+        .context("starting the BPF programs' log (aya-log)")?;
+    std::thread::Builder::new()
+        .name("bpf-log".into())
+        .spawn(move || {
+            loop {
+                let mut fd = libc::pollfd {
+                    fd: logger.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd. Woken when records arrive; the
+                // timeout only bounds a missed wakeup.
+                let n = unsafe { libc::poll(&mut fd, 1, 1000) };
+                if n < 0
+                    && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+                {
+                    tracing::warn!("polling the BPF log: {}", std::io::Error::last_os_error());
+                    return;
+                }
+                logger.flush();
+            }
+        })
+        .context("starting the BPF log thread")?;
+    tracing::info!("BPF-side anomaly logging on (--bpf-debug)");
+    Ok(())
 }
 
 /// Drops links on threads of their own, in parallel, without waiting (see

@@ -21,6 +21,10 @@ pub const CAP_SYS_PTRACE: Capability = Capability {
     name: "CAP_SYS_PTRACE",
     bit: 19,
 };
+pub const CAP_LEASE: Capability = Capability {
+    name: "CAP_LEASE",
+    bit: 28,
+};
 pub const CAP_SYS_ADMIN: Capability = Capability {
     name: "CAP_SYS_ADMIN",
     bit: 21,
@@ -44,7 +48,7 @@ pub struct Need {
 /// What the agent needs, in the order the DaemonSet lists it. CAP_BPF and
 /// CAP_PERFMON are not here: CAP_SYS_ADMIN, which uprobes need, stands for
 /// both in the kernel's checks.
-pub const NEEDED: [Need; 3] = [
+pub const NEEDED: [Need; 4] = [
     Need {
         cap: CAP_SYS_ADMIN,
         why: "creating uprobes (perf_event_open asks for it since Linux 6.16 and the stable \
@@ -58,6 +62,12 @@ pub const NEEDED: [Need; 3] = [
     Need {
         cap: CAP_DAC_READ_SEARCH,
         why: "opening executables the agent's user may not read",
+    },
+    Need {
+        cap: CAP_LEASE,
+        why: "holding a read lease on each probed executable of another user, so that a \
+              rewrite in place (cp over it) waits until its uprobes are gone: without it, the \
+              rewritten program started at once may run into the old breakpoints and crash",
     },
 ];
 
@@ -186,30 +196,35 @@ mod tests {
     use super::*;
 
     const STATUS: &str = "Name:\tgopulse\nCapInh:\t0000000000000000\nCapPrm:\t0000000000280004\n\
-                          CapEff:\t0000000000280004\nCapBnd:\t0000000000280004\n";
+                          CapEff:\t0000000010280004\nCapBnd:\t0000000010280004\n";
 
     #[test]
     fn parses_the_effective_set() {
-        assert_eq!(parse_cap_eff(STATUS), Some(0x28_0004));
+        assert_eq!(parse_cap_eff(STATUS), Some(0x1028_0004));
         assert_eq!(parse_cap_eff("CapEff:\tzz\n"), None);
         assert_eq!(parse_cap_eff("Name:\tx\n"), None);
     }
 
     #[test]
     fn names_what_is_missing() {
-        assert!(missing(0x28_0004).is_empty());
+        assert!(missing(0x1028_0004).is_empty());
         // Root's full set.
         assert!(missing(0x1ff_ffff_ffff).is_empty());
-        let lacking = missing(0x20_0004);
+        let lacking = missing(0x1020_0004);
         assert_eq!(lacking.len(), 1);
         assert_eq!(lacking[0].cap, CAP_SYS_PTRACE);
         let text = CapError::Missing(missing(0)).to_string();
-        for name in ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"] {
+        for name in [
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE",
+            "CAP_DAC_READ_SEARCH",
+            "CAP_LEASE",
+        ] {
             assert_eq!(text.matches(name).count(), 2, "{name} in {text}");
         }
         // CAP_BPF and CAP_PERFMON do not stand in for CAP_SYS_ADMIN: uprobes
         // need the latter.
-        let bpf_perfmon = (1 << CAP_BPF.bit) | (1 << CAP_PERFMON.bit) | 0x8_0004;
+        let bpf_perfmon = (1 << CAP_BPF.bit) | (1 << CAP_PERFMON.bit) | 0x1008_0004;
         assert_eq!(missing(bpf_perfmon)[0].cap, CAP_SYS_ADMIN);
     }
 

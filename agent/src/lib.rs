@@ -13,6 +13,7 @@ pub mod discover;
 pub mod export;
 pub mod governor;
 pub mod mapshape;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod plan;

@@ -195,6 +195,14 @@ struct Args {
     #[arg(long, value_enum, default_value_t = StatsMode::Sampled)]
     bpf_stats: StatsMode,
 
+    /// Log each anomaly the BPF programs meet (a failed read of the
+    /// process's memory, a restart of the world without a seen stop, an
+    /// implausible map header) from the kernel, through aya-log, as warn
+    /// lines. Off, the verifier removes the logging code; the anomalies are
+    /// counted either way (gopulse_bpf_anomalies_total).
+    #[arg(long)]
+    bpf_debug: bool,
+
     /// At start-up the agent checks it holds CAP_SYS_ADMIN (uprobes),
     /// CAP_SYS_PTRACE (other users' processes) and CAP_DAC_READ_SEARCH
     /// (executables its user cannot read): `enforce` refuses to start
@@ -217,6 +225,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The helper a shutting-down agent leaves its probes to (see
+    // `hand_off_links`).
+    if let Some(fds) = std::env::var_os(CLOSE_LINKS) {
+        return close_links(&fds.to_string_lossy());
+    }
+    gopulse_agent::memory::hold_mmap_threshold();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -242,6 +256,9 @@ fn main() -> ExitCode {
     } else {
         runtime.block_on(run(args))
     };
+    // Tasks still running (a connection that would not close, an export
+    // that would not end) are not waited for.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -388,15 +405,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let max_processes =
         u32::try_from(args.max_processes.max(args.pids.len() as u64)).unwrap_or(u32::MAX);
-    let (mut bpf, maps, life) = bpf::Bpf::load(max_processes)?;
+    let (mut bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug)?;
     let discovering = args.pids.is_empty();
-    bpf.attach_lifecycle(discovering)?;
+    // Exec events with --pid too: a named process that runs exec must not
+    // keep the series (or the counts) of the program it left.
+    bpf.attach_lifecycle(true)?;
     let model = gopulse_agent::model::Model::new();
     let registry = gopulse_agent::export::prometheus::registry(&model);
     let metrics = metrics::Metrics::new(&model);
     let otlp = match otlp {
         Some(config) => {
             tracing::info!("OTLP: pushing to {}", config.describe());
+            let config =
+                config.with_max_sites(usize::try_from(args.max_map_sites).unwrap_or(usize::MAX));
             Some(Otlp::new(&model, config).context("OTLP exporter")?)
         }
         None => None,
@@ -458,6 +479,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let follow = Follow {
         discovery: discovering.then(|| Discovery::new(select)),
         events: LifeEvents::new(life),
+        pids: args.pids.clone(),
         max_processes: usize::try_from(args.max_processes).unwrap_or(usize::MAX),
         rescan_every: Duration::from_secs(args.rescan_interval),
         plumbing,
@@ -577,33 +599,203 @@ async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         tracing::info!("serving http://{local}/metrics");
     }
-    axum::serve(listener, server::router(app.clone(), !args.no_prometheus))
-        .with_graceful_shutdown(shutdown_signal())
+    // Shutdown, from the first SIGTERM or SIGINT, all at once: open
+    // requests get HTTP_DRAIN, probes are detached, OTLP makes its last
+    // export, the agent's parts within SHUTDOWN. A second signal meanwhile
+    // ends the process.
+    let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
+    let (detach_app, stop_otlp_now) = (app.clone(), stop_otlp.clone());
+    let stop = async move {
+        let at = shutdown_signal().await;
+        // Off the async workers: without the helper, closing a uprobe waits
+        // out the kernel's RCU grace period (seconds on a loaded machine),
+        // and a worker must stay free to see a second signal.
+        let detaching = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let helper = hand_off_links();
+            let n = detach_app.with_probes(|p| p.detach_all());
+            let ms = started.elapsed().as_millis();
+            match helper {
+                Ok(helper) => tracing::info!(
+                    helper,
+                    "detached {n} uprobes in {ms} ms (a helper, pid {helper}, closes the agent's \
+                     BPF links: the kernel removes each uprobe after an RCU grace period)"
+                ),
+                Err(e) => tracing::info!("detached {n} uprobes in {ms} ms (no helper: {e:#})"),
+            }
+        });
+        stop_otlp_now.notify_one();
+        let _ = signalled_tx.send((at, detaching));
+    };
+    server::serve(
+        listener,
+        server::router(app.clone(), !args.no_prometheus),
+        server::Limits::default(),
+        stop,
+        HTTP_DRAIN,
+    )
+    .await
+    .context("HTTP server")?;
+    let (signalled, detaching) = signalled_rx
         .await
-        .context("HTTP server")?;
-    tracing::info!("shutting down; detaching probes");
-    app.with_probes(|p| p.detach_all());
-    if let Some(task) = otlp_task {
-        stop_otlp.notify_one();
-        // A collector that does not answer must not hold the exit up.
-        if tokio::time::timeout(Duration::from_secs(2), task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("OTLP: the last export did not finish within 2s");
+        .context("the HTTP server stopped without a signal")?;
+    let deadline = signalled + SHUTDOWN;
+    let last_export = async {
+        if let Some(mut task) = otlp_task {
+            // A collector that does not answer must not hold the exit up.
+            match tokio::time::timeout_at(deadline, &mut task).await {
+                Ok(_) => tracing::info!("OTLP: last export done"),
+                Err(_) => {
+                    task.abort();
+                    tracing::warn!(
+                        "OTLP: the last export did not finish within {SHUTDOWN:?} of the \
+                         signal; dropped"
+                    );
+                }
+            }
         }
+    };
+    let (detached, ()) = tokio::join!(detaching, last_export);
+    if let Err(e) = detached {
+        tracing::warn!("detaching probes: {e}");
     }
+    tracing::info!("shut down in {:.0?} after the signal", signalled.elapsed());
     Ok(())
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// From the first signal to the exit, for the agent's own work: requests in
+/// flight and the last OTLP export (the promise is 2 s; the rest is the
+/// process's own teardown).
+const SHUTDOWN: Duration = Duration::from_millis(1800);
+/// How long requests in flight may take to finish after the signal.
+const HTTP_DRAIN: Duration = Duration::from_millis(300);
+
+/// In a helper's environment: the BPF link descriptors it inherited, to
+/// close.
+const CLOSE_LINKS: &str = "GOPULSE_CLOSE_LINKS";
+
+/// Starts a helper holding copies of the agent's BPF links, which closes
+/// them all in parallel and exits; returns its pid. The kernel removes a
+/// uprobe only after an RCU grace period (seconds on a loaded host), and a
+/// process cannot exit before every link it closes is removed: with the
+/// helper, the agent's own closes return at once, its exit waits for
+/// nothing, and the probes are gone one grace period later all the same.
+fn hand_off_links() -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt as _;
+    // The probed executables' leased files go along: they must stay
+    // leased until their probes are gone (see `probes::lease`), or a
+    // rewrite-and-restart right after the agent exits could run into the
+    // old breakpoints.
+    let (mut links, mut leased) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir("/proc/self/fd").context("listing /proc/self/fd")? {
+        let entry = entry.context("listing /proc/self/fd")?;
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if is_bpf_link(fd) {
+            links.push(fd);
+        } else if is_read_leased(fd) {
+            leased.push(fd);
+        }
     }
+    if links.is_empty() {
+        anyhow::bail!("no BPF links open");
+    }
+    let join = |fds: &[i32]| fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
+    let list = format!("{};{}", join(&links), join(&leased));
+    let fds: Vec<i32> = links.into_iter().chain(leased).collect();
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    cmd.env(CLOSE_LINKS, list)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: between fork and exec only fcntl(2), which is
+    // async-signal-safe, on descriptors this process holds.
+    unsafe {
+        cmd.pre_exec(move || {
+            // A link a background detach closed meanwhile is simply not
+            // passed on (the helper checks what it closes).
+            for &fd in &fds {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                }
+            }
+            Ok(())
+        })
+    };
+    let child = cmd.spawn().context("starting the helper")?;
+    Ok(child.id())
+}
+
+fn is_bpf_link(fd: i32) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf_link")
+}
+
+fn is_read_leased(fd: i32) -> bool {
+    // SAFETY: F_GETLEASE only reads the lease state of the descriptor.
+    unsafe { libc::fcntl(fd, libc::F_GETLEASE) == libc::F_RDLCK }
+}
+
+/// The helper of [`hand_off_links`]: closes the BPF links it names (checked
+/// to be links), all at once, then the leased executables (checked to be
+/// leased): "links;files", descriptors separated by commas.
+fn close_links(fds: &str) -> ExitCode {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let (links, files) = fds.split_once(';').unwrap_or((fds, ""));
+    let take = |list: &str, is: fn(i32) -> bool| -> Vec<OwnedFd> {
+        list.split(',')
+            .filter_map(|fd| fd.parse::<i32>().ok())
+            .filter(|&fd| is(fd))
+            // SAFETY: a descriptor this process inherited for this and
+            // nothing else in it uses.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect()
+    };
+    let (links, files) = (take(links, is_bpf_link), take(files, is_read_leased));
+    std::thread::scope(|s| {
+        for link in links {
+            s.spawn(move || drop(link));
+        }
+    });
+    // Every probe is gone: a writer waiting on a lease may go on.
+    drop(files);
+    ExitCode::SUCCESS
+}
+
+/// Waits for SIGTERM or SIGINT and returns when it came; from then on a
+/// second one ends the process at once, nonzero (128 + its number, as a
+/// shell reports a death by signal), whatever shutdown is doing.
+async fn shutdown_signal() -> tokio::time::Instant {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            // Without handlers the signals keep their default action: they
+            // still stop the agent, only without a clean shutdown.
+            tracing::warn!("listening for SIGTERM and SIGINT: {e}; they will kill the agent");
+            return std::future::pending().await;
+        }
+    };
+    async fn next(
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> (&'static str, i32) {
+        tokio::select! {
+            _ = term.recv() => ("SIGTERM", 128 + libc::SIGTERM),
+            _ = int.recv() => ("SIGINT", 128 + libc::SIGINT),
+        }
+    }
+    let (name, _) = next(&mut term, &mut int).await;
+    let at = tokio::time::Instant::now();
+    tracing::info!("{name}: shutting down (another SIGTERM or SIGINT exits at once)");
+    tokio::spawn(async move {
+        let (name, code) = next(&mut term, &mut int).await;
+        tracing::error!("{name} during shutdown: exiting at once with status {code}");
+        std::process::exit(code);
+    });
+    at
 }

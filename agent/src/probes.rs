@@ -89,8 +89,11 @@ impl Cuttable {
 struct Exe {
     id: u32,
     /// Holds the file, so probes can be put back after the process that
-    /// brought it has gone (attached through `/proc/self/fd/N`).
+    /// brought it has gone (attached through `/proc/self/fd/N`), and a read
+    /// lease on it (see `lease`).
     file: std::fs::File,
+    /// The lease was taken (without it, F_GETLEASE reads as broken).
+    leased: bool,
     pids: BTreeSet<u32>,
     pages: Vec<u32>,
     core: Links,
@@ -192,6 +195,7 @@ impl Probes {
             None => TrapCost::DEFAULT,
         };
         let costs = Arc::new(Costs::new(trap));
+        handle_sigio();
         let probes = Self {
             bpf,
             costs: costs.clone(),
@@ -257,6 +261,12 @@ impl Probes {
     fn add_exe(&mut self, t: &Target<'_>) -> anyhow::Result<()> {
         let file = std::fs::File::open(crate::procfs::exe_path(t.pid))
             .with_context(|| format!("opening the executable of pid {}", t.pid))?;
+        // The plan is for the file `t.exe`: after an exec the probes would
+        // land mid-instruction in another program.
+        if crate::discover::exe::ExeKey::of_file(&file).ok() != Some(t.exe) {
+            return Err(crate::watch::Changed.into());
+        }
+        let leased = lease(&file);
         let id = (0..=u32::MAX)
             .find(|id| self.exes.values().all(|e| e.id != *id))
             .context("no free executable id")?;
@@ -274,6 +284,7 @@ impl Probes {
         let mut exe = Exe {
             id,
             file,
+            leased,
             pids: BTreeSet::new(),
             pages,
             core: Links::default(),
@@ -320,13 +331,40 @@ impl Probes {
         let Some(exe) = self.exes.remove(&key) else {
             return;
         };
-        for links in [Some(exe.core), exe.growth.links, exe.access.links]
+        let mut links = Vec::new();
+        for group in [Some(exe.core), exe.growth.links, exe.access.links]
             .into_iter()
             .flatten()
         {
-            self.bpf.detach_links(links);
+            links.extend(self.bpf.take_links(group));
         }
         self.bpf.remove_exe(exe.id, exe.pages);
+        // The lease (the file) goes last: see `lease`.
+        drop_then_close(links, exe.file);
+    }
+
+    /// Lets go of every executable someone waits to write: its processes
+    /// have exited (a running executable cannot be opened for writing), the
+    /// exit was not seen yet, and the writer's open waits on the lease.
+    fn yield_leases(&mut self) {
+        let broken: Vec<ExeKey> = self
+            .exes
+            .iter()
+            .filter(|(_, e)| e.leased && lease_broken(&e.file))
+            .map(|(k, _)| *k)
+            .collect();
+        if broken.is_empty() {
+            return;
+        }
+        for key in broken {
+            tracing::info!(
+                dev = key.dev,
+                inode = key.ino,
+                "a probed executable is being written: its probes detached first"
+            );
+            self.drop_exe(key);
+        }
+        self.publish_node();
     }
 
     /// Forgets a process; the last of its executable takes the probes with
@@ -346,9 +384,11 @@ impl Probes {
     }
 
     /// Detaches every probe, in parallel, and returns when they are all
-    /// gone (at shutdown).
-    pub fn detach_all(&mut self) {
+    /// gone (at shutdown); returns how many there were.
+    pub fn detach_all(&mut self) -> usize {
         let mut links = Vec::new();
+        // Closed after the links: see `lease`.
+        let mut files = Vec::new();
         for (_, exe) in std::mem::take(&mut self.exes) {
             for group in [Some(exe.core), exe.growth.links, exe.access.links]
                 .into_iter()
@@ -356,11 +396,15 @@ impl Probes {
             {
                 links.extend(self.bpf.take_links(group));
             }
+            files.push(exe.file);
         }
         for pid in std::mem::take(&mut self.procs).into_keys() {
             self.bpf.unregister(pid);
         }
+        let n = links.len();
         crate::bpf::drop_in_parallel(links);
+        drop(files);
+        n
     }
 
     /// Opens or closes a sampling window of the access probes.
@@ -407,6 +451,9 @@ impl Probes {
     /// to check next: soon while probes are spending (so a group overshoots
     /// its bucket by at most one short check), at leisure otherwise.
     pub fn govern(&mut self) -> Duration {
+        if LEASE_BREAK.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            self.yield_leases();
+        }
         let now = Instant::now();
         if self
             .costs_read
@@ -579,5 +626,98 @@ fn attach_access(bpf: &mut Bpf, exe: &mut Exe) {
     match bpf.attach_sites(&exe.path(), &exe.access.sites) {
         Ok(links) => exe.access.links = Some(links),
         Err(e) => tracing::warn!("attaching map assignment probes: {e:#}"),
+    }
+}
+
+/// Set by SIGIO: the kernel is breaking a read lease on a probed executable
+/// (someone opened it for writing); the governor then lets go of it.
+static LEASE_BREAK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigio(_: libc::c_int) {
+    LEASE_BREAK.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// SIGIO tells of a lease break; its default action would end the agent.
+fn handle_sigio() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an
+        // atomic, which is async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_sigio as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            if libc::sigaction(libc::SIGIO, &sa, std::ptr::null_mut()) != 0 {
+                tracing::warn!("handling SIGIO: {}", std::io::Error::last_os_error());
+            }
+        }
+    });
+}
+
+/// Takes a read lease on a probed executable. A uprobe keeps the
+/// instruction it replaced, copied when it was registered, and the kernel
+/// plants it in every process that maps the file later: a file rewritten in
+/// place while the probes are still registered (they go one RCU grace
+/// period at a time, seconds after the last process exits) would start with
+/// breakpoints at the old offsets and crash. With the lease, a writer's
+/// open waits until the probes are gone and the lease released.
+fn lease(file: &std::fs::File) -> bool {
+    // SAFETY: fcntl on a descriptor this process owns.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if r != 0 {
+        let err = std::io::Error::last_os_error();
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // EACCES: another user's file, and no CAP_LEASE.
+            let why = if err.raw_os_error() == Some(libc::EACCES) {
+                "the agent lacks CAP_LEASE"
+            } else {
+                "a filesystem without leases?"
+            };
+            tracing::warn!(
+                "cannot hold a lease on probed executables ({err}: {why}): an executable \
+                 rewritten in place (cp over it) and started right after its last process \
+                 exited may crash on the old probes; replace executables by rename (install, \
+                 mv)"
+            );
+        }
+    }
+    r == 0
+}
+
+/// Whether someone waits to write the file (its lease is being broken).
+fn lease_broken(file: &std::fs::File) -> bool {
+    // SAFETY: fcntl on a descriptor this process owns.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
+    r == libc::F_UNLCK
+}
+
+/// Detaches links, then closes `file` (and so releases its lease): a writer
+/// waiting on the lease goes on only once every probe is gone. On a thread
+/// of its own, as [`crate::bpf::drop_in_background`].
+fn drop_then_close(links: Vec<aya::programs::uprobe::UProbeLink>, file: std::fs::File) {
+    let work = move || {
+        crate::bpf::drop_in_parallel(links);
+        drop(file);
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("detach".into())
+        .spawn(move || {
+            if let Ok(work) = rx.recv() {
+                let work: Box<dyn FnOnce() + Send> = work;
+                work();
+            }
+        });
+    let work: Box<dyn FnOnce() + Send> = Box::new(work);
+    match spawned {
+        Ok(_) => {
+            if let Err(std::sync::mpsc::SendError(work)) = tx.send(work) {
+                work();
+            }
+        }
+        // Waits, but detaches all the same.
+        Err(_) => work(),
     }
 }

@@ -24,6 +24,20 @@ pub fn start_time(pid: u32) -> io::Result<u64> {
     parse_start_time(&stat).ok_or_else(|| io::Error::other("unparsable /proc/PID/stat"))
 }
 
+/// Whether the process is running: there, and neither a zombie nor dead.
+/// After its leader's exit event, a process that is still running had a
+/// thread other than the leader exec (the kernel ends the old leader then).
+pub fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| parse_state(&stat))
+        .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
+}
+
+fn parse_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
 fn parse_start_time(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may contain spaces.
     let after_comm = &stat[stat.rfind(')')? + 1..];
@@ -136,6 +150,8 @@ mod tests {
         let stat = "4242 (my) (weird) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 987654 1000 10";
         assert_eq!(parse_start_time(stat), Some(987654));
         assert_eq!(parse_start_time("garbage"), None);
+        assert_eq!(parse_state(stat), Some('S'));
+        assert_eq!(parse_state("garbage"), None);
     }
 
     #[test]
@@ -169,6 +185,8 @@ mod tests {
     fn own_process() {
         let me = std::process::id();
         assert!(start_time(me).unwrap() > 0);
+        assert!(running(me));
+        assert!(!running(u32::MAX));
         assert!(!exe_name(me).unwrap().is_empty());
         assert!(exe_mapping_start(me).unwrap() > 0);
         let x = 0x1234_5678_u64;

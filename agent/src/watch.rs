@@ -53,14 +53,19 @@ impl Binaries {
         plumbing: &Plumbing,
     ) -> anyhow::Result<(ExeKey, Arc<Inspected>, bool)> {
         let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
-        let (key, stamp) = ExeKey::stat(pid).map_err(io)?;
+        let (mut file, key, stamp) = ExeKey::open(pid).map_err(io)?;
         if let Some((s, used, found)) = self.entries.get_mut(&key)
             && *s == stamp
         {
             *used = Instant::now();
             return Ok((key, found.clone(), false));
         }
-        let mut bin = inspect::inspect(&procfs::exe_path(pid), &plan::wanted_functions())?;
+        // From the file the key names: by path it could be the next program
+        // if the process execs meanwhile.
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut data).map_err(io)?;
+        let mut bin = inspect::inspect_bytes(&data, &plan::wanted_functions())?;
+        drop(data);
         let symbolizer = Arc::new(std::mem::take(&mut bin.symbolizer));
         let pages = Arc::new(plumbing.pages(&symbolizer));
         let found = Arc::new(Inspected {
@@ -82,6 +87,12 @@ impl Binaries {
         Ok((key, found, true))
     }
 }
+
+/// The process ran another program, or exited, while it was being
+/// attached: not a failure, its next exec event (or exit) settles it.
+#[derive(Debug, thiserror::Error)]
+#[error("it ran exec or exited while it was being attached")]
+pub struct Changed;
 
 /// Starts watching `pid`; the error says why it cannot be watched.
 pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyhow::Result<()> {
@@ -107,6 +118,13 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             pages,
         })
     })?;
+    // Reading the executable takes a while: the process may have run exec
+    // meanwhile (the exec event that follows judges its new program), or
+    // exited and its pid gone to another process.
+    if ExeKey::of(pid).ok() != Some(exe_key) || procfs::start_time(pid).ok() != Some(start_time) {
+        app.with_probes(|p| p.detach(pid));
+        return Err(Changed.into());
+    }
     tracing::info!(
         pid,
         exe = %labels.exe,
@@ -142,6 +160,9 @@ pub struct Follow {
     /// `None` with `--pid`: only the named processes, no discovery.
     pub discovery: Option<Discovery>,
     pub events: LifeEvents,
+    /// `--pid`: a named process that runs exec is watched as its new
+    /// program.
+    pub pids: Vec<u32>,
     pub max_processes: usize,
     /// How often /proc is rescanned for processes the events missed.
     pub rescan_every: Duration,
@@ -157,6 +178,7 @@ pub fn follow(app: &App, f: Follow) {
     let Follow {
         mut discovery,
         mut events,
+        pids,
         max_processes,
         rescan_every,
         plumbing,
@@ -171,6 +193,12 @@ pub fn follow(app: &App, f: Follow) {
         max_processes,
         limit_logged: Cell::new(false),
     };
+    // With --pid, each named process by its start time: the same process
+    // after an exec, not another one given its pid later.
+    let mut named: HashMap<u32, u64> = pids
+        .iter()
+        .filter_map(|&pid| Some((pid, procfs::start_time(pid).ok()?)))
+        .collect();
     let mut lost = 0u64;
     let mut next_rescan = Instant::now();
     loop {
@@ -193,12 +221,26 @@ pub fn follow(app: &App, f: Follow) {
             // exec (a node can exec thousands of programs a second).
             std::thread::sleep(BATCH);
         }
-        for event in batch.into_iter().chain(events.drain()) {
+        let batch: Vec<Life> = batch.into_iter().chain(events.drain()).collect();
+        for (i, &event) in batch.iter().enumerate() {
             match event {
                 Life::Exit { pid } => {
+                    // A thread other than the leader that runs exec ends the
+                    // old leader: an exit event, but the process lives on.
+                    let execd = batch[i..]
+                        .iter()
+                        .any(|e| matches!(e, Life::Exec { pid: p, .. } if *p == pid))
+                        || procfs::running(pid);
                     if app.with_collector(|c| c.watches(pid)) {
                         app.unwatch(pid);
-                        tracing::info!(pid, "process exited; detached, its series removed");
+                        if execd {
+                            tracing::info!(pid, "process ran exec; detached, its series removed");
+                        } else {
+                            tracing::info!(pid, "process exited; detached, its series removed");
+                        }
+                    }
+                    if !execd {
+                        named.remove(&pid);
                     }
                     if let Some(d) = discovery.as_mut() {
                         d.forget(pid);
@@ -210,6 +252,8 @@ pub fn follow(app: &App, f: Follow) {
                         if d.stale(pid, time_ns) {
                             continue;
                         }
+                    } else if !named.contains_key(&pid) {
+                        continue; // --pid: not one of the processes named
                     }
                     // A watched process that runs another program is gone
                     // as the process it was.
@@ -218,6 +262,7 @@ pub fn follow(app: &App, f: Follow) {
                         tracing::info!(pid, "process ran exec; detached, its series removed");
                     }
                     let Some(d) = discovery.as_mut() else {
+                        rewatch_named(app, &named, pid, &plumbing, &naming, &metrics);
                         continue;
                     };
                     let decision = d.judge(pid);
@@ -246,6 +291,35 @@ pub fn follow(app: &App, f: Follow) {
             metrics
                 .executables_judged
                 .inc_by(&(), d.judged().saturating_sub(counted));
+        }
+    }
+}
+
+/// With `--pid`: watches a named process again after it ran exec (its new
+/// program may be Go or not; the log says which).
+fn rewatch_named(
+    app: &App,
+    named: &HashMap<u32, u64>,
+    pid: u32,
+    plumbing: &Plumbing,
+    naming: &Naming,
+    metrics: &DiscoveryMetrics,
+) {
+    let Some(&start) = named.get(&pid) else {
+        return;
+    };
+    // Another process given a named pid is not the one named.
+    if procfs::start_time(pid).ok() != Some(start) {
+        return;
+    }
+    app.with_collector(|c| c.request(pid));
+    if let Err(e) = watch(app, pid, plumbing, naming) {
+        if e.is::<Changed>() {
+            return; // its next exec event comes
+        }
+        tracing::error!(pid, "pid {pid}: cannot watch its new program: {e:#}");
+        if procfs::start_time(pid).is_ok() {
+            metrics.watch_failed(pid);
         }
     }
 }
@@ -319,6 +393,12 @@ impl Consider<'_> {
             Ok(()) => true,
             Err(e) => {
                 let gone = procfs::start_time(pid).is_err();
+                // Not the program judged any more: its exec event judges
+                // the new one.
+                if !gone && (e.is::<Changed>() || ExeKey::of(pid).ok() != Some(exe)) {
+                    tracing::info!(pid, "not watched: it ran exec while it was being attached");
+                    return false;
+                }
                 skip(if gone { Skip::Gone } else { Skip::Refused });
                 if !gone {
                     self.metrics.watch_failed(pid);

@@ -69,16 +69,17 @@ fn has_series(m: &Metrics, pid: u32) -> bool {
 fn spawn_and_time(agent: &Agent, bin: &Path) -> (Target, Duration) {
     let started = Instant::now();
     let target = Target::spawn(bin, &["2", "3"]);
-    let deadline = started + Duration::from_secs(5);
+    let deadline = started + support::scaled(Duration::from_secs(5));
     loop {
         if attached(&agent.scrape(), target.pid) {
             return (target, started.elapsed());
         }
         assert!(
             Instant::now() < deadline,
-            "pid {} ({}) not attached within 5 s",
+            "pid {} ({}) not attached within {:?}",
             target.pid,
-            bin.display()
+            bin.display(),
+            deadline - started
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -95,7 +96,7 @@ fn check_gc_exact(agent: &Agent, targets: &mut [(Target, &Build)]) {
             .expect("fixture truth JSON");
         let pid = t.pid.to_string();
         let want = truth.numgc as f64;
-        let m = agent.scrape_until(Duration::from_secs(10), |m| {
+        let m = agent.scrape_until(support::scaled(Duration::from_secs(10)), |m| {
             m.value("gopulse_gc_cycles_total", &[("pid", &pid)]) >= want
         });
         assert_eq!(
@@ -116,7 +117,9 @@ fn check_exit_removes(agent: &Agent, targets: Vec<(Target, &Build)>) {
         let pid = t.pid;
         t.finish();
         let gone_at = Instant::now();
-        let m = agent.scrape_until(Duration::from_secs(3), |m| !has_series(m, pid));
+        let m = agent.scrape_until(support::scaled(Duration::from_secs(3)), |m| {
+            !has_series(m, pid)
+        });
         let took = gone_at.elapsed();
         assert!(
             !has_series(&m, pid),
@@ -124,7 +127,7 @@ fn check_exit_removes(agent: &Agent, targets: Vec<(Target, &Build)>) {
             build.path.display()
         );
         assert!(
-            took <= Duration::from_secs(1),
+            took <= support::scaled(Duration::from_secs(1)),
             "pid {pid}: series removed {took:?} after exit"
         );
     }
@@ -173,7 +176,7 @@ fn finds_running_and_new_go_processes() {
     }
     assert!(list.contains("Go process(es);"), "{list}");
     let mut agent = Agent::spawn_with(&[], &["--exe-regex", &regex, "--map-assign-probes", "off"]);
-    let m = agent.scrape_until(Duration::from_secs(10), |m| {
+    let m = agent.scrape_until(support::scaled(Duration::from_secs(10)), |m| {
         targets.iter().all(|(t, _)| attached(m, t.pid))
     });
     for (t, b) in &targets {
@@ -194,7 +197,7 @@ fn finds_running_and_new_go_processes() {
         let b = &builds[i % builds.len()];
         let (t, delay) = spawn_and_time(&agent, &b.path);
         assert!(
-            delay <= Duration::from_secs(1),
+            delay <= support::scaled(Duration::from_secs(1)),
             "pid {} ({}) attached {delay:?} after it was started",
             t.pid,
             b.path.display()
@@ -210,7 +213,7 @@ fn finds_running_and_new_go_processes() {
         delays[delays.len() / 2],
         delays.last().unwrap()
     );
-    let m = agent.scrape_until(Duration::from_secs(2), |m| {
+    let m = agent.scrape_until(support::scaled(Duration::from_secs(2)), |m| {
         m.value("gopulse_discovery_execs_total", &[]) >= execs_before + 40.0
             && m.value("gopulse_discovery_skipped_total", &[("reason", "not_go")]) >= 20.0
     });
@@ -245,7 +248,10 @@ fn finds_running_and_new_go_processes() {
     let m = agent.scrape();
     assert_eq!(m.value("gopulse_processes_watched", &[]), 0.0);
     assert_eq!(m.value("gopulse_uprobes_attached", &[]), 0.0);
-    agent.wait_log("process exited; detached", Duration::from_secs(1));
+    agent.wait_log(
+        "process exited; detached",
+        support::scaled(Duration::from_secs(1)),
+    );
     agent.stop();
 }
 

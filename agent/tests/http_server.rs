@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use support::{Agent, KernelProg};
+use support::{Agent, GROWTH_PROBES, KernelProg};
 
 /// Requests a second each server gets, over `CONNECTIONS` keep-alive
 /// connections.
@@ -49,14 +49,6 @@ const MAX_NS_PER_RUN: f64 = 800.0;
 /// factor, both ways.
 const OVERHEAD_FACTOR: f64 = 2.0;
 
-const GROWTH_PROBES: &[&str] = &[
-    "grow_classic",
-    "grow_to_table",
-    "grow_table",
-    "split_table",
-    "prune_table",
-    "prune_body",
-];
 /// The programs whose probes are single-stepped (on a `RET`); every other
 /// is on a jump, emulated.
 const SINGLE_STEPPED: &[&str] = &["stw_start_ret"];

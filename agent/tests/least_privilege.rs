@@ -251,6 +251,11 @@ fn watches_fully(staging: &Staging, caps: &[String], discover: bool) {
     );
     assert_eq!(m.value("gopulse_processes_watched", &[]), 1.0);
     assert!(agent.find("cannot watch").is_none(), "{}", agent.log_text());
+    assert!(
+        agent.find("cannot hold a lease").is_none(),
+        "{}",
+        agent.log_text()
+    );
     target.finish();
 }
 
@@ -288,6 +293,23 @@ fn kernel_refuses_without(staging: &Staging, caps: &[String], dropped: &str) {
         &["--capability-check", "warn"],
     );
     let name = kernel_name(dropped);
+    if dropped == "LEASE" {
+        // Without it the agent watches as before, but cannot lease a root
+        // executable: a rewrite in place would not wait for its probes.
+        let addr = agent
+            .started(Duration::from_secs(30))
+            .unwrap_or_else(|status| panic!("exited ({status}):\n{}", agent.log_text()));
+        assert_eq!(scrape(&addr).value("gopulse_processes_watched", &[]), 1.0);
+        let line = agent.find("cannot hold a lease").unwrap_or_else(|| {
+            panic!(
+                "without {name} the agent leased a root executable: {name} is not needed\n{}",
+                agent.log_text()
+            )
+        });
+        assert!(line.contains(&format!("lacks {name}")), "{line}");
+        eprintln!("RESULT without {name}: the kernel refused the lease");
+        return;
+    }
     match agent.started(Duration::from_secs(30)) {
         Err(status) => {
             assert!(!status.success());

@@ -46,22 +46,15 @@ fn expected_growths(truth: &Truth) -> BTreeMap<(String, String), f64> {
 
 /// Hits of every growth probe of a process.
 fn growth_hits(m: &support::Metrics, pid: &str) -> f64 {
-    [
-        "grow_classic",
-        "grow_to_table",
-        "grow_table",
-        "split_table",
-        "prune_table",
-        "prune_body",
-    ]
-    .iter()
-    .map(|probe| {
-        m.value(
-            "gopulse_probe_hits_total",
-            &[("pid", pid), ("probe", probe)],
-        )
-    })
-    .sum()
+    support::GROWTH_PROBES
+        .iter()
+        .map(|probe| {
+            m.value(
+                "gopulse_probe_hits_total",
+                &[("pid", pid), ("probe", probe)],
+            )
+        })
+        .sum()
 }
 
 /// Growths at one site that make a storm in this test.

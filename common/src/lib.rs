@@ -280,6 +280,15 @@ pub struct ProcStats {
     pub growth_refires: u64,
     /// Growths whose site walk ended without leaving the plumbing.
     pub sites_outermost: u64,
+    /// Anomalies: a growth probe's read of a map or table header failed
+    /// (the growth is not counted). The hot assignment probes do not count
+    /// theirs, so their programs stay as they were.
+    pub read_failed: u64,
+    /// Anomalies: a growth probe found a header the runtime cannot have
+    /// made at that point (classic: B past 56 or a growth already under
+    /// way; swiss: a directory that does not fit the operation). The
+    /// agent's offsets do not describe the map; the growth is not counted.
+    pub map_layout: u64,
 }
 
 /// Stop-the-world programs, indices into [`StwState::hits`] as into
@@ -310,6 +319,8 @@ pub struct StwState {
     pub gc_cycles: u64,
     /// `startTheWorldWithSema` returns with no recorded stop (should stay 0).
     pub stw_unmatched: u64,
+    /// Reads of the runtime's GC pause clock (Go 1.21) that failed.
+    pub read_failed: u64,
     /// Hits of the stop-the-world programs.
     pub hits: [u64; STW_PROGRAMS],
     /// Pauses logged so far; pause `n` is at `log[n % STW_LOG]` (written
@@ -328,6 +339,7 @@ impl Default for StwState {
             pending: PendingStw::default(),
             gc_cycles: 0,
             stw_unmatched: 0,
+            read_failed: 0,
             hits: [0; STW_PROGRAMS],
             seq: 0,
             log: [StwEvent::default(); STW_LOG],

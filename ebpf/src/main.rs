@@ -12,6 +12,12 @@
 //! each, walks frame pointers only until it leaves the runtime and the other
 //! "plumbing" ranges the agent gave for the executable, and adds one to a
 //! counter. Nothing is sent per growth and nobody is woken.
+//!
+//! Anomalies (a failed user read, a restart without a stop, a map header
+//! the runtime cannot have made) are counted in the process's existing
+//! entry and, with the agent's `--bpf-debug`, logged through aya-log. The
+//! agent sets aya-log's `AYA_LOG_LEVEL` global (read-only data, frozen)
+//! to 0 without the flag, so the verifier removes every logging branch.
 #![no_std]
 #![no_main]
 // An atomic add to a map value (the BPF XADD instruction) needs the
@@ -32,6 +38,7 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RawTracePointContext},
 };
+use aya_log_ebpf::warn;
 use gopulse_common::{
     GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
     GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, LIFE_EXEC, LIFE_EXIT,
@@ -40,9 +47,10 @@ use gopulse_common::{
     PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_TABLE,
     PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
     PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP,
-    PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST,
-    START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
-    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
+    PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, ProcStats, SITE_CACHE, SITE_FOUND,
+    SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY,
+    STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState,
+    TABLE_HEADER_BYTES,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -179,6 +187,45 @@ fn read<T: Copy + Default>(addr: u64) -> T {
     unsafe { bpf_probe_read_user(addr as *const T) }.unwrap_or_default()
 }
 
+/// [`read`] that tells a fault from a 0.
+#[inline(always)]
+fn try_read<T: Copy>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_user copes with any address.
+    unsafe { bpf_probe_read_user(addr as *const T) }.ok()
+}
+
+/// Counts a failed read of a header at `addr` (anomaly `read_failed`).
+/// Returns the probe's 0, for `return read_failed(..)`.
+#[inline(always)]
+fn read_failed(ctx: &ProbeContext, pid: u32, stats: &mut ProcStats, what: &str, addr: u64) -> u32 {
+    stats.read_failed += 1;
+    warn!(
+        ctx,
+        "anomaly read_failed pid={} reading the {} at {:x}", pid, what, addr
+    );
+    0
+}
+
+/// Counts a map header the runtime cannot have made where the probe sits
+/// (anomaly `map_layout`): `a` and `b` are the fields that said so.
+#[inline(always)]
+fn map_layout(
+    ctx: &ProbeContext,
+    pid: u32,
+    stats: &mut ProcStats,
+    what: &str,
+    map: u64,
+    a: u64,
+    b: u64,
+) -> u32 {
+    stats.map_layout += 1;
+    warn!(
+        ctx,
+        "anomaly map_layout pid={} map {:x}: {} ({}, {})", pid, map, what, a, b
+    );
+    0
+}
+
 /// `runtime.stopTheWorldWithSema(reason stwReason)`: AL = reason. Attached
 /// on Go 1.21 only: later releases pass the stop's time and reason to
 /// `startTheWorldWithSema`.
@@ -229,6 +276,10 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
     if pending.flags & STW_FLAG_IDLE != 0 {
         // No stop seen since the last pause (or since attaching).
         s.stw_unmatched += 1;
+        warn!(
+            &ctx,
+            "anomaly stw_unmatched pid={}: the world restarted without a stop the probes saw", pid
+        );
         return 0;
     }
     // Back to idle in place: a second return without a stop is unmatched.
@@ -245,16 +296,30 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
     let cycle_end =
         pending.reason == STW_REASON_GC_MARK_TERM && pending.flags & STW_FLAG_CYCLE_DONE != 0;
     if gc && s.pause_start_addr != 0 {
-        let start = read::<u64>(s.pause_start_addr);
-        if start != 0 {
-            pending.start_ns = start;
-            pending.flags = (pending.flags & !STW_FLAG_NO_START) | STW_FLAG_GO_START;
+        // The runtime's own globals: a failed read is an anomaly (the
+        // pause then keeps the probes' times).
+        let mut failed = 0;
+        match try_read::<u64>(s.pause_start_addr) {
+            Some(0) => {}
+            Some(start) => {
+                pending.start_ns = start;
+                pending.flags = (pending.flags & !STW_FLAG_NO_START) | STW_FLAG_GO_START;
+            }
+            None => failed = s.pause_start_addr,
         }
         if cycle_end {
-            let end = read::<u64>(s.last_gc_nanotime_addr);
-            if end >= pending.start_ns && end != 0 {
-                end_ns = end;
+            match try_read::<u64>(s.last_gc_nanotime_addr) {
+                Some(end) if end >= pending.start_ns && end != 0 => end_ns = end,
+                Some(_) => {}
+                None => failed = s.last_gc_nanotime_addr,
             }
+        }
+        if failed != 0 {
+            s.read_failed += 1;
+            warn!(
+                &ctx,
+                "anomaly read_failed pid={} reading the GC pause clock at {:x}", pid, failed
+            );
         }
     } else if cycle_end && pending.start_entry_ns != 0 {
         // Stripped Go 1.21: the nearest point the probes see.
@@ -516,15 +581,29 @@ pub fn grow_classic(ctx: ProbeContext) -> u32 {
     let cfg = &p.config;
     let h = regs(&ctx).rbx;
     let Some(hdr) = MapHeader::read(h) else {
-        return 0;
+        return read_failed(&ctx, pid, &mut p.stats, "map header", h);
     };
     let count = hdr.field(cfg.hmap_count, 8);
     let b = hdr.field(cfg.hmap_b, 1);
     let seed = hdr.field(cfg.hmap_hash0, 4);
+    let old = hdr.field(cfg.hmap_oldbuckets, 8);
+    // hashGrow runs only on a map not growing already, and B is at most 56
+    // (beyond, no map fits in memory): anything else is not an hmap as the
+    // offsets describe it.
+    if b > 56 || old != 0 {
+        return map_layout(
+            &ctx,
+            pid,
+            &mut p.stats,
+            "hashGrow on B, oldbuckets",
+            h,
+            b,
+            old,
+        );
+    }
     // overLoadFactor: count > bucketCnt && count > loadFactorNum*(2^B/2).
-    // (B is at most 56 in Go: beyond, no map fits in memory.)
     let after = count.wrapping_add(1);
-    let over = b <= 56 && after > 8 && after > u64::from(cfg.load_factor_num) * ((1u64 << b) / 2);
+    let over = after > 8 && after > u64::from(cfg.load_factor_num) * ((1u64 << b) / 2);
     let kind = if over {
         GROW_CLASSIC_DOUBLE
     } else {
@@ -552,8 +631,19 @@ fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64, at_entry: 
         return 0;
     }
     let Some(hdr) = MapHeader::read(m) else {
-        return 0;
+        return read_failed(ctx, pid, &mut p.stats, "map header", m);
     };
+    if let Some((dir_len, depth)) = implausible_dir(&p.config, &hdr, kind) {
+        return map_layout(
+            ctx,
+            pid,
+            &mut p.stats,
+            "swiss growth on dirLen, globalDepth",
+            m,
+            dir_len,
+            depth,
+        );
+    }
     let g = Grown {
         kind,
         map: m,
@@ -562,6 +652,21 @@ fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64, at_entry: 
     };
     record_growth(ctx, pid, p, g);
     0
+}
+
+/// A swiss map's directory that cannot be where a growth probe sits: a
+/// small map (no directory) becomes a table; the table operations run on a
+/// directory of 2^globalDepth tables. `Some((dirLen, globalDepth))` if so.
+#[inline(always)]
+fn implausible_dir(cfg: &ProcConfig, hdr: &MapHeader, kind: u8) -> Option<(u64, u64)> {
+    let dir_len = hdr.field(cfg.map_dir_len, 8);
+    let depth = hdr.field(cfg.map_global_depth, 1);
+    let ok = if kind == GROW_SWISS_TO_TABLE {
+        dir_len == 0
+    } else {
+        depth < 64 && dir_len == 1 << depth
+    };
+    (!ok).then_some((dir_len, depth))
 }
 
 /// `(*Map).growToTable(typ)`: RAX = m.
@@ -601,7 +706,7 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let (t, m) = (r.rax, r.rcx);
     let Some(table) = TableHeader::read(t) else {
-        return 0;
+        return read_failed(&ctx, pid, &mut p.stats, "table header", t);
     };
     let cap = table.field(cfg.table_capacity, 2);
     let used = table.field(cfg.table_used, 2);
@@ -612,8 +717,19 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
         return 0;
     }
     let Some(hdr) = MapHeader::read(m) else {
-        return 0;
+        return read_failed(&ctx, pid, &mut p.stats, "map header", m);
     };
+    if let Some((dir_len, depth)) = implausible_dir(cfg, &hdr, GROW_SWISS_PRUNE) {
+        return map_layout(
+            &ctx,
+            pid,
+            &mut p.stats,
+            "swiss growth on dirLen, globalDepth",
+            m,
+            dir_len,
+            depth,
+        );
+    }
     let g = Grown {
         kind: GROW_SWISS_PRUNE,
         map: m,

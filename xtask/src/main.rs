@@ -4,8 +4,10 @@ mod codegen;
 mod compact;
 mod demo;
 mod fuzz;
+mod guest;
 mod histogram;
 mod http;
+mod kernels;
 mod managed;
 mod monitoring;
 mod openmetrics;
@@ -41,6 +43,12 @@ enum Cmd {
     /// Setup, then fmt, clippy and every test including the real-BPF
     /// integration tests (root). Args after `--` go to `cargo test`.
     Test {
+        /// Kernels to run the real-BPF tests on: `host` (this machine's:
+        /// fmt, clippy, every test, fuzzing), `6.1` or `6.12` (Debian's
+        /// kernels booted under QEMU, running the GC, map-growth and
+        /// discovery tests), or `all`. Repeatable; default `host` and `6.1`.
+        #[arg(long = "kernel", value_name = "K")]
+        kernels: Vec<String>,
         #[arg(last = true)]
         cargo_test_args: Vec<String>,
     },
@@ -131,7 +139,10 @@ fn run(command: Cmd) -> Result<()> {
     let cache = project::cache_dir()?;
     match command {
         Cmd::Setup => setup::setup(&cache),
-        Cmd::Test { cargo_test_args } => test::test(&cache, &cargo_test_args),
+        Cmd::Test {
+            kernels,
+            cargo_test_args,
+        } => test::test(&cache, &kernels, &cargo_test_args),
         Cmd::Demo {
             duration,
             listen,

@@ -43,7 +43,19 @@ pub const CHECKOV_VERSION: &str = "3.3.30";
 /// Debian 12's Go 1.19 is a release the agent must refuse, and `bpftool`
 /// reads the kernel's run-time statistics of the agent's BPF programs.
 /// `libpython3.11`: rotel's wheel embeds CPython and links it.
-pub const APT_PACKAGES: &[&str] = &["prometheus", "golang-go", "bpftool", "libpython3.11"];
+/// `qemu-system-x86`, `busybox-static`, `xz-utils` and `zstd` boot the
+/// guest kernels (`cargo xtask test --kernel`; their packages unpack with
+/// xz or zstd).
+pub const APT_PACKAGES: &[&str] = &[
+    "prometheus",
+    "golang-go",
+    "bpftool",
+    "libpython3.11",
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
+];
 
 /// `$GOPULSE_CACHE`, else `$XDG_CACHE_HOME/gopulse`, else `~/.cache/gopulse`.
 pub fn cache_dir() -> Result<PathBuf> {

@@ -89,6 +89,15 @@ pub fn setup(cache: &Path) -> Result<()> {
             install_rotel(cache).map(|()| (Outcome::Installed, ()))
         }
     })?;
+    step("guest kernels (Debian packages)", || {
+        let installed = crate::kernels::fetch_missing(cache)?;
+        if installed.is_empty() {
+            Ok((Outcome::Present, ()))
+        } else {
+            print!("{} ", installed.join(", "));
+            Ok((Outcome::Installed, ()))
+        }
+    })?;
     for tool in DEPLOY_TOOLS {
         step(&format!("{} {}", tool.package, tool.version), || {
             if !missing_deploy.contains(&tool.package) {

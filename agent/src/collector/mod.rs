@@ -120,6 +120,12 @@ impl Collector {
                 value: phase,
             });
         }
+        for (kind, _) in ANOMALY_KINDS {
+            m.bpf_anomalies.create(&ProcAnd {
+                proc: &labels,
+                value: kind,
+            });
+        }
         self.procs.insert(
             p.pid,
             Proc {
@@ -206,13 +212,7 @@ impl Collector {
             m.map_evacuated_buckets
                 .inc_by(&p.labels, d(stats.evacuations, p.synced.evacuations));
             maps::refresh_shapes(&self.metrics, pid, p);
-            if stats.stw_unmatched > p.synced.stw_unmatched {
-                tracing::debug!(
-                    pid,
-                    count = stats.stw_unmatched,
-                    "start-the-world without a seen stop"
-                );
-            }
+            fold_anomalies(&self.metrics, pid, p, &stats);
             p.synced = stats;
         }
     }
@@ -252,6 +252,39 @@ impl Collector {
             return;
         }
         self.metrics.remove_process(&p.labels);
+    }
+}
+
+/// Reads one kernel counter.
+type CounterOf = fn(&Counters) -> u64;
+
+/// The `kind` label of `gopulse_bpf_anomalies_total`, and the kernel
+/// counter of each.
+const ANOMALY_KINDS: [(&str, CounterOf); 3] = [
+    ("read_failed", |c| c.read_failed),
+    ("stw_unmatched", |c| c.stw_unmatched),
+    ("map_layout", |c| c.map_layout),
+];
+
+/// Folds the anomalies the programs counted into the metrics; the agent
+/// logs the first of each kind per process at debug (the programs log each
+/// with --bpf-debug).
+fn fold_anomalies(metrics: &Metrics, pid: u32, p: &Proc, stats: &Counters) {
+    for (kind, count) in ANOMALY_KINDS {
+        let (now, then) = (count(stats), count(&p.synced));
+        if now <= then {
+            continue;
+        }
+        metrics.bpf_anomalies.inc_by(
+            &ProcAnd {
+                proc: &p.labels,
+                value: kind,
+            },
+            now - then,
+        );
+        if then == 0 {
+            tracing::debug!(pid, kind, count = now, "the BPF programs met an anomaly");
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! decided once and kept while the file is unchanged.
 use std::{
     collections::HashMap,
+    fs::File,
     io,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
@@ -29,24 +30,53 @@ impl ExeKey {
     /// The key and the file's stamp (a file rewritten in place keeps its
     /// inode, not its mtime and size).
     pub fn stat(pid: u32) -> io::Result<(Self, Stamp)> {
-        let m = std::fs::metadata(procfs::exe_path(pid))?;
-        Ok((
+        Ok(Self::of_metadata(&std::fs::metadata(procfs::exe_path(
+            pid,
+        ))?))
+    }
+
+    /// The executable of `pid` opened, with its key and stamp. Read it
+    /// through this file, not by path again: the process may exec meanwhile,
+    /// and what is read must be the file the key names.
+    pub fn open(pid: u32) -> io::Result<(File, Self, Stamp)> {
+        let file = File::open(procfs::exe_path(pid))?;
+        let (key, stamp) = Self::of_metadata(&file.metadata()?);
+        Ok((file, key, stamp))
+    }
+
+    /// The key of an open file.
+    pub fn of_file(file: &File) -> io::Result<Self> {
+        Ok(Self::of_metadata(&file.metadata()?).0)
+    }
+
+    fn of_metadata(m: &std::fs::Metadata) -> (Self, Stamp) {
+        (
             Self {
                 dev: m.dev(),
                 ino: m.ino(),
             },
             Stamp {
                 mtime_ns: m.mtime() as i128 * 1_000_000_000 + i128::from(m.mtime_nsec()),
+                ctime_ns: m.ctime() as i128 * 1_000_000_000 + i128::from(m.ctime_nsec()),
                 size: m.size(),
             },
-        ))
+        )
     }
 }
 
-/// What changes when a file is rewritten in place.
+/// A path that opens `file` again (what `go_release` reads).
+pub fn fd_path(file: &File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd as _;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// What changes when a file is rewritten in place. The ctime too: `cp -p`
+/// puts the old mtime back, a build of the same size is common, but no one
+/// can set the ctime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stamp {
     mtime_ns: i128,
+    ctime_ns: i128,
     size: u64,
 }
 
@@ -127,7 +157,7 @@ impl ExeCache {
     /// The executable of `pid` and the verdict on it; the error is from
     /// /proc (the process is gone, or not ours to read).
     pub fn judge(&mut self, pid: u32) -> io::Result<(ExeKey, Verdict)> {
-        let (key, stamp) = ExeKey::stat(pid)?;
+        let (file, key, stamp) = ExeKey::open(pid)?;
         let now = Instant::now();
         if let Some(e) = self.entries.get_mut(&key)
             && e.stamp == stamp
@@ -135,7 +165,7 @@ impl ExeCache {
             e.used = now;
             return Ok((key, e.verdict.clone()));
         }
-        let verdict = match inspect::go_release(&procfs::exe_path(pid)) {
+        let verdict = match inspect::go_release(&fd_path(&file)) {
             Ok(release) => Verdict::Go(release),
             Err(InspectError::Io { source, .. }) => return Err(source),
             Err(e) => Verdict::of(e),

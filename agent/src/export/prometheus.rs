@@ -1,5 +1,7 @@
 //! `/metrics`: the model rendered as OpenMetrics text, through
 //! prometheus-client's encoder (names, escaping, cumulative buckets).
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use prometheus_client::{
     collector::Collector,
     encoding::{
@@ -26,10 +28,17 @@ pub fn registry(model: &Model) -> Registry {
 
 /// Renders the model as OpenMetrics text.
 pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
-    let mut out = String::new();
+    // Sized as the last body (plus room to grow): grown by doubling, a
+    // body of megabytes would pass through buffers of every size below it.
+    let last = LAST_LEN.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(last + last / 8);
     prometheus_client::encoding::text::encode(&mut out, registry)?;
+    LAST_LEN.store(out.len(), Ordering::Relaxed);
     Ok(out)
 }
+
+/// The length of the last body rendered.
+static LAST_LEN: AtomicUsize = AtomicUsize::new(0);
 
 struct ModelCollector {
     model: Model,
@@ -81,13 +90,13 @@ impl Collector for ModelCollector {
             };
             result = (|| {
                 let mut metric = encoder.encode_descriptor(d.name, d.help, unit.as_ref(), ty)?;
-                for (key, value) in series {
+                for (group, values, value) in series.iter() {
                     let labels = SeriesLabels {
-                        group: &key.group,
+                        group,
                         names: d.labels,
-                        values: &key.values,
+                        values,
                     };
-                    if key.group.is_none() && key.values.is_empty() {
+                    if group.is_none() && values.is_empty() {
                         // No labels: `name 1`, not `name{} 1`.
                         encode_value(&mut metric, value, d.kind)?;
                     } else {

@@ -89,6 +89,7 @@ pub const PHASE: Label = label("phase", "go.gc.phase");
 pub const REASON: Label = label("reason", "go.stw.reason");
 pub const SITE: Label = label("site", "code.function.name");
 pub const GROWTH_KIND: Label = label("kind", "gopulse.map.growth.kind");
+pub const ANOMALY_KIND: Label = label("kind", "gopulse.bpf.anomaly.kind");
 pub const PROBE: Label = label("probe", "gopulse.probe");
 pub const SKIP_REASON: Label = label("reason", "gopulse.discovery.skip_reason");
 pub const RESULT: Label = label("result", "gopulse.otlp.result");
@@ -365,6 +366,20 @@ pub static MAPS_UNTRACKED: Decl = Decl {
            processes) evicted before the agent read them",
 };
 
+pub static BPF_ANOMALIES: Decl = Decl {
+    name: "bpf_anomalies",
+    prom_unit: None,
+    otel: "gopulse.bpf.anomalies",
+    otel_unit: "{anomaly}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[ANOMALY_KIND],
+    help: "What the BPF programs met that should not happen, by kind: read_failed (a read \
+           of the process's memory failed), stw_unmatched (the world restarted without a \
+           stop the probes saw), map_layout (a map header the runtime cannot have made at \
+           the probed point); --bpf-debug also logs each from the kernel",
+};
+
 pub static MAP_EVACUATED_BUCKETS: Decl = Decl {
     name: "map_evacuated_buckets",
     prom_unit: None,
@@ -534,7 +549,7 @@ pub static OTLP_POINTS_DROPPED: Decl = Decl {
 };
 
 /// Every metric, in the order `/metrics` lists them.
-pub static ALL: [&Decl; 35] = [
+pub static ALL: [&Decl; 36] = [
     &GC_CYCLES,
     &GC_PAUSE,
     &STW_PAUSE,
@@ -557,6 +572,7 @@ pub static ALL: [&Decl; 35] = [
     &MAP_GROWTH_ATTACHED,
     &MAPS_UNTRACKED,
     &MAP_EVACUATED_BUCKETS,
+    &BPF_ANOMALIES,
     &PROBE_HIT_COST,
     &UPROBES_ATTACHED,
     &EXECUTABLES_PROBED,

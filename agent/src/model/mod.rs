@@ -27,7 +27,7 @@ pub const MAX_PENDING: usize = 100_000;
 /// Who a series belongs to: a watched process, or the node (`None`).
 pub type Group = Option<ProcLabels>;
 
-/// A series' identity.
+/// A series' identity, as the recording side names it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct SeriesKey {
     pub group: Group,
@@ -56,7 +56,8 @@ pub enum Value {
     Int(i64),
     /// A floating point counter or gauge.
     Float(f64),
-    Hist(Hist),
+    /// Boxed: histograms are few, and the other values stay 16 bytes.
+    Hist(Box<Hist>),
 }
 
 impl Value {
@@ -65,16 +66,58 @@ impl Value {
             Kind::Counter(Number::Int) => Value::Count(0),
             Kind::Gauge(Number::Int) => Value::Int(0),
             Kind::Counter(Number::Float) | Kind::Gauge(Number::Float) => Value::Float(0.0),
-            Kind::Histogram(bounds) => Value::Hist(Hist {
+            Kind::Histogram(bounds) => Value::Hist(Box::new(Hist {
                 buckets: vec![0; bounds.len() + 1],
                 ..Hist::default()
-            }),
+            })),
         }
     }
 }
 
-/// Every series: one table per metric of [`decl::ALL`].
-type Tables = Vec<BTreeMap<SeriesKey, Value>>;
+/// One metric's series in one group, by the metric's label values.
+type Table = BTreeMap<Box<[String]>, Value>;
+
+/// Every series, by group, then one table per metric of [`decl::ALL`]: a
+/// group's labels are kept once, not in each of its series (a process
+/// with 50 map growth sites has some 300).
+#[derive(Default)]
+struct Tables {
+    groups: BTreeMap<Group, Vec<Table>>,
+}
+
+impl Tables {
+    /// A series, made (at zero) when absent.
+    fn series_mut(&mut self, id: usize, key: SeriesKey) -> &mut Value {
+        let SeriesKey { group, values } = key;
+        let tables = self
+            .groups
+            .entry(group)
+            .or_insert_with(|| vec![Table::new(); decl::ALL.len()]);
+        tables[id]
+            .entry(values.into_boxed_slice())
+            .or_insert_with(|| Value::zero(decl::ALL[id]))
+    }
+}
+
+/// The series of one metric, every group's, in (group, label values)
+/// order: what [`Model::visit`] gives.
+pub struct Series<'a> {
+    groups: &'a BTreeMap<Group, Vec<Table>>,
+    id: usize,
+}
+
+impl<'a> Series<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = (&'a Group, &'a [String], &'a Value)> + 'a {
+        let id = self.id;
+        self.groups
+            .iter()
+            .flat_map(move |(g, t)| t[id].iter().map(move |(k, v)| (g, &k[..], v)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.values().all(|t| t[self.id].is_empty())
+    }
+}
 
 struct Inner {
     tables: Mutex<Tables>,
@@ -98,7 +141,7 @@ impl Model {
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
-                tables: Mutex::new(vec![BTreeMap::new(); decl::ALL.len()]),
+                tables: Mutex::new(Tables::default()),
                 keep: AtomicBool::new(false),
             }),
         }
@@ -129,24 +172,28 @@ impl Model {
     }
 
     /// Calls `f` with each metric and its series, in [`decl::ALL`] order.
-    pub fn visit(&self, mut f: impl FnMut(&'static Decl, &BTreeMap<SeriesKey, Value>)) {
+    pub fn visit(&self, mut f: impl FnMut(&'static Decl, Series<'_>)) {
         let tables = self.lock();
-        for (d, t) in decl::ALL.iter().zip(tables.iter()) {
-            f(d, t);
+        for (id, d) in decl::ALL.iter().enumerate() {
+            f(
+                d,
+                Series {
+                    groups: &tables.groups,
+                    id,
+                },
+            );
         }
     }
 
     /// The groups that have series now.
     pub fn groups(&self) -> BTreeSet<Group> {
         let tables = self.lock();
-        let mut groups = BTreeSet::new();
-        // A group has many series: clone its labels once.
-        for k in tables.iter().flat_map(|t| t.keys()) {
-            if !groups.contains(&k.group) {
-                groups.insert(k.group.clone());
-            }
-        }
-        groups
+        tables
+            .groups
+            .iter()
+            .filter(|(_, t)| t.iter().any(|t| !t.is_empty()))
+            .map(|(g, _)| g.clone())
+            .collect()
     }
 
     /// Calls `f` with each series of one metric in one group.
@@ -157,15 +204,11 @@ impl Model {
         mut f: impl FnMut(&[String], &Value),
     ) {
         let tables = self.lock();
-        let from = SeriesKey {
-            group: group.clone(),
-            values: Vec::new(),
+        let Some(t) = tables.groups.get(group) else {
+            return;
         };
-        for (k, v) in tables[decl::id_of(d)].range(from..) {
-            if &k.group != group {
-                break;
-            }
-            f(&k.values, v);
+        for (k, v) in &t[decl::id_of(d)] {
+            f(k, v);
         }
     }
 
@@ -178,16 +221,18 @@ impl Model {
         mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<f64>),
     ) {
         let mut tables = self.lock();
-        for (d, t) in decl::ALL.iter().zip(tables.iter_mut()) {
-            if !matches!(d.kind, Kind::Histogram(_)) {
-                continue;
-            }
-            for (k, v) in t.iter_mut() {
-                if let Value::Hist(h) = v
-                    && !h.pending.is_empty()
-                    && take(&k.group)
-                {
-                    f(&k.group, d, &k.values, std::mem::take(&mut h.pending));
+        for (group, t) in tables.groups.iter_mut() {
+            for (d, t) in decl::ALL.iter().zip(t.iter_mut()) {
+                if !matches!(d.kind, Kind::Histogram(_)) {
+                    continue;
+                }
+                for (k, v) in t.iter_mut() {
+                    if let Value::Hist(h) = v
+                        && !h.pending.is_empty()
+                        && take(group)
+                    {
+                        f(group, d, k, std::mem::take(&mut h.pending));
+                    }
                 }
             }
         }
@@ -202,16 +247,18 @@ impl Model {
     /// Drops every series of a process.
     pub fn remove_group(&self, labels: &ProcLabels) {
         let mut tables = self.lock();
-        let mut dropped = 0;
-        for t in tables.iter_mut() {
-            t.retain(|k, v| {
-                let mine = k.group.as_ref() == Some(labels);
-                if let (true, Value::Hist(h)) = (mine, v) {
-                    dropped += h.pending.len() as u64;
-                }
-                !mine
-            });
-        }
+        // Looked up by value: the labels are the group's identity.
+        let Some(gone) = tables.groups.remove(&Some(labels.clone())) else {
+            return;
+        };
+        let dropped = gone
+            .iter()
+            .flat_map(|t| t.values())
+            .map(|v| match v {
+                Value::Hist(h) => h.pending.len() as u64,
+                _ => 0,
+            })
+            .sum();
         add_dropped(&mut tables, dropped);
     }
 
@@ -219,14 +266,17 @@ impl Model {
     fn with(&self, id: usize, key: SeriesKey, op: impl FnOnce(&mut Value, bool) -> u64) {
         let keep = self.inner.keep.load(Ordering::Relaxed);
         let mut tables = self.lock();
-        let d = decl::ALL[id];
-        let v = tables[id].entry(key).or_insert_with(|| Value::zero(d));
-        let dropped = op(v, keep);
+        let dropped = op(tables.series_mut(id, key), keep);
         add_dropped(&mut tables, dropped);
     }
 
     fn read<T>(&self, id: usize, key: &SeriesKey, f: impl FnOnce(&Value) -> T) -> Option<T> {
-        self.lock()[id].get(key).map(f)
+        let tables = self.lock();
+        tables
+            .groups
+            .get(&key.group)
+            .and_then(|t| t[id].get(key.values.as_slice()))
+            .map(f)
     }
 }
 
@@ -239,10 +289,7 @@ fn add_dropped(tables: &mut Tables, n: u64) {
         group: None,
         values: Vec::new(),
     };
-    if let Value::Count(c) = tables[id]
-        .entry(key)
-        .or_insert_with(|| Value::zero(&decl::OTLP_POINTS_DROPPED))
-    {
+    if let Value::Count(c) = tables.series_mut(id, key) {
         *c += n;
     }
 }
@@ -438,7 +485,7 @@ mod tests {
         let mut seen = Vec::new();
         m.visit(|d, t| {
             if std::ptr::eq(d, &decl::DISCOVERY_ATTACH_DELAY) {
-                seen.extend(t.values().cloned());
+                seen.extend(t.iter().map(|(_, _, v)| v.clone()));
             }
         });
         let [Value::Hist(v)] = seen.as_slice() else {

@@ -31,6 +31,23 @@ pub const GO_VERSIONS: &[&str] = &[
     "1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3",
 ];
 
+/// How much slower than native the machine runs the agent and its
+/// targets: 1, or what `cargo xtask test --kernel` sets in its emulated
+/// guests (`GOPULSE_TEST_SLOWDOWN`). Latency bounds are multiplied by it;
+/// counts are never scaled.
+pub fn slowdown() -> u32 {
+    env::var("GOPULSE_TEST_SLOWDOWN")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// A latency bound for this machine: `native` times [`slowdown`].
+pub fn scaled(native: Duration) -> Duration {
+    native * slowdown()
+}
+
 /// Set by `cargo xtask test`: a test that cannot run must fail, not skip.
 fn required() -> bool {
     env::var_os("GOPULSE_REQUIRE_BPF").is_some_and(|v| v == "1")
@@ -528,6 +545,30 @@ pub fn caddy_binary(version: &str) -> Option<PathBuf> {
     caddy.exists().then_some(caddy)
 }
 
+/// The map growth programs, by name (`gopulse_probe_hits_total{probe}`).
+pub const GROWTH_PROBES: &[&str] = &[
+    "grow_classic",
+    "grow_to_table",
+    "grow_table",
+    "split_table",
+    "prune_table",
+    "prune_body",
+];
+
+/// Root, the Go toolchain `go_version` and bpftool: `None` (skipped, or
+/// a failure under `GOPULSE_REQUIRE_BPF=1`) if one is missing.
+pub fn root_go_bpftool(go_version: &str) -> Option<(PathBuf, PathBuf)> {
+    if !have_root() {
+        return None;
+    }
+    let go = go_or_skip(go_version)?;
+    let bpftool = bpftool();
+    if !prerequisite(bpftool.is_some(), "bpftool is not installed") {
+        return None;
+    }
+    Some((go, bpftool?))
+}
+
 /// `bpftool` (Debian package `bpftool`), if it runs.
 pub fn bpftool() -> Option<PathBuf> {
     ["bpftool", "/usr/sbin/bpftool", "/sbin/bpftool"]
@@ -695,4 +736,178 @@ pub fn daemonset_capabilities() -> Vec<String> {
         path.display()
     );
     caps
+}
+
+// Faults and shutdown (the `shutdown`, `churn` and `scrapes` tests): signals
+// to the agent, and what of its BPF state the kernel still holds.
+
+impl Agent {
+    /// Sends `signal` (`libc::SIGTERM`, ...) to the agent.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its status, or `None`
+    /// if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The ids of the BPF maps the agent holds (`map_id:` lines of its
+    /// open file descriptors).
+    pub fn bpf_map_ids(&self) -> std::collections::BTreeSet<u32> {
+        fd_ids(self.pid(), "map_id:")
+    }
+}
+
+/// The ids after `key` in the fdinfo of every open descriptor of `pid`.
+pub fn fd_ids(pid: u32, key: &str) -> std::collections::BTreeSet<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    let mut ids = std::collections::BTreeSet::new();
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return ids;
+    };
+    for entry in entries.flatten() {
+        // An fd closed since the listing is no loss.
+        let Ok(text) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        ids.extend(text.lines().filter_map(|l| {
+            l.strip_prefix(key)
+                .and_then(|id| id.trim().parse::<u32>().ok())
+        }));
+    }
+    ids
+}
+
+/// What the kernel still holds of a BPF user's programs and maps: each
+/// program or map of `progs`/`maps` that still exists, every link and
+/// perf event (uprobes) to one of the programs, every uprobe_events line
+/// naming `exe`, and every /sys/fs/bpf entry named like gopulse or its
+/// maps. Empty when all is gone. Ids are the user's own (from its fdinfo):
+/// other agents may run on the host, with the same program names.
+pub fn kernel_leftovers(
+    bpftool: &Path,
+    progs: &std::collections::BTreeSet<u32>,
+    maps: &std::collections::BTreeSet<u32>,
+    exe: &Path,
+) -> Vec<String> {
+    let json = |args: &[&str]| -> Vec<serde_json::Value> {
+        let out = Command::new(bpftool)
+            .arg("-j")
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {}: {e}", bpftool.display()));
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // `perf show` prints nothing at all when there is nothing.
+        if out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Vec::new();
+        }
+        serde_json::from_slice(&out.stdout).expect("bpftool prints a JSON array")
+    };
+    let id_in = |v: &serde_json::Value, key: &str, set: &std::collections::BTreeSet<u32>| {
+        v[key]
+            .as_u64()
+            .and_then(|id| u32::try_from(id).ok())
+            .is_some_and(|id| set.contains(&id))
+    };
+    let mut left = Vec::new();
+    for p in json(&["prog", "show"]) {
+        if id_in(&p, "id", progs) {
+            left.push(format!("program {}", p));
+        }
+    }
+    for m in json(&["map", "show"]) {
+        if id_in(&m, "id", maps) {
+            left.push(format!("map {}", m));
+        }
+    }
+    for l in json(&["link", "show"]) {
+        if id_in(&l, "prog_id", progs) {
+            left.push(format!("link {}", l));
+        }
+    }
+    let exe_name = exe.to_string_lossy();
+    for p in json(&["perf", "show"]) {
+        if id_in(&p, "prog_id", progs) || p["filename"].as_str() == Some(&*exe_name) {
+            left.push(format!("perf event {}", p));
+        }
+    }
+    for events in [
+        "/sys/kernel/tracing/uprobe_events",
+        "/sys/kernel/debug/tracing/uprobe_events",
+    ] {
+        if let Ok(text) = std::fs::read_to_string(events) {
+            left.extend(
+                text.lines()
+                    .filter(|l| l.contains(&*exe_name))
+                    .map(|l| format!("{events}: {l}")),
+            );
+        }
+    }
+    let names = [
+        "gopulse", "PROCS", "STW", "GROWTHS", "PLUMBING", "MAP_SEEN", "LIFE",
+    ];
+    let mut dirs = vec![PathBuf::from("/sys/fs/bpf")];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if names.iter().any(|n| name.contains(n)) {
+                left.push(format!("pinned {}", path.display()));
+            }
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+            }
+        }
+    }
+    left
+}
+
+/// Polls [`kernel_leftovers`] until it is empty or `timeout` passes (the
+/// kernel frees programs and maps after an RCU grace period); the last
+/// leftovers, and how long it took.
+pub fn kernel_cleared(
+    bpftool: &Path,
+    progs: &std::collections::BTreeSet<u32>,
+    maps: &std::collections::BTreeSet<u32>,
+    exe: &Path,
+    timeout: Duration,
+) -> (Vec<String>, Duration) {
+    let start = Instant::now();
+    loop {
+        let left = kernel_leftovers(bpftool, progs, maps, exe);
+        if left.is_empty() || start.elapsed() >= timeout {
+            return (left, start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A copy of `bin` under a name of its own (`<dir>/<name>`), so that
+/// kernel objects naming it are this test's, whatever else runs.
+pub fn private_copy(bin: &Path, name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("private-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    std::fs::copy(bin, &out).unwrap_or_else(|e| panic!("copying {}: {e}", bin.display()));
+    out
 }

@@ -1,7 +1,14 @@
-//! HTTP endpoints: /metrics (OpenMetrics text), /healthz, /readyz.
-use std::sync::{
-    Arc, Mutex, MutexGuard,
-    atomic::{AtomicBool, Ordering},
+//! HTTP endpoints: /metrics (OpenMetrics text), /healthz, /readyz; served
+//! under the limits in `limits.rs` that keep slow or stuck clients from
+//! holding the agent up.
+use std::{
+    future::Future,
+    io,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
 };
 
 use axum::{
@@ -12,8 +19,13 @@ use axum::{
     routing::get,
 };
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use crate::{collector::Collector, probes::Probes};
+
+mod limits;
+
+pub use limits::{Guarded, Limited, Limits};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -30,7 +42,7 @@ pub struct App {
 }
 
 /// A lock that a panic elsewhere must not wedge.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -118,4 +130,41 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
 
 async fn index() -> &'static str {
     "gopulse: /metrics /healthz /readyz\n"
+}
+
+/// Serves `router` on `listener` under [`Limits`] until `stop` resolves;
+/// then lets requests in flight finish for at most `drain` and drops the
+/// connections still open (a client that does not read must not hold the
+/// agent's exit up).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    stop: impl Future<Output = ()> + Send + 'static,
+    drain: Duration,
+) -> io::Result<()> {
+    let listener = Limited::new(listener, limits);
+    let open = listener.open();
+    let (begin, begun) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, router).with_graceful_shutdown(async move {
+        let _ = begun.await;
+    });
+    let mut server = std::pin::pin!(server.into_future());
+    tokio::select! {
+        r = &mut server => return r,
+        () = stop => {}
+    }
+    let _ = begin.send(());
+    match tokio::time::timeout(drain, server).await {
+        Ok(r) => r,
+        Err(_) => {
+            // Dropping the server leaves its connection tasks to the end
+            // of the runtime, which the exit does not wait for.
+            tracing::info!(
+                open = open.load(Ordering::Relaxed),
+                "HTTP: connections still open after {drain:?}; closing them"
+            );
+            Ok(())
+        }
+    }
 }

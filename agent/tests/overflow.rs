@@ -1,0 +1,232 @@
+//! Bounded tables filled on purpose: what does not fit is counted on
+//! `/metrics`, and the counts add up to what the Go program did.
+//!
+//! - `--max-map-sites`: growths at further sites go under `site="other"`
+//!   and into `gopulse_map_sites_dropped_total`;
+//! - the kernel's growth table (`GROWTHS`, 32,768 keys for all processes):
+//!   growths whose key does not fit count in
+//!   `gopulse_map_growths_unattributed_total`;
+//! - a process's pause log (`STW`, the last 128): pauses overwritten before
+//!   the agent read them count in `gopulse_events_lost_total`.
+//!
+//! The agent is stopped (SIGSTOP) where a table must overflow before it is
+//! read, so the overflow does not depend on the machine's speed.
+#[allow(dead_code)] // the memory test uses the rest
+#[path = "support/sites.rs"]
+mod sites;
+mod support;
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use support::{Agent, Metrics, Target};
+
+/// The kernel's growth table (`gopulse_common::MAX_GROWTH_KEYS`).
+const GROWTH_KEYS: usize = 32_768;
+
+/// The pause log of a process (`gopulse_common::STW_LOG`).
+const STW_LOG: u64 = 128;
+
+/// Flags that keep the governor from cutting the growth probes mid-test.
+const NO_CUTS: &[&str] = &[
+    "--overhead-budget",
+    "1",
+    "--overhead-window",
+    "3600",
+    "--map-assign-probes",
+    "off",
+];
+
+fn signal(agent: &Agent, sig: i32) {
+    // SAFETY: kill(2) on the test's own child.
+    assert_eq!(unsafe { libc::kill(agent.pid() as i32, sig) }, 0);
+}
+
+/// Growths per site label of one process, over kinds.
+fn growths_by_site(m: &Metrics, pid: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for s in m.samples.iter().filter(|s| {
+        s.name == "gopulse_map_growths_total"
+            && s.labels.get("pid").map(String::as_str) == Some(pid)
+    }) {
+        *out.entry(s.labels["site"].clone()).or_default() += s.value;
+    }
+    out
+}
+
+fn committed_build(version: &str) -> Option<PathBuf> {
+    let go = support::go_or_skip(version)?;
+    Some(support::build_fixture("sites", &go, version, &[]))
+}
+
+/// `--max-map-sites 20` on a process growing maps at 50 sites: 20 site
+/// series, the rest under `other`, which `gopulse_map_sites_dropped_total`
+/// equals; every growth counted.
+#[test]
+fn sites_past_the_limit_count_as_other() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(bin) = committed_build("1.27.3") else {
+        return;
+    };
+    let mut target = Target::spawn(&bin, &[]);
+    let mut flags = vec!["--max-map-sites", "20"];
+    flags.extend_from_slice(NO_CUTS);
+    let agent = Agent::spawn_with(&[target.pid], &flags);
+    agent.wait_ready(Duration::from_secs(30));
+    target.send("grow 1");
+    let truth = sites::parse_growths(&target.read_line(Duration::from_secs(60)));
+    let total: u64 = truth.iter().sum();
+    let pid = target.pid.to_string();
+    let m = agent.scrape_until(Duration::from_secs(10), |m| {
+        growths_by_site(m, &pid).values().sum::<f64>() >= total as f64
+    });
+    let by_site = growths_by_site(&m, &pid);
+    let other = by_site.get("other").copied().unwrap_or(0.0);
+    let named = by_site.len() - usize::from(by_site.contains_key("other"));
+    eprintln!(
+        "RESULT --max-map-sites 20: {named} site series, {other} growths under other, of {total}"
+    );
+    assert_eq!(named, 20, "{by_site:?}");
+    assert_eq!(by_site.values().sum::<f64>(), total as f64, "{by_site:?}");
+    assert!(other > 0.0);
+    assert_eq!(
+        m.value("gopulse_map_sites_dropped_total", &[("pid", &pid)]),
+        other
+    );
+    // The named sites are counted exactly.
+    for (i, &n) in truth.iter().enumerate() {
+        if let Some(&v) = by_site.get(&sites::site_name(i)) {
+            assert_eq!(v, n as f64, "{}", sites::site_name(i));
+        }
+    }
+    assert_eq!(
+        m.value("gopulse_map_growths_unattributed_total", &[("pid", &pid)]),
+        0.0
+    );
+    target.finish();
+    agent.stop();
+}
+
+/// More (process, kind, site) keys than the kernel's growth table holds:
+/// 11 processes growing maps at 3,000 sites each (33,000 keys). Growths
+/// whose key did not fit are counted as unattributed, and the processes'
+/// growths, attributed or not, add up to what they report.
+#[test]
+fn a_full_growth_table_counts_growths_unattributed() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip("1.27.3") else {
+        return;
+    };
+    const SITES: usize = 3_000;
+    const PROCESSES: usize = 11;
+    const { assert!(SITES * PROCESSES > GROWTH_KEYS) };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sites3000");
+    let bin = support::build_go_dir(
+        &sites::generated_copy(&dir, SITES),
+        "sites3000-1.27.3",
+        &go,
+        &[],
+        &[],
+    );
+    let mut targets: Vec<Target> = (0..PROCESSES).map(|_| Target::spawn(&bin, &[])).collect();
+    let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
+    let mut flags = vec!["--max-map-sites", "10000"];
+    flags.extend_from_slice(NO_CUTS);
+    let agent = Agent::spawn_with(&pids, &flags);
+    agent.wait_ready(Duration::from_secs(60));
+    // One at a time: the table fills in a known order of processes.
+    let mut truth = Vec::new();
+    for t in &mut targets {
+        t.send("grow 1");
+        let g = sites::parse_growths(&t.read_line(Duration::from_secs(60)));
+        assert_eq!(g.len(), SITES);
+        truth.push(g.iter().sum::<u64>());
+    }
+    let counted = |m: &Metrics, pid: &str| {
+        growths_by_site(m, pid).values().sum::<f64>()
+            + m.value("gopulse_map_growths_unattributed_total", &[("pid", pid)])
+    };
+    let m = agent.scrape_until(Duration::from_secs(30), |m| {
+        pids.iter()
+            .zip(&truth)
+            .all(|(p, &n)| counted(m, &p.to_string()) >= n as f64)
+    });
+    let mut unattributed = 0.0;
+    let mut series = 0;
+    for (p, &n) in pids.iter().zip(&truth) {
+        let pid = p.to_string();
+        assert_eq!(counted(&m, &pid), n as f64, "pid {pid}: growths");
+        unattributed += m.value("gopulse_map_growths_unattributed_total", &[("pid", &pid)]);
+        series += growths_by_site(&m, &pid).len();
+        assert_eq!(
+            m.value("gopulse_map_growth_probes_attached", &[("pid", &pid)]),
+            1.0
+        );
+    }
+    eprintln!(
+        "RESULT growth table: {} growths in {PROCESSES} processes, {series} site series, \
+         {unattributed} unattributed",
+        truth.iter().sum::<u64>()
+    );
+    assert!(unattributed > 0.0, "the table did not fill");
+    // The first processes' keys all fit: the table filled with the last.
+    assert!(
+        (GROWTH_KEYS - SITES..=GROWTH_KEYS).contains(&series),
+        "{series}"
+    );
+    drop(targets);
+    agent.stop();
+}
+
+/// A process stopping the world far more often than its 128-entry log is
+/// read: with the agent stopped meanwhile, the log overflows; the pauses
+/// the agent read and those it counts as lost add up to what the runtime
+/// counted.
+#[test]
+fn an_overwritten_pause_log_counts_events_lost() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(bin) = committed_build("1.27.3") else {
+        return;
+    };
+    let mut target = Target::spawn(&bin, &[]);
+    let agent = Agent::spawn_with(&[target.pid], NO_CUTS);
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = target.pid.to_string();
+    let pauses = |m: &Metrics| -> f64 {
+        m.samples
+            .iter()
+            .filter(|s| {
+                s.name == "gopulse_stw_pause_seconds_count"
+                    && s.labels.get("pid").map(String::as_str) == Some(pid.as_str())
+            })
+            .map(|s| s.value)
+            .sum()
+    };
+    let lost = |m: &Metrics| m.value("gopulse_events_lost_total", &[("pid", &pid)]);
+    let before = agent.scrape();
+    signal(&agent, libc::SIGSTOP);
+    target.send("stw 300");
+    let line = target.read_line(Duration::from_secs(60));
+    signal(&agent, libc::SIGCONT);
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let stw = v["stw"].as_u64().expect("stw count") as f64;
+    assert!(stw >= 600.0, "{line}");
+    let m = agent.scrape_until(Duration::from_secs(10), |m| {
+        pauses(m) - pauses(&before) + lost(m) >= stw
+    });
+    let (read, lost_n) = (pauses(&m) - pauses(&before), lost(&m) - lost(&before));
+    eprintln!("RESULT pause log: {stw} pauses, {read} read, {lost_n} counted lost");
+    assert_eq!(
+        read + lost_n,
+        stw,
+        "pauses read + lost vs the runtime's count"
+    );
+    assert_eq!(read, STW_LOG as f64, "the log's last {STW_LOG} are read");
+    target.finish();
+    agent.stop();
+}
