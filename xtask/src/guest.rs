@@ -175,7 +175,9 @@ fn quote(s: &str) -> String {
 
 /// `/init`: mounts the host's tree under a writable overlay with the
 /// guest's own /proc, /sys, bpffs and tracefs, runs the tests in a chroot
-/// there, prints a result line per test, and powers off.
+/// there, prints a result line per test, and powers off. Nothing is
+/// mounted over a host directory the workspace may live in (`/tmp` is the
+/// overlay's, backed by guest RAM).
 fn init_script(run: &GuestRun<'_>) -> String {
     let modules = GUEST_MODULES.join(" ");
     let env: Vec<String> = run
@@ -203,7 +205,6 @@ M=/merged
 mount -t proc proc $M/proc
 mount -t sysfs sys $M/sys
 mount -t devtmpfs dev $M/dev
-mount -t tmpfs tmp $M/tmp
 mount -t bpf bpf $M/sys/fs/bpf
 mount -t tracefs tracefs $M/sys/kernel/tracing
 mount -t debugfs debugfs $M/sys/kernel/debug
@@ -226,7 +227,9 @@ echo "guest: starting the agent once to time its program loading"
 {agent} --pid 1 --listen 127.0.0.1:0 >/tmp/startup.log 2>&1 &
 agent=$!
 i=0
-while [ $i -lt 300 ] && ! grep -q "serving http" /tmp/startup.log; do sleep 1; i=$((i+1)); done
+while [ $i -lt 300 ] && kill -0 $agent 2>/dev/null && ! grep -q "serving http" /tmp/startup.log; do
+  sleep 1; i=$((i+1))
+done
 grep -E "BPF programs|ERROR" /tmp/startup.log
 kill $agent; wait $agent
 "#,
