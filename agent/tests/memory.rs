@@ -14,7 +14,7 @@ use std::{
     collections::HashMap,
     net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -92,14 +92,7 @@ impl Rotel {
     /// rotel taking OTLP/HTTP on `port` and dropping it (no hook: only the
     /// agent's side is measured here).
     fn start(bin: &Path, port: u16) -> Self {
-        let mut cmd = Command::new(bin);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ROTEL_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .args(["start", "--exporter", "blackhole"])
+        let child = support::rotel_command(bin)
             .args([
                 "--otlp-grpc-endpoint",
                 &format!("127.0.0.1:{}", support::free_port()),

@@ -32,15 +32,7 @@ impl Rotel {
     /// data point to `dump`.
     fn start(bin: &Path, dump: &Path, grpc: u16, http: u16) -> Self {
         let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/rotel_dump.py");
-        let mut cmd = Command::new(bin);
-        // Every flag can also come from a ROTEL_* variable: none may leak in.
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("ROTEL_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
-            .args(["start", "--exporter", "blackhole"])
+        let child = support::rotel_command(bin)
             .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
             .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
             .args([

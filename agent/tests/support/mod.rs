@@ -539,6 +539,19 @@ pub fn rotel_binary() -> Option<PathBuf> {
     bin.exists().then_some(bin)
 }
 
+/// `rotel start --exporter blackhole` (further arguments to add): every
+/// flag can also come from a `ROTEL_*` variable, so none may leak in.
+pub fn rotel_command(bin: &Path) -> Command {
+    let mut cmd = Command::new(bin);
+    for (k, _) in env::vars_os() {
+        if k.to_string_lossy().starts_with("ROTEL_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(["start", "--exporter", "blackhole"]);
+    cmd
+}
+
 /// `<cache>/caddy/<version>/bin/caddy`, if installed.
 pub fn caddy_binary(version: &str) -> Option<PathBuf> {
     let caddy = cache_dir().join("caddy").join(version).join("bin/caddy");
