@@ -7,6 +7,7 @@ use std::{
     num::NonZeroU32,
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::Path,
+    sync::{Arc, Mutex, MutexGuard, TryLockError},
     time::Duration,
 };
 
@@ -16,7 +17,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         RawTracePoint, UProbe,
-        uprobe::{UProbeLink, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeLink, UProbeScope},
     },
 };
 use gopulse_common::{
@@ -29,10 +30,12 @@ use crate::plan::{PROGRAM_TABLE, ProbeSite};
 /// The program the agent times its own uprobe traps with (does nothing).
 pub const PROG_CALIBRATE: &str = "calibrate";
 
-/// The links attached for one group of probes of one executable.
+/// The links attached for one group of probes of one executable, taken
+/// out of their programs: dropping them detaches the probes, and needs no
+/// access to the programs.
 #[derive(Debug, Default)]
 pub struct Links {
-    links: Vec<(usize, UProbeLinkId)>,
+    links: Vec<UProbeLink>,
 }
 
 impl Links {
@@ -42,6 +45,18 @@ impl Links {
 
     pub fn is_empty(&self) -> bool {
         self.links.is_empty()
+    }
+
+    pub fn into_inner(self) -> Vec<UProbeLink> {
+        self.links
+    }
+
+    /// Detaches the probes. Returns at once: the kernel waits out an RCU
+    /// grace period for each uprobe it removes (about 0.1 s each here, one
+    /// after another), so the links are dropped on threads of their own,
+    /// all at once, and nothing waits for them.
+    pub fn detach(self) {
+        drop_in_background(self.links);
     }
 }
 
@@ -128,10 +143,20 @@ const LIFE_PROGRAMS: [(&str, &str); 2] = [
     ("on_exit", "sched_process_exit"),
 ];
 
-/// The programs and the maps processes are registered in.
+/// The programs, behind a lock of their own: attaching a uprobe can wait
+/// seconds in the kernel (behind its queue of uprobe removals), and the
+/// attach stage's bookkeeping, exits and budget checks must not wait with
+/// it. Only attaching and reading the programs' statistics take the lock.
+#[derive(Clone, Debug)]
+pub struct Attacher(Arc<Mutex<Ebpf>>);
+
+/// The programs (to attach) and the maps processes and executables are
+/// registered in.
 pub struct Bpf {
-    ebpf: Ebpf,
+    attacher: Attacher,
     procs: ProcMaps,
+    /// Executables' plumbing pages, for the site walk.
+    plumbing: HashMap<MapData, PageKey, PageBits>,
     cpus: usize,
 }
 
@@ -214,6 +239,7 @@ impl Bpf {
             ring: RingBuf::try_from(take("LIFE")?)?,
             lost: PerCpuArray::try_from(take("LIFE_LOST")?)?,
         };
+        let plumbing = HashMap::try_from(take("PLUMBING")?)?;
         for (name, _) in LIFE_PROGRAMS {
             let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
@@ -235,24 +261,14 @@ impl Bpf {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         Ok((
             Self {
-                ebpf,
+                attacher: Attacher(Arc::new(Mutex::new(ebpf))),
                 procs: first,
+                plumbing,
                 cpus,
             },
             collector,
             life,
         ))
-    }
-
-    fn hash_map<K: aya::Pod, V: aya::Pod>(
-        &mut self,
-        name: &str,
-    ) -> anyhow::Result<HashMap<&mut MapData, K, V>> {
-        let map = self
-            .ebpf
-            .map_mut(name)
-            .with_context(|| format!("map {name} missing from the eBPF object"))?;
-        Ok(HashMap::try_from(map)?)
     }
 
     /// Registers a process with the probes (config, zeroed counters, an
@@ -283,13 +299,12 @@ impl Bpf {
 
     /// Gives the probes an executable's plumbing pages; all or nothing.
     pub fn set_exe(&mut self, id: u32, pages: &BTreeMap<u32, PageBits>) -> anyhow::Result<()> {
-        let mut map = self.hash_map::<PageKey, PageBits>("PLUMBING")?;
         let mut done = Vec::new();
         for (&page, bits) in pages {
             let key = PageKey { exe_id: id, page };
-            if let Err(e) = map.insert(key, *bits, 0) {
+            if let Err(e) = self.plumbing.insert(key, *bits, 0) {
                 for k in done {
-                    let _ = map.remove(&k);
+                    let _ = self.plumbing.remove(&k);
                 }
                 return Err(anyhow!("registering the executable's plumbing pages: {e}"));
             }
@@ -299,22 +314,36 @@ impl Bpf {
     }
 
     pub fn remove_exe(&mut self, id: u32, pages: impl IntoIterator<Item = u32>) {
-        if let Ok(mut m) = self.hash_map::<PageKey, PageBits>("PLUMBING") {
-            for page in pages {
-                let _ = m.remove(&PageKey { exe_id: id, page });
-            }
+        for page in pages {
+            let _ = self.plumbing.remove(&PageKey { exe_id: id, page });
         }
+    }
+
+    /// A process's counters.
+    pub fn counters(&self, pid: u32) -> anyhow::Result<Counters> {
+        self.procs.counters(pid)
+    }
+
+    /// The programs, to attach (off the attach stage's lock).
+    pub fn attacher(&self) -> Attacher {
+        self.attacher.clone()
+    }
+}
+
+impl Attacher {
+    fn programs(&self) -> MutexGuard<'_, Ebpf> {
+        crate::server::lock(&self.0)
     }
 
     /// Turns on the lifecycle events: exits of watched processes, and with
     /// `execs` every exec on the host. They stay on while the agent runs.
-    pub fn attach_lifecycle(&mut self, execs: bool) -> anyhow::Result<()> {
+    pub fn attach_lifecycle(&self, execs: bool) -> anyhow::Result<()> {
+        let mut ebpf = self.programs();
         for (name, tracepoint) in LIFE_PROGRAMS {
             if name == "on_exec" && !execs {
                 continue;
             }
-            let prog: &mut RawTracePoint = self
-                .ebpf
+            let prog: &mut RawTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing"))?
                 .try_into()?;
@@ -324,35 +353,26 @@ impl Bpf {
         Ok(())
     }
 
-    /// A process's counters.
-    pub fn counters(&self, pid: u32) -> anyhow::Result<Counters> {
-        self.procs.counters(pid)
-    }
-
-    fn uprobe(&mut self, name: &str) -> anyhow::Result<&mut UProbe> {
-        Ok(self
-            .ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing"))?
-            .try_into()?)
-    }
-
     /// Attaches probes to an executable, for every process that runs it
     /// (the programs tell watched processes apart by pid); all or nothing.
     /// `target` is a path to the file (through /proc, so the right file is
     /// probed even when its path is in another mount namespace or was
     /// replaced on disk).
-    pub fn attach_sites(&mut self, target: &Path, sites: &[ProbeSite]) -> anyhow::Result<Links> {
+    pub fn attach_sites(&self, target: &Path, sites: &[ProbeSite]) -> anyhow::Result<Links> {
         let mut links = Links::default();
         for site in sites {
             let name = PROGRAM_TABLE[site.program].name;
-            let attached = self
-                .uprobe(name)
-                .and_then(|p| Ok(p.attach(site.file_offset, target, UProbeScope::AllProcesses)?));
+            let attached = attach(
+                &mut self.programs(),
+                name,
+                target,
+                site.file_offset,
+                UProbeScope::AllProcesses,
+            );
             match attached {
-                Ok(link) => links.links.push((site.program, link)),
+                Ok(link) => links.links.push(link),
                 Err(e) => {
-                    self.detach_links(links);
+                    links.detach();
                     bail!(
                         "attaching {name} at {} (file offset {:#x}): {e:#}{}",
                         site.function,
@@ -367,54 +387,61 @@ impl Bpf {
 
     /// Attaches one program at a file offset of `target` for process `pid`.
     pub fn attach_one(
-        &mut self,
+        &self,
         program: &str,
         target: &Path,
         file_offset: u64,
         pid: u32,
-    ) -> anyhow::Result<UProbeLinkId> {
+    ) -> anyhow::Result<UProbeLink> {
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
-        Ok(self.uprobe(program)?.attach(file_offset, target, scope)?)
-    }
-
-    /// Takes a link from its program: dropping it detaches the probe.
-    pub fn take_one(&mut self, program: &str, link: UProbeLinkId) -> anyhow::Result<UProbeLink> {
-        Ok(self.uprobe(program)?.take_link(link)?)
-    }
-
-    /// Takes every link out of its program, to be dropped by the caller.
-    pub fn take_links(&mut self, links: Links) -> Vec<UProbeLink> {
-        let mut taken = Vec::with_capacity(links.links.len());
-        for (program, link) in links.links {
-            let name = PROGRAM_TABLE[program].name;
-            match self.take_one(name, link) {
-                Ok(link) => taken.push(link),
-                Err(e) => tracing::warn!(program = name, "detaching uprobe: {e:#}"),
-            }
-        }
-        taken
-    }
-
-    /// Detaches links, keeping the process registered. Returns at once:
-    /// the kernel waits out an RCU grace period for each uprobe it removes
-    /// (about 0.1 s each here, one after another), so the links are dropped
-    /// on threads of their own, all at once, and nothing waits for them.
-    pub fn detach_links(&mut self, links: Links) {
-        let taken = self.take_links(links);
-        drop_in_background(taken);
+        attach(&mut self.programs(), program, target, file_offset, scope)
     }
 
     /// The kernel's run-time statistics of a program (total run time and
     /// runs; both 0 unless statistics are enabled).
-    pub fn program_stats(&mut self, name: &str) -> anyhow::Result<(Duration, u64)> {
-        let info = self.uprobe(name)?.info()?;
-        Ok((info.run_time(), info.run_count()))
+    pub fn program_stats(&self, name: &str) -> anyhow::Result<(Duration, u64)> {
+        stats(&mut self.programs(), name)
     }
 
-    /// [`Bpf::program_stats`] of every program, by `PROG_*`.
-    pub fn all_program_stats(&mut self) -> [Option<(Duration, u64)>; PROGRAMS] {
-        std::array::from_fn(|i| self.program_stats(PROGRAM_TABLE[i].name).ok())
+    /// [`Attacher::program_stats`] of every program, by `PROG_*`; none
+    /// while an attach holds the programs (the budget check that asks must
+    /// not wait for the kernel: it keeps the costs it has).
+    pub fn all_program_stats(&self) -> Option<[Option<(Duration, u64)>; PROGRAMS]> {
+        let mut ebpf = match self.0.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(std::array::from_fn(|i| {
+            stats(&mut ebpf, PROGRAM_TABLE[i].name).ok()
+        }))
     }
+}
+
+fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
+    Ok(ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing"))?
+        .try_into()?)
+}
+
+/// Attaches a program and takes its link out of it (so that dropping the
+/// link later needs no access to the programs).
+fn attach(
+    ebpf: &mut Ebpf,
+    name: &str,
+    target: &Path,
+    file_offset: u64,
+    scope: UProbeScope,
+) -> anyhow::Result<UProbeLink> {
+    let prog = uprobe(ebpf, name)?;
+    let id = prog.attach(file_offset, target, scope)?;
+    Ok(prog.take_link(id)?)
+}
+
+fn stats(ebpf: &mut Ebpf, name: &str) -> anyhow::Result<(Duration, u64)> {
+    let info = uprobe(ebpf, name)?.info()?;
+    Ok((info.run_time(), info.run_count()))
 }
 
 /// How long the kernel took to verify and load each program, and how many
@@ -515,7 +542,7 @@ fn start_bpf_log(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 }
 
 /// Drops links on threads of their own, in parallel, without waiting (see
-/// [`Bpf::detach_links`]).
+/// [`Links::detach`]).
 pub fn drop_in_background(links: Vec<UProbeLink>) {
     if links.is_empty() {
         return;

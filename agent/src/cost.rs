@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use gopulse_common::PROGRAMS;
 
 use crate::{
-    bpf::{Bpf, PROG_CALIBRATE},
+    bpf::{Attacher, PROG_CALIBRATE},
     plan::{PROGRAM_TABLE, Trap},
     procfs,
 };
@@ -197,7 +197,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 /// rounds, in this thread's CPU time, and the do-nothing program's own run
 /// time (kernel stats) is taken off. Needs the kernel's statistics enabled.
 /// Takes about 0.2 s of CPU.
-pub fn calibrate(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
+pub fn calibrate(bpf: &Attacher) -> anyhow::Result<TrapCost> {
     let pid = std::process::id();
     let exe = Path::new("/proc/self/exe");
     let offset_of = |addr: u64| {
@@ -208,15 +208,14 @@ pub fn calibrate(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
     let ret = offset_of(&raw const gopulse_trap_ret_ret as u64)?;
     let mut links = Vec::new();
     for offset in [jbe, ret] {
-        let link = bpf.attach_one(PROG_CALIBRATE, exe, offset, pid)?;
-        links.push(bpf.take_one(PROG_CALIBRATE, link)?);
+        links.push(bpf.attach_one(PROG_CALIBRATE, exe, offset, pid)?);
     }
     let measured = measure(bpf);
     crate::bpf::drop_in_background(links);
     measured
 }
 
-fn measure(bpf: &mut Bpf) -> anyhow::Result<TrapCost> {
+fn measure(bpf: &Attacher) -> anyhow::Result<TrapCost> {
     const ROUNDS: usize = 7;
     let mut emulated = Vec::new();
     let mut stepped = Vec::new();

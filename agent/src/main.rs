@@ -405,11 +405,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let max_processes =
         u32::try_from(args.max_processes.max(args.pids.len() as u64)).unwrap_or(u32::MAX);
-    let (mut bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug)?;
+    let (bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug)?;
     let discovering = args.pids.is_empty();
     // Exec events with --pid too: a named process that runs exec must not
     // keep the series (or the counts) of the program it left.
-    bpf.attach_lifecycle(true)?;
+    bpf.attacher().attach_lifecycle(true)?;
     let model = gopulse_agent::model::Model::new();
     let registry = gopulse_agent::export::prometheus::registry(&model);
     let metrics = metrics::Metrics::new(&model);
@@ -543,27 +543,48 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 {
                     std::thread::sleep(next);
                 }
-                next = govern_app.with_probes(|p| p.govern());
+                let (n, jobs) = govern_app.with_probes(|p| p.govern());
+                next = n;
+                // Re-attaching can wait on the kernel for seconds: the
+                // checks go on meanwhile.
+                if !jobs.is_empty() {
+                    let app = govern_app.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("reattach".into())
+                        .spawn(move || app.run_jobs(jobs));
+                    if let Err(e) = spawned {
+                        tracing::warn!("re-attaching map growth probes: {e}");
+                    }
+                }
             }
         })
         .context("starting the governor thread")?;
 
-    // Sampled assignment probes: a window every period.
+    // Sampled assignment probes: a window every period, on a thread of its
+    // own (attaching them waits on the kernel).
     if args.map_assign_probes == AccessMode::Sampled {
         let sample_app = app.clone();
         let window = Duration::from_millis(args.assign_window_ms);
         let period = Duration::from_millis(args.assign_period_ms);
-        tokio::spawn(async move {
-            loop {
-                let start = tokio::time::Instant::now();
-                sample_app.with_probes(|p| p.set_access(true));
-                let _ = wake_governor.send(());
-                tokio::time::sleep(window).await;
-                sample_app.with_probes(|p| p.set_access(false));
-                sample_app.with_collector(|c| c.sync());
-                tokio::time::sleep_until(start + period).await;
-            }
-        });
+        std::thread::Builder::new()
+            .name("sampler".into())
+            .spawn(move || {
+                loop {
+                    let start = std::time::Instant::now();
+                    let jobs = sample_app.with_probes(|p| p.open_window());
+                    sample_app.run_jobs(jobs);
+                    let _ = wake_governor.send(());
+                    std::thread::sleep(window);
+                    sample_app.with_probes(|p| p.close_window());
+                    sample_app.with_collector(|c| c.sync());
+                    if let Some(rest) =
+                        (start + period).checked_duration_since(std::time::Instant::now())
+                    {
+                        std::thread::sleep(rest);
+                    }
+                }
+            })
+            .context("starting the sampling thread")?;
     }
 
     // OTLP: an export every interval, with fresh counters; a last one at

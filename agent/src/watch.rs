@@ -19,7 +19,7 @@ use crate::{
     inspect::{self, GoBinary, Symbolizer},
     metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
-    probes::Target,
+    probes::{AttachError, NewExe, Target},
     procfs,
     server::App,
     stw,
@@ -109,15 +109,28 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
     let plan = plan::plan(bin, load_bias).with_context(|| format!("{exe} ({})", bin.version))?;
     let pages = &found.pages;
     let labels = naming.labels(pid, exe, bin.version.short());
-    let probes = app.with_probes(|p| {
-        p.attach(Target {
-            pid,
-            labels: labels.clone(),
-            exe: exe_key,
-            plan: &plan,
-            pages,
-        })
-    })?;
+    // A new executable's probes are attached off the attach stage's lock
+    // (the kernel can take seconds), then handed over. Its last process
+    // may exit meanwhile, taking a known executable's probes: then again.
+    let target = || Target {
+        pid,
+        labels: labels.clone(),
+        exe: exe_key,
+        plan: &plan,
+        pages,
+    };
+    let mut new = None;
+    let mut tries = 0;
+    let probes = loop {
+        match app.with_probes(|p| p.attach(target(), new.take())) {
+            Ok(n) => break n,
+            Err(AttachError::NeedExe(prepare)) if tries < 3 => {
+                tries += 1;
+                new = Some(NewExe::attach(prepare, pid, exe_key, &plan)?);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     // Reading the executable takes a while: the process may have run exec
     // meanwhile (the exec event that follows judges its new program), or
     // exited and its pid gone to another process.

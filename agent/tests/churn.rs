@@ -10,6 +10,8 @@
 //! accounts of their work come out right; after the churn, and after the
 //! agent's objects are dropped, the kernel holds no uprobe, link, perf
 //! event, program or map of this test.
+//! And an exit must not wait for such an attach: unwatching stays quick
+//! while sampling windows' attaches wait seconds on the kernel.
 mod support;
 
 use std::{
@@ -49,6 +51,10 @@ struct Lib {
 }
 
 fn load() -> Lib {
+    load_with(AccessMode::Off)
+}
+
+fn load_with(access: AccessMode) -> Lib {
     let (bpf, maps, _life) = Bpf::load(64, false).expect("loading the eBPF object");
     let model = Model::new();
     let registry = gopulse_agent::export::prometheus::registry(&model);
@@ -57,14 +63,7 @@ fn load() -> Lib {
         fraction: 1.0,
         window: Duration::from_secs(10),
     };
-    let (probes, costs) = Probes::new(
-        bpf,
-        metrics.clone(),
-        budget,
-        budget,
-        AccessMode::Off,
-        StatsMode::Off,
-    );
+    let (probes, costs) = Probes::new(bpf, metrics.clone(), budget, budget, access, StatsMode::Off);
     let collector = Collector::new(
         maps,
         metrics,
@@ -324,4 +323,101 @@ fn twenty_programs_attached_and_detached_together() {
         let (left, _) = probes_cleared(&bpftool, &BTreeSet::new(), c);
         assert!(left.is_empty(), "{}: {left:?}", c.display());
     }
+}
+
+/// What an unwatch may take while attaches wait on the kernel: the attach
+/// stage's lock is only ever held for bookkeeping.
+const UNWATCH_BOUND: Duration = Duration::from_millis(250);
+/// How long the exits are timed against the churn.
+const EXIT_TIME: Duration = Duration::from_secs(15);
+
+/// An exit (unwatch) must not wait behind an attach that waits on the
+/// kernel's queue of uprobe removals. One program is churned (its removals
+/// fill the queue), sampling windows attach the access probes of another
+/// executable over and over, and processes of that executable are watched
+/// and unwatched meanwhile: every unwatch is quick although attaches take
+/// far longer. (Before the attach stage attached off its lock, a window's
+/// attach held it and an exit waited seconds for its series to go.)
+#[test]
+fn exits_do_not_wait_for_attaches() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((go, _bpftool)) = prerequisites() else {
+        return;
+    };
+    let built = support::build_fixture("gcload", &go, &format!("{GO}-default"), &[]);
+    let churned_bin = support::private_copy(&built, "churn-exits-a");
+    let watched_bin = support::private_copy(&built, "churn-exits-b");
+    let lib = Arc::new(load_with(AccessMode::Sampled));
+    let churned = Target::spawn(&churned_bin, &["5", "1500"]);
+    // Keeps the second executable's probes attached throughout.
+    let anchor = Target::spawn(&watched_bin, &["5", "1500"]);
+    let victims: Vec<Target> = (0..4)
+        .map(|_| Target::spawn(&watched_bin, &["5", "1500"]))
+        .collect();
+    lib.attach(anchor.pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let (lib, stop, pid) = (lib.clone(), stop.clone(), churned.pid);
+        std::thread::spawn(move || {
+            let mut cycles = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                lib.attach(pid);
+                lib.detach(pid);
+                cycles += 1;
+            }
+            cycles
+        })
+    };
+    let sampler = {
+        let (lib, stop) = (lib.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut attaches = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let jobs = lib.app.with_probes(|p| p.open_window());
+                let t = Instant::now();
+                let n = jobs.len();
+                lib.app.run_jobs(jobs);
+                if n > 0 {
+                    attaches.push(t.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+                lib.app.with_probes(|p| p.close_window());
+            }
+            attaches
+        })
+    };
+    let mut unwatch = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < EXIT_TIME {
+        for v in &victims {
+            lib.attach(v.pid);
+            unwatch.push(lib.detach(v.pid));
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let cycles = churn.join().unwrap();
+    let attaches = sampler.join().unwrap();
+    let slowest_attach = attaches.iter().max().copied().unwrap_or_default();
+    let slowest_unwatch = unwatch.iter().max().copied().unwrap_or_default();
+    eprintln!(
+        "RESULT exits against attaches: {} unwatches, {}, slowest {:.1} ms; meanwhile {} \
+         windows attached ({}, slowest {:.0} ms) and {cycles} churn cycles",
+        unwatch.len(),
+        stats(unwatch.clone()),
+        slowest_unwatch.as_secs_f64() * 1e3,
+        attaches.len(),
+        stats(attaches.clone()),
+        slowest_attach.as_secs_f64() * 1e3,
+    );
+    // Without slow attaches the test would show nothing.
+    assert!(
+        slowest_attach > 2 * UNWATCH_BOUND,
+        "no window's attach waited on the kernel (slowest {slowest_attach:?})"
+    );
+    assert!(
+        slowest_unwatch <= support::scaled(UNWATCH_BOUND),
+        "an unwatch took {slowest_unwatch:?} while attaches waited on the kernel"
+    );
+    lib.detach(anchor.pid);
+    drop((victims, churned, anchor));
 }

@@ -7,7 +7,10 @@
 //!   growths whose key does not fit count in
 //!   `gopulse_map_growths_unattributed_total`;
 //! - a process's pause log (`STW`, the last 128): pauses overwritten before
-//!   the agent read them count in `gopulse_events_lost_total`.
+//!   the agent read them count in `gopulse_events_lost_total`;
+//! - the ring of exec and exit events (`LIFE`, 256 KiB): events it had no
+//!   room for count in `gopulse_discovery_events_lost_total`, and the agent
+//!   rescans /proc for the processes they named.
 //!
 //! The agent is stopped (SIGSTOP) where a table must overflow before it is
 //! read, so the overflow does not depend on the machine's speed.
@@ -228,5 +231,90 @@ fn an_overwritten_pause_log_counts_events_lost() {
     );
     assert_eq!(read, STW_LOG as f64, "the log's last {STW_LOG} are read");
     target.finish();
+    agent.stop();
+}
+
+/// Exec events the `LIFE` ring holds (`gopulse_common::LIFE_RING_BYTES`
+/// over a 16-byte event and the ring's 8-byte record header).
+const LIFE_CAPACITY: u64 = 256 * 1024 / 24;
+
+/// More execs than the ring holds while the agent is stopped: those it had
+/// no room for are counted, the read and the lost add up to at least the
+/// execs made (other programs on the host exec too), and a Go program
+/// started after the ring filled, whose own exec event was lost, is found
+/// by the rescan the loss triggers.
+#[test]
+fn a_full_exec_event_ring_counts_and_rescans() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip("1.27.3") else {
+        return;
+    };
+    let idle = support::private_copy(
+        &support::build_fixture("idle", &go, "1.27.3", &[]),
+        "lifefill-idle",
+    );
+    let agent = Agent::spawn_with(&[], &["--exe-regex", "^lifefill-"]);
+    agent.wait_ready(Duration::from_secs(30));
+    let execs = |m: &Metrics| m.value("gopulse_discovery_execs_total", &[]);
+    let lost = |m: &Metrics| m.value("gopulse_discovery_events_lost_total", &[]);
+    let before = agent.scrape();
+    let made: u64 = LIFE_CAPACITY + 3000;
+    signal(&agent, libc::SIGSTOP);
+    // Two threads of /bin/true (a fork and exec each).
+    let spawners: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..made / 2 {
+                    let status = std::process::Command::new("/bin/true").status().unwrap();
+                    assert!(status.success());
+                }
+            })
+        })
+        .collect();
+    for s in spawners {
+        s.join().unwrap();
+    }
+    let go_program = Target::spawn(&idle, &[]);
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&agent, libc::SIGCONT);
+    let m = agent.scrape_until(Duration::from_secs(30), |m| {
+        execs(m) - execs(&before) + lost(m) - lost(&before) >= made as f64
+    });
+    let (read, lost_n) = (execs(&m) - execs(&before), lost(&m) - lost(&before));
+    eprintln!(
+        "RESULT exec ring: {made} execs made while stopped, {read} read, {lost_n} counted lost"
+    );
+    assert!(
+        read + lost_n >= made as f64,
+        "execs read ({read}) + lost ({lost_n}) < execs made ({made})"
+    );
+    assert!(
+        lost_n >= (made - LIFE_CAPACITY) as f64,
+        "only {lost_n} counted lost: the ring holds {LIFE_CAPACITY}, {made} were made"
+    );
+    assert!(
+        read <= LIFE_CAPACITY as f64 + 100.0,
+        "{read} exec events read, more than the ring holds"
+    );
+    // Its exec came after the ring was full: only the rescan finds it.
+    let pid = go_program.pid.to_string();
+    let m = agent.scrape_until(Duration::from_secs(10), |m| {
+        m.value("gopulse_probes_attached", &[("pid", &pid)]) > 0.0
+    });
+    assert!(
+        m.value("gopulse_probes_attached", &[("pid", &pid)]) > 0.0,
+        "the Go program started after the ring filled was not found:\n{}",
+        m.text
+    );
+    assert!(
+        agent
+            .log_lines()
+            .iter()
+            .any(|l| l.contains("exec/exit events lost (ring full); rescanning /proc")),
+        "no log line for the lost events"
+    );
+    drop(go_program);
     agent.stop();
 }

@@ -21,7 +21,10 @@ use axum::{
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{collector::Collector, probes::Probes};
+use crate::{
+    collector::Collector,
+    probes::{Job, Probes},
+};
 
 mod limits;
 
@@ -57,6 +60,15 @@ impl App {
 
     pub fn with_binaries<T>(&self, f: impl FnOnce(&mut crate::watch::Binaries) -> T) -> T {
         f(&mut lock(&self.binaries))
+    }
+
+    /// Runs attach jobs off the attach stage's lock, handing each one's
+    /// links back as it is done.
+    pub fn run_jobs(&self, jobs: Vec<Job>) {
+        for job in jobs {
+            let done = job.run();
+            self.with_probes(|p| p.install(done));
+        }
     }
 
     /// Detaches and forgets every watched process that exited.

@@ -1,20 +1,29 @@
 //! The attach stage: registers each process, and its executable's site
 //! ranges, with the probes; attaches its probe groups; and governs what they
 //! cost. It shares no lock with collection, so its budget checks never wait
-//! behind a scrape.
+//! behind a scrape; and it never holds its own lock while the kernel
+//! attaches probes (that can take seconds behind the kernel's queue of
+//! uprobe removals): attaching is planned under the lock ([`Job`],
+//! [`NewExe`]), done off it, and the links handed back
+//! ([`Probes::install`], [`Probes::attach`]).
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::fd::{AsRawFd as _, OwnedFd},
-    path::PathBuf,
+    os::fd::OwnedFd,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use gopulse_common::{PROGRAMS, PageBits};
 
+mod jobs;
+mod lease;
+
+pub use jobs::{AttachError, Done, Job, NewExe, Prepare};
+use lease::{LEASE_BREAK, drop_then_close, handle_sigio, lease_broken};
+
 use crate::{
-    bpf::{Bpf, Links},
+    bpf::{Attacher, Bpf, Links},
     cost::{self, Costs, TrapCost},
     governor::{Budget, TokenBucket},
     metrics::{Metrics, ProcLabels},
@@ -75,9 +84,20 @@ struct Cuttable {
     /// Growth group: cut by the governor, to be put back when the buckets
     /// refill. (A cut access group simply waits for the next window.)
     cut: bool,
+    /// A [`Job`] attaching the group is out.
+    pending: bool,
 }
 
 impl Cuttable {
+    fn new(sites: &[ProbeSite], links: Option<Links>) -> Self {
+        Self {
+            sites: sites.to_vec(),
+            links,
+            cut: false,
+            pending: false,
+        }
+    }
+
     fn len(&self) -> usize {
         self.links.as_ref().map_or(0, Links::len)
     }
@@ -88,6 +108,9 @@ impl Cuttable {
 /// pid), and its id and plumbing pages in the kernel.
 struct Exe {
     id: u32,
+    /// Tells this executable apart from one added later with the same key
+    /// (a job's links go only to the executable that planned it).
+    serial: u64,
     /// Holds the file, so probes can be put back after the process that
     /// brought it has gone (attached through `/proc/self/fd/N`), and a read
     /// lease on it (see `lease`).
@@ -106,8 +129,29 @@ impl Exe {
         self.core.len() + self.growth.len() + self.access.len()
     }
 
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    /// A job attaching one of its groups (the group marked pending).
+    fn job(&mut self, key: ExeKey, group: Group, attacher: &Attacher) -> Option<Job> {
+        let file = match self.file.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("duplicating a probed executable's descriptor: {e}");
+                return None;
+            }
+        };
+        let cuttable = match group {
+            Group::Growth => &mut self.growth,
+            Group::Access => &mut self.access,
+            Group::Core => return None,
+        };
+        cuttable.pending = true;
+        Some(Job {
+            attacher: attacher.clone(),
+            key,
+            serial: self.serial,
+            group,
+            file,
+            sites: cuttable.sites.clone(),
+        })
     }
 }
 
@@ -142,13 +186,18 @@ pub struct Probes {
     stats_mode: StatsMode,
     /// When the statistics were last turned on or off.
     stats_switched: Instant,
+    attacher: Attacher,
+    /// The next executable's serial.
+    serials: u64,
+    /// Shut down: links handed back now are dropped.
+    closed: bool,
 }
 
 impl Probes {
     /// Turns on the kernel's run-time statistics and times this machine's
     /// uprobe traps (logging what it found), before any process is watched.
     pub fn new(
-        mut bpf: Bpf,
+        bpf: Bpf,
         metrics: Metrics,
         budget: Budget,
         access_budget: Budget,
@@ -176,7 +225,10 @@ impl Probes {
                 }
             },
         };
-        let trap = match kernel_stats.as_ref().map(|_| cost::calibrate(&mut bpf)) {
+        let trap = match kernel_stats
+            .as_ref()
+            .map(|_| cost::calibrate(&bpf.attacher()))
+        {
             Some(Ok(t)) => {
                 tracing::info!(
                     jbe_ns = t.emulated_ns.round(),
@@ -197,6 +249,9 @@ impl Probes {
         let costs = Arc::new(Costs::new(trap));
         handle_sigio();
         let probes = Self {
+            attacher: bpf.attacher(),
+            serials: 0,
+            closed: false,
             bpf,
             costs: costs.clone(),
             metrics,
@@ -215,19 +270,35 @@ impl Probes {
         (probes, costs)
     }
 
-    /// Registers the process and, for the first process of its executable,
-    /// attaches the executable's probes: GC and stop-the-world, map growth,
-    /// and the access probes if they are on. Returns how many probes the
-    /// executable has.
-    pub fn attach(&mut self, t: Target<'_>) -> anyhow::Result<usize> {
+    /// Registers the process with the probes of its executable. For the
+    /// first process of an executable, `new` brings the probes, attached
+    /// off the lock; without it the call says what attaching them needs
+    /// ([`AttachError::NeedExe`]). Returns how many probes the executable
+    /// has.
+    pub fn attach(&mut self, t: Target<'_>, new: Option<NewExe>) -> Result<usize, AttachError> {
         if self.procs.contains_key(&t.pid) {
-            bail!("pid {} is watched already", t.pid);
+            if let Some(n) = new {
+                n.discard();
+            }
+            return Err(anyhow::anyhow!("pid {} is watched already", t.pid).into());
         }
-        if !self.exes.contains_key(&t.exe) {
-            self.add_exe(&t)?;
+        match (self.exes.contains_key(&t.exe), new) {
+            (true, Some(n)) => n.discard(), // attached meanwhile
+            (true, None) => {}
+            (false, Some(n)) if n.key == t.exe && !self.closed => self.add_exe(&t, n)?,
+            (false, Some(n)) => {
+                n.discard();
+                return Err(anyhow::anyhow!("the agent is shutting down").into());
+            }
+            (false, None) => {
+                return Err(AttachError::NeedExe(Prepare {
+                    attacher: self.attacher.clone(),
+                    access: self.access_on,
+                }));
+            }
         }
         let Some(exe) = self.exes.get_mut(&t.exe) else {
-            bail!("executable of pid {} vanished", t.pid);
+            return Err(anyhow::anyhow!("executable of pid {} vanished", t.pid).into());
         };
         let config = gopulse_common::ProcConfig {
             exe_id: exe.id,
@@ -238,7 +309,7 @@ impl Probes {
             if exe.pids.is_empty() {
                 self.drop_exe(t.exe);
             }
-            return Err(e);
+            return Err(e.into());
         }
         exe.pids.insert(t.pid);
         let now = Instant::now();
@@ -256,20 +327,13 @@ impl Probes {
         Ok(n)
     }
 
-    /// Registers an executable with the kernel (id, plumbing pages) and
-    /// attaches its probes; all or nothing.
-    fn add_exe(&mut self, t: &Target<'_>) -> anyhow::Result<()> {
-        let file = std::fs::File::open(crate::procfs::exe_path(t.pid))
-            .with_context(|| format!("opening the executable of pid {}", t.pid))?;
-        // The plan is for the file `t.exe`: after an exec the probes would
-        // land mid-instruction in another program.
-        if crate::discover::exe::ExeKey::of_file(&file).ok() != Some(t.exe) {
-            return Err(crate::watch::Changed.into());
-        }
-        let leased = lease(&file);
-        let id = (0..=u32::MAX)
-            .find(|id| self.exes.values().all(|e| e.id != *id))
-            .context("no free executable id")?;
+    /// Registers an executable whose probes are attached with the kernel
+    /// (id, plumbing pages).
+    fn add_exe(&mut self, t: &Target<'_>, n: NewExe) -> anyhow::Result<()> {
+        let Some(id) = (0..=u32::MAX).find(|id| self.exes.values().all(|e| e.id != *id)) else {
+            n.discard();
+            bail!("no free executable id");
+        };
         let pages = match self.bpf.set_exe(id, t.pages) {
             Ok(()) => t.pages.keys().copied().collect(),
             Err(e) => {
@@ -281,47 +345,26 @@ impl Probes {
                 Vec::new()
             }
         };
-        let mut exe = Exe {
+        // The window may have closed while the probes were attached.
+        let access = match n.access {
+            Some(links) if !self.access_on => {
+                links.detach();
+                None
+            }
+            a => a,
+        };
+        self.serials += 1;
+        let exe = Exe {
             id,
-            file,
-            leased,
+            serial: self.serials,
+            file: n.file,
+            leased: n.leased,
             pids: BTreeSet::new(),
             pages,
-            core: Links::default(),
-            growth: Cuttable {
-                sites: t.plan.growth.clone(),
-                links: None,
-                cut: false,
-            },
-            access: Cuttable {
-                sites: t.plan.access.clone(),
-                links: None,
-                cut: false,
-            },
+            core: n.core,
+            growth: Cuttable::new(&t.plan.growth, Some(n.growth)),
+            access: Cuttable::new(&t.plan.access, access),
         };
-        let path = exe.path();
-        let attached = self.bpf.attach_sites(&path, &t.plan.core).and_then(|core| {
-            match self.bpf.attach_sites(&path, &t.plan.growth) {
-                Ok(growth) => Ok((core, growth)),
-                Err(e) => {
-                    self.bpf.detach_links(core);
-                    Err(e)
-                }
-            }
-        });
-        match attached {
-            Ok((core, growth)) => {
-                exe.core = core;
-                exe.growth.links = Some(growth);
-            }
-            Err(e) => {
-                self.bpf.remove_exe(exe.id, exe.pages);
-                return Err(e);
-            }
-        }
-        if self.access_on {
-            attach_access(&mut self.bpf, &mut exe);
-        }
         self.exes.insert(t.exe, exe);
         Ok(())
     }
@@ -336,7 +379,7 @@ impl Probes {
             .into_iter()
             .flatten()
         {
-            links.extend(self.bpf.take_links(group));
+            links.extend(group.into_inner());
         }
         self.bpf.remove_exe(exe.id, exe.pages);
         // The lease (the file) goes last: see `lease`.
@@ -386,6 +429,7 @@ impl Probes {
     /// Detaches every probe, in parallel, and returns when they are all
     /// gone (at shutdown); returns how many there were.
     pub fn detach_all(&mut self) -> usize {
+        self.closed = true;
         let mut links = Vec::new();
         // Closed after the links: see `lease`.
         let mut files = Vec::new();
@@ -394,7 +438,7 @@ impl Probes {
                 .into_iter()
                 .flatten()
             {
-                links.extend(self.bpf.take_links(group));
+                links.extend(group.into_inner());
             }
             files.push(exe.file);
         }
@@ -407,39 +451,91 @@ impl Probes {
         n
     }
 
-    /// Opens or closes a sampling window of the access probes.
-    pub fn set_access(&mut self, on: bool) {
+    /// Opens a sampling window of the access probes: returns the jobs that
+    /// attach them, for every executable whose processes all have budget
+    /// left.
+    pub fn open_window(&mut self) -> Vec<Job> {
+        if self.access_mode != AccessMode::Sampled || self.closed {
+            return Vec::new();
+        }
+        self.access_on = true;
+        let now = Instant::now();
+        let mut jobs = Vec::new();
+        for (&key, exe) in &mut self.exes {
+            if exe.access.links.is_some() || exe.access.pending {
+                continue;
+            }
+            let funded = exe.pids.iter().all(|pid| {
+                self.procs
+                    .get_mut(pid)
+                    .is_none_or(|a| a.access.spend(now, 0.0))
+            });
+            if funded {
+                jobs.extend(exe.job(key, Group::Access, &self.attacher));
+            }
+        }
+        jobs
+    }
+
+    /// Closes the sampling window: the access probes are detached.
+    pub fn close_window(&mut self) {
         if self.access_mode != AccessMode::Sampled {
             return;
         }
-        self.access_on = on;
-        let now = Instant::now();
+        self.access_on = false;
         let keys: Vec<ExeKey> = self.exes.keys().copied().collect();
         for key in keys {
-            let Some(exe) = self.exes.get_mut(&key) else {
-                continue;
-            };
-            match (on, exe.access.links.is_some()) {
-                // A window opens only while every process of the
-                // executable has budget left.
-                (true, false)
-                    if exe.pids.iter().all(|pid| {
-                        self.procs
-                            .get_mut(pid)
-                            .is_none_or(|a| a.access.spend(now, 0.0))
-                    }) =>
-                {
-                    attach_access(&mut self.bpf, exe);
-                }
-                (false, true) => {
-                    if let Some(links) = exe.access.links.take() {
-                        self.bpf.detach_links(links);
-                    }
-                }
-                _ => {}
+            if let Some(links) = self.exes.get_mut(&key).and_then(|e| e.access.links.take()) {
+                links.detach();
+                self.publish_exe(key);
             }
-            self.publish_exe(key);
         }
+        self.publish_node();
+    }
+
+    /// Takes back what a [`Job`] attached: its links go to the executable
+    /// that planned it if the group is still wanted there, and are
+    /// detached otherwise (the window closed, the executable went, the
+    /// agent is shutting down).
+    pub fn install(&mut self, done: Done) {
+        let Done { job, links } = done;
+        let exe = self
+            .exes
+            .get_mut(&job.key)
+            .filter(|e| e.serial == job.serial && !self.closed);
+        let Some(exe) = exe else {
+            if let Ok(links) = links {
+                // After the executable's own links: the file (a copy of
+                // its descriptor) holds the lease until these are gone.
+                drop_then_close(links.into_inner(), job.file);
+            }
+            return;
+        };
+        let (wanted, group) = match job.group {
+            Group::Growth => (exe.growth.cut, &mut exe.growth),
+            Group::Access => (self.access_on, &mut exe.access),
+            Group::Core => return,
+        };
+        group.pending = false;
+        let what = match job.group {
+            Group::Growth => "map growth",
+            _ => "map assignment",
+        };
+        match links {
+            Ok(links) if wanted && group.links.is_none() => {
+                group.links = Some(links);
+                if job.group == Group::Growth {
+                    group.cut = false;
+                    tracing::info!(
+                        exe = exe_name(exe, &self.procs),
+                        "{what} probes re-attached"
+                    );
+                }
+            }
+            Ok(links) => links.detach(),
+            Err(e) => tracing::warn!("attaching {what} probes: {e:#}"),
+        }
+        self.publish_exe(job.key);
         self.publish_node();
     }
 
@@ -450,7 +546,9 @@ impl Probes {
     /// growth group once every process's bucket is full again. Returns when
     /// to check next: soon while probes are spending (so a group overshoots
     /// its bucket by at most one short check), at leisure otherwise.
-    pub fn govern(&mut self) -> Duration {
+    ///
+    /// Cut growth groups to put back come as jobs, to run off the lock.
+    pub fn govern(&mut self) -> (Duration, Vec<Job>) {
         if LEASE_BREAK.swap(false, std::sync::atomic::Ordering::Relaxed) {
             self.yield_leases();
         }
@@ -459,12 +557,16 @@ impl Probes {
             .costs_read
             .is_none_or(|t| now.duration_since(t) >= IDLE_CHECK)
         {
-            self.costs.update(&self.bpf.all_program_stats());
-            self.publish_costs();
-            self.costs_read = Some(now);
+            // Busy with an attach: the costs read last stand.
+            if let Some(stats) = self.attacher.all_program_stats() {
+                self.costs.update(&stats);
+                self.publish_costs();
+                self.costs_read = Some(now);
+            }
             self.switch_stats(now);
         }
         let mut next = IDLE_CHECK;
+        let mut jobs = Vec::new();
         // Per executable: some process ran dry (growth, access), and every
         // process is full again (growth).
         let mut dry: BTreeMap<ExeKey, (bool, bool, bool)> = BTreeMap::new();
@@ -503,49 +605,32 @@ impl Probes {
                 continue;
             };
             let mut changed = false;
-            // For the log lines below only (rare): no copy per check.
-            let exe_name = || {
-                exe.pids
-                    .first()
-                    .and_then(|p| self.procs.get(p))
-                    .map_or("", |a| a.labels.exe.as_str())
-            };
             if exe.growth.links.is_some() && growth_dry {
                 if let Some(links) = exe.growth.links.take() {
-                    self.bpf.detach_links(links);
+                    links.detach();
                 }
                 exe.growth.cut = true;
                 changed = true;
                 tracing::warn!(
-                    exe = exe_name(),
+                    exe = exe_name(exe, &self.procs),
                     processes = exe.pids.len(),
                     "map growth probes spent their budget ({:.2}% of a CPU over {:?}): \
                      detached until it refills; growth counts miss that time",
                     self.budget.fraction * 100.0,
                     self.budget.window
                 );
-            } else if exe.growth.cut && all_full {
-                match self.bpf.attach_sites(&exe.path(), &exe.growth.sites) {
-                    Ok(links) => {
-                        exe.growth.links = Some(links);
-                        exe.growth.cut = false;
-                        changed = true;
-                        tracing::info!(exe = exe_name(), "map growth probes re-attached");
-                    }
-                    Err(e) => {
-                        tracing::warn!(exe = exe_name(), "re-attaching map growth probes: {e:#}")
-                    }
-                }
+            } else if exe.growth.cut && all_full && !exe.growth.pending && !self.closed {
+                jobs.extend(exe.job(key, Group::Growth, &self.attacher));
             }
             if self.access_mode == AccessMode::Sampled && exe.access.links.is_some() {
                 next = BUSY_CHECK;
                 if access_dry {
                     if let Some(links) = exe.access.links.take() {
-                        self.bpf.detach_links(links);
+                        links.detach();
                     }
                     changed = true;
                     tracing::info!(
-                        exe = exe_name(),
+                        exe = exe_name(exe, &self.procs),
                         "map assignment probes spent their budget ({:.2}% of a CPU over {:?}): \
                          detached until the next window",
                         self.access_budget.fraction * 100.0,
@@ -558,7 +643,7 @@ impl Probes {
                 self.publish_node();
             }
         }
-        next
+        (next, jobs)
     }
 
     /// Sampled statistics: on for `STATS_ON` every `STATS_PERIOD`. (The
@@ -622,102 +707,10 @@ impl Probes {
     }
 }
 
-fn attach_access(bpf: &mut Bpf, exe: &mut Exe) {
-    match bpf.attach_sites(&exe.path(), &exe.access.sites) {
-        Ok(links) => exe.access.links = Some(links),
-        Err(e) => tracing::warn!("attaching map assignment probes: {e:#}"),
-    }
-}
-
-/// Set by SIGIO: the kernel is breaking a read lease on a probed executable
-/// (someone opened it for writing); the governor then lets go of it.
-static LEASE_BREAK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-extern "C" fn on_sigio(_: libc::c_int) {
-    LEASE_BREAK.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// SIGIO tells of a lease break; its default action would end the agent.
-fn handle_sigio() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is valid; the handler only stores to an
-        // atomic, which is async-signal-safe.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigio as extern "C" fn(libc::c_int) as libc::sighandler_t;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGIO, &sa, std::ptr::null_mut()) != 0 {
-                tracing::warn!("handling SIGIO: {}", std::io::Error::last_os_error());
-            }
-        }
-    });
-}
-
-/// Takes a read lease on a probed executable. A uprobe keeps the
-/// instruction it replaced, copied when it was registered, and the kernel
-/// plants it in every process that maps the file later: a file rewritten in
-/// place while the probes are still registered (they go one RCU grace
-/// period at a time, seconds after the last process exits) would start with
-/// breakpoints at the old offsets and crash. With the lease, a writer's
-/// open waits until the probes are gone and the lease released.
-fn lease(file: &std::fs::File) -> bool {
-    // SAFETY: fcntl on a descriptor this process owns.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
-    if r != 0 {
-        let err = std::io::Error::last_os_error();
-        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            // EACCES: another user's file, and no CAP_LEASE.
-            let why = if err.raw_os_error() == Some(libc::EACCES) {
-                "the agent lacks CAP_LEASE"
-            } else {
-                "a filesystem without leases?"
-            };
-            tracing::warn!(
-                "cannot hold a lease on probed executables ({err}: {why}): an executable \
-                 rewritten in place (cp over it) and started right after its last process \
-                 exited may crash on the old probes; replace executables by rename (install, \
-                 mv)"
-            );
-        }
-    }
-    r == 0
-}
-
-/// Whether someone waits to write the file (its lease is being broken).
-fn lease_broken(file: &std::fs::File) -> bool {
-    // SAFETY: fcntl on a descriptor this process owns.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
-    r == libc::F_UNLCK
-}
-
-/// Detaches links, then closes `file` (and so releases its lease): a writer
-/// waiting on the lease goes on only once every probe is gone. On a thread
-/// of its own, as [`crate::bpf::drop_in_background`].
-fn drop_then_close(links: Vec<aya::programs::uprobe::UProbeLink>, file: std::fs::File) {
-    let work = move || {
-        crate::bpf::drop_in_parallel(links);
-        drop(file);
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("detach".into())
-        .spawn(move || {
-            if let Ok(work) = rx.recv() {
-                let work: Box<dyn FnOnce() + Send> = work;
-                work();
-            }
-        });
-    let work: Box<dyn FnOnce() + Send> = Box::new(work);
-    match spawned {
-        Ok(_) => {
-            if let Err(std::sync::mpsc::SendError(work)) = tx.send(work) {
-                work();
-            }
-        }
-        // Waits, but detaches all the same.
-        Err(_) => work(),
-    }
+/// An executable's name, for log lines (its first process's `exe` label).
+fn exe_name<'a>(exe: &Exe, procs: &'a BTreeMap<u32, Attached>) -> &'a str {
+    exe.pids
+        .first()
+        .and_then(|p| procs.get(p))
+        .map_or("", |a| a.labels.exe.as_str())
 }
