@@ -8,6 +8,9 @@
 //!   `gopulse_map_growths_unattributed_total`;
 //! - a process's pause log (`STW`, the last 128): pauses overwritten before
 //!   the agent read them count in `gopulse_events_lost_total`;
+//! - the kernel's table of maps the assignment probes saw (`MAP_SEEN`, an
+//!   LRU of 65,536): maps it evicted before the agent read them count in
+//!   `gopulse_map_untracked_total`;
 //! - the ring of exec and exit events (`LIFE`, 256 KiB): events it had no
 //!   room for count in `gopulse_discovery_events_lost_total`, and the agent
 //!   rescans /proc for the processes they named.
@@ -25,6 +28,10 @@ use support::{Agent, Metrics, Target};
 
 /// The kernel's growth table (`gopulse_common::MAX_GROWTH_KEYS`).
 const GROWTH_KEYS: usize = 32_768;
+
+/// The table of maps the assignment probes saw
+/// (`gopulse_common::MAX_TRACKED_MAPS`).
+const TRACKED_MAPS: u64 = 65_536;
 
 /// The pause log of a process (`gopulse_common::STW_LOG`).
 const STW_LOG: u64 = 128;
@@ -316,5 +323,53 @@ fn a_full_exec_event_ring_counts_and_rescans() {
         "no log line for the lost events"
     );
     drop(go_program);
+    agent.stop();
+}
+
+/// More maps than the kernel's table of seen maps holds, each assigned
+/// once and all kept alive, while the agent is stopped: the table evicts,
+/// and the maps it lost before the agent read them are counted.
+#[test]
+fn a_full_seen_map_table_counts_untracked_maps() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(bin) = committed_build("1.27.3") else {
+        return;
+    };
+    let mut target = Target::spawn(&bin, &[]);
+    let agent = Agent::spawn_with(
+        &[target.pid],
+        &[
+            "--overhead-budget",
+            "1",
+            "--overhead-window",
+            "3600",
+            "--map-assign-probes",
+            "always",
+        ],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = target.pid.to_string();
+    let untracked = |m: &Metrics| m.value("gopulse_map_untracked_total", &[("pid", &pid)]);
+    let before = untracked(&agent.scrape());
+    assert_eq!(before, 0.0);
+    let made = TRACKED_MAPS + 5000;
+    signal(&agent, libc::SIGSTOP);
+    target.send(&format!("maps {made}"));
+    let line = target.read_line(Duration::from_secs(120));
+    signal(&agent, libc::SIGCONT);
+    assert_eq!(line, format!("{{\"maps\":{made}}}"));
+    let least = (made - TRACKED_MAPS) as f64;
+    let m = agent.scrape_until(Duration::from_secs(30), |m| untracked(m) >= least);
+    let n = untracked(&m);
+    eprintln!("RESULT seen-map table: {made} maps made while stopped, {n} counted untracked");
+    assert!(
+        n >= least,
+        "{n} maps counted untracked: the table holds {TRACKED_MAPS}, {made} were made"
+    );
+    // The program makes no other map meanwhile.
+    assert!(n <= made as f64, "{n} maps counted untracked, {made} made");
+    target.finish();
     agent.stop();
 }
