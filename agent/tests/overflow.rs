@@ -36,15 +36,18 @@ const TRACKED_MAPS: u64 = 65_536;
 /// The pause log of a process (`gopulse_common::STW_LOG`).
 const STW_LOG: u64 = 128;
 
-/// Flags that keep the governor from cutting the growth probes mid-test.
-const NO_CUTS: &[&str] = &[
-    "--overhead-budget",
-    "1",
-    "--overhead-window",
-    "3600",
-    "--map-assign-probes",
-    "off",
-];
+/// Flags that keep the governor from cutting the growth probes mid-test,
+/// with the assignment probes `access` (off, sampled, always).
+fn no_cuts(access: &str) -> Vec<&str> {
+    vec![
+        "--overhead-budget",
+        "1",
+        "--overhead-window",
+        "3600",
+        "--map-assign-probes",
+        access,
+    ]
+}
 
 fn signal(agent: &Agent, sig: i32) {
     // SAFETY: kill(2) on the test's own child.
@@ -81,7 +84,7 @@ fn sites_past_the_limit_count_as_other() {
     };
     let mut target = Target::spawn(&bin, &[]);
     let mut flags = vec!["--max-map-sites", "20"];
-    flags.extend_from_slice(NO_CUTS);
+    flags.extend(no_cuts("off"));
     let agent = Agent::spawn_with(&[target.pid], &flags);
     agent.wait_ready(Duration::from_secs(30));
     target.send("grow 1");
@@ -144,7 +147,7 @@ fn a_full_growth_table_counts_growths_unattributed() {
     let mut targets: Vec<Target> = (0..PROCESSES).map(|_| Target::spawn(&bin, &[])).collect();
     let pids: Vec<u32> = targets.iter().map(|t| t.pid).collect();
     let mut flags = vec!["--max-map-sites", "10000"];
-    flags.extend_from_slice(NO_CUTS);
+    flags.extend(no_cuts("off"));
     let agent = Agent::spawn_with(&pids, &flags);
     agent.wait_ready(Duration::from_secs(60));
     // One at a time: the table fills in a known order of processes.
@@ -204,7 +207,7 @@ fn an_overwritten_pause_log_counts_events_lost() {
         return;
     };
     let mut target = Target::spawn(&bin, &[]);
-    let agent = Agent::spawn_with(&[target.pid], NO_CUTS);
+    let agent = Agent::spawn_with(&[target.pid], &no_cuts("off"));
     agent.wait_ready(Duration::from_secs(30));
     let pid = target.pid.to_string();
     let pauses = |m: &Metrics| -> f64 {
@@ -338,17 +341,7 @@ fn a_full_seen_map_table_counts_untracked_maps() {
         return;
     };
     let mut target = Target::spawn(&bin, &[]);
-    let agent = Agent::spawn_with(
-        &[target.pid],
-        &[
-            "--overhead-budget",
-            "1",
-            "--overhead-window",
-            "3600",
-            "--map-assign-probes",
-            "always",
-        ],
-    );
+    let agent = Agent::spawn_with(&[target.pid], &no_cuts("always"));
     agent.wait_ready(Duration::from_secs(30));
     let pid = target.pid.to_string();
     let untracked = |m: &Metrics| m.value("gopulse_map_untracked_total", &[("pid", &pid)]);
