@@ -34,6 +34,41 @@ pub fn running(pid: u32) -> bool {
         .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
 }
 
+/// [`running`] once the process has settled, after its leader's exit
+/// event. A thread other than the leader that runs exec waits for the old
+/// leader to die and only then takes over its pid: in between the pid reads
+/// as a zombie while the exec'ing thread still runs. While the leader is a
+/// zombie and another thread lives, this waits (at most `SETTLE`) for the
+/// pid to run again (an exec) or for every thread to end (an exit).
+pub fn running_settled(pid: u32) -> bool {
+    const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+    let until = std::time::Instant::now() + SETTLE;
+    loop {
+        if running(pid) {
+            return true;
+        }
+        if !other_thread_lives(pid) || std::time::Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// Whether a thread of the process other than its leader still lives.
+fn other_thread_lives(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).any(|t| {
+        let name = t.file_name();
+        name.to_str() != Some(pid.to_string().as_str())
+            && fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|stat| parse_state(&stat))
+                .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
+    })
+}
+
 fn parse_state(stat: &str) -> Option<char> {
     stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }

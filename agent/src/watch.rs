@@ -128,7 +128,8 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
                 tries += 1;
                 new = Some(NewExe::attach(prepare, pid, exe_key, &plan)?);
             }
-            Err(e) => return Err(e.into()),
+            Err(AttachError::Failed(e)) => return Err(e),
+            Err(e @ AttachError::NeedExe(_)) => return Err(e.into()),
         }
     };
     // Reading the executable takes a while: the process may have run exec
@@ -208,7 +209,7 @@ pub fn follow(app: &App, f: Follow) {
     };
     // With --pid, each named process by its start time: the same process
     // after an exec, not another one given its pid later.
-    let mut named: HashMap<u32, u64> = pids
+    let named: HashMap<u32, u64> = pids
         .iter()
         .filter_map(|&pid| Some((pid, procfs::start_time(pid).ok()?)))
         .collect();
@@ -243,7 +244,7 @@ pub fn follow(app: &App, f: Follow) {
                     let execd = batch[i..]
                         .iter()
                         .any(|e| matches!(e, Life::Exec { pid: p, .. } if *p == pid))
-                        || procfs::running(pid);
+                        || procfs::running_settled(pid);
                     if app.with_collector(|c| c.watches(pid)) {
                         app.unwatch(pid);
                         if execd {
@@ -252,9 +253,9 @@ pub fn follow(app: &App, f: Follow) {
                             tracing::info!(pid, "process exited; detached, its series removed");
                         }
                     }
-                    if !execd {
-                        named.remove(&pid);
-                    }
+                    // A named pid stays named (the list is the flags'): an
+                    // exec seen late still finds it, and another process
+                    // given the pid later has another start time.
                     if let Some(d) = discovery.as_mut() {
                         d.forget(pid);
                     }

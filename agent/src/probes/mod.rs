@@ -353,6 +353,11 @@ impl Probes {
             }
             a => a,
         };
+        // A break that came while the probes were attached off the lock
+        // found no executable to yield: look again at the next check.
+        if n.leased && lease_broken(&n.file) {
+            LEASE_BREAK.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.serials += 1;
         let exe = Exe {
             id,
