@@ -137,6 +137,9 @@ pub struct LifeMaps {
     pub lost: PerCpuArray<MapData, u64>,
 }
 
+/// Loads (and so verifies) one program of the object, as its type.
+type LoadFn = fn(&mut aya::programs::Program) -> Result<(), aya::programs::ProgramError>;
+
 /// The raw tracepoint programs and the kernel tracepoints they go on.
 const LIFE_PROGRAMS: [(&str, &str); 2] = [
     ("on_exec", "sched_process_exec"),
@@ -192,20 +195,26 @@ impl Bpf {
         // Verification dominates start-up on older kernels (6.1's verifier
         // walks our programs far longer than 6.12's): say what it took.
         let mut verified = Verified::default();
-        for name in PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]) {
-            let prog: &mut UProbe = ebpf
+        let uprobe = |p: &mut aya::programs::Program| <&mut UProbe>::try_from(p)?.load();
+        let raw_tp = |p: &mut aya::programs::Program| <&mut RawTracePoint>::try_from(p)?.load();
+        let uprobes = PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]);
+        let uprobes = uprobes.map(|name| (name, uprobe as LoadFn));
+        let lifecycle = LIFE_PROGRAMS
+            .iter()
+            .map(|&(name, _)| (name, raw_tp as LoadFn));
+        for (name, load) in uprobes.chain(lifecycle) {
+            let prog = ebpf
                 .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
+                .with_context(|| format!("program {name} missing from the eBPF object"))?;
             let started = std::time::Instant::now();
-            prog.load()
-                .with_context(|| format!("loading program {name}"))?;
+            load(prog).with_context(|| format!("loading program {name}"))?;
             let insns = prog
                 .info()
                 .ok()
                 .and_then(|i| i.verified_instruction_count());
             verified.note(name, started.elapsed(), insns);
         }
+        verified.log();
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the eBPF object"))
@@ -240,21 +249,6 @@ impl Bpf {
             lost: PerCpuArray::try_from(take("LIFE_LOST")?)?,
         };
         let plumbing = HashMap::try_from(take("PLUMBING")?)?;
-        for (name, _) in LIFE_PROGRAMS {
-            let prog: &mut RawTracePoint = ebpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the eBPF object"))?
-                .try_into()?;
-            let started = std::time::Instant::now();
-            prog.load()
-                .with_context(|| format!("loading program {name}"))?;
-            let insns = prog
-                .info()
-                .ok()
-                .and_then(|i| i.verified_instruction_count());
-            verified.note(name, started.elapsed(), insns);
-        }
-        verified.log();
         if debug {
             start_bpf_log(&mut ebpf)?;
         }
@@ -556,9 +550,9 @@ pub fn drop_in_background(links: Vec<UProbeLink>) {
     }
 }
 
-/// Drops links in parallel and returns when all are detached: their RCU
-/// grace periods overlap instead of adding up.
-pub fn drop_in_parallel(links: Vec<UProbeLink>) {
+/// Drops links (or their descriptors) in parallel and returns when all are
+/// detached: their RCU grace periods overlap instead of adding up.
+pub fn drop_in_parallel<L: Send>(links: Vec<L>) {
     std::thread::scope(|s| {
         for link in links {
             s.spawn(move || drop(link));

@@ -24,7 +24,7 @@ use gopulse_agent::{
     governor::Budget,
     metrics::{self, LabelChoice},
     plan::{DEFAULT_PLUMBING, Plumbing},
-    probes::{AccessMode, Probes, StatsMode},
+    probes::{AccessMode, Probes, StatsMode, handoff},
     server::{self, App},
     storm::StormRule,
     watch::{Follow, watch},
@@ -135,7 +135,8 @@ struct Args {
 
     /// Most distinct map growth sites per process; growths at further sites
     /// are counted under site="other" (and in gopulse_map_sites_dropped_total).
-    #[arg(long, value_name = "N", default_value_t = 200,
+    #[arg(long, value_name = "N",
+          default_value_t = gopulse_agent::model::DEFAULT_MAX_SITES as u64,
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     max_map_sites: u64,
 
@@ -227,8 +228,8 @@ struct Args {
 fn main() -> ExitCode {
     // The helper a shutting-down agent leaves its probes to (see
     // `hand_off_links`).
-    if let Some(fds) = std::env::var_os(CLOSE_LINKS) {
-        return close_links(&fds.to_string_lossy());
+    if let Some(fds) = std::env::var_os(handoff::CLOSE_LINKS) {
+        return handoff::close_links(&fds.to_string_lossy());
     }
     gopulse_agent::memory::hold_mmap_threshold();
     tracing_subscriber::fmt()
@@ -413,11 +414,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let model = gopulse_agent::model::Model::new();
     let registry = gopulse_agent::export::prometheus::registry(&model);
     let metrics = metrics::Metrics::new(&model);
+    let max_sites = usize::try_from(args.max_map_sites).unwrap_or(usize::MAX);
     let otlp = match otlp {
         Some(config) => {
             tracing::info!("OTLP: pushing to {}", config.describe());
-            let config =
-                config.with_max_sites(usize::try_from(args.max_map_sites).unwrap_or(usize::MAX));
+            let config = config.with_max_sites(max_sites);
             Some(Otlp::new(&model, config).context("OTLP exporter")?)
         }
         None => None,
@@ -443,7 +444,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         maps,
         metrics,
         costs,
-        usize::try_from(args.max_map_sites).unwrap_or(usize::MAX),
+        max_sites,
         StormRule {
             growths: args.storm_growths,
             window: Duration::from_millis(args.storm_window_ms),
@@ -633,7 +634,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // and a worker must stay free to see a second signal.
         let detaching = tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
-            let helper = hand_off_links();
+            let helper = handoff::hand_off_links();
             let n = detach_app.with_probes(|p| p.detach_all());
             let ms = started.elapsed().as_millis();
             match helper {
@@ -690,99 +691,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
 const SHUTDOWN: Duration = Duration::from_millis(1800);
 /// How long requests in flight may take to finish after the signal.
 const HTTP_DRAIN: Duration = Duration::from_millis(300);
-
-/// In a helper's environment: the BPF link descriptors it inherited, to
-/// close.
-const CLOSE_LINKS: &str = "GOPULSE_CLOSE_LINKS";
-
-/// Starts a helper holding copies of the agent's BPF links, which closes
-/// them all in parallel and exits; returns its pid. The kernel removes a
-/// uprobe only after an RCU grace period (seconds on a loaded host), and a
-/// process cannot exit before every link it closes is removed: with the
-/// helper, the agent's own closes return at once, its exit waits for
-/// nothing, and the probes are gone one grace period later all the same.
-fn hand_off_links() -> anyhow::Result<u32> {
-    use std::os::unix::process::CommandExt as _;
-    // The probed executables' leased files go along: they must stay
-    // leased until their probes are gone (see `probes::lease`), or a
-    // rewrite-and-restart right after the agent exits could run into the
-    // old breakpoints.
-    let (mut links, mut leased) = (Vec::new(), Vec::new());
-    for entry in std::fs::read_dir("/proc/self/fd").context("listing /proc/self/fd")? {
-        let entry = entry.context("listing /proc/self/fd")?;
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        if is_bpf_link(fd) {
-            links.push(fd);
-        } else if is_read_leased(fd) {
-            leased.push(fd);
-        }
-    }
-    if links.is_empty() {
-        anyhow::bail!("no BPF links open");
-    }
-    let join = |fds: &[i32]| fds.iter().map(i32::to_string).collect::<Vec<_>>().join(",");
-    let list = format!("{};{}", join(&links), join(&leased));
-    let fds: Vec<i32> = links.into_iter().chain(leased).collect();
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.env(CLOSE_LINKS, list)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    // SAFETY: between fork and exec only fcntl(2), which is
-    // async-signal-safe, on descriptors this process holds.
-    unsafe {
-        cmd.pre_exec(move || {
-            // A link a background detach closed meanwhile is simply not
-            // passed on (the helper checks what it closes).
-            for &fd in &fds {
-                let flags = libc::fcntl(fd, libc::F_GETFD);
-                if flags >= 0 {
-                    libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                }
-            }
-            Ok(())
-        })
-    };
-    let child = cmd.spawn().context("starting the helper")?;
-    Ok(child.id())
-}
-
-fn is_bpf_link(fd: i32) -> bool {
-    std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf_link")
-}
-
-fn is_read_leased(fd: i32) -> bool {
-    // SAFETY: F_GETLEASE only reads the lease state of the descriptor.
-    unsafe { libc::fcntl(fd, libc::F_GETLEASE) == libc::F_RDLCK }
-}
-
-/// The helper of [`hand_off_links`]: closes the BPF links it names (checked
-/// to be links), all at once, then the leased executables (checked to be
-/// leased): "links;files", descriptors separated by commas.
-fn close_links(fds: &str) -> ExitCode {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    let (links, files) = fds.split_once(';').unwrap_or((fds, ""));
-    let take = |list: &str, is: fn(i32) -> bool| -> Vec<OwnedFd> {
-        list.split(',')
-            .filter_map(|fd| fd.parse::<i32>().ok())
-            .filter(|&fd| is(fd))
-            // SAFETY: a descriptor this process inherited for this and
-            // nothing else in it uses.
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-            .collect()
-    };
-    let (links, files) = (take(links, is_bpf_link), take(files, is_read_leased));
-    std::thread::scope(|s| {
-        for link in links {
-            s.spawn(move || drop(link));
-        }
-    });
-    // Every probe is gone: a writer waiting on a lease may go on.
-    drop(files);
-    ExitCode::SUCCESS
-}
 
 /// Waits for SIGTERM or SIGINT and returns when it came; from then on a
 /// second one ends the process at once, nonzero (128 + its number, as a

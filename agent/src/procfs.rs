@@ -28,7 +28,13 @@ pub fn start_time(pid: u32) -> io::Result<u64> {
 /// After its leader's exit event, a process that is still running had a
 /// thread other than the leader exec (the kernel ends the old leader then).
 pub fn running(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
+    lives(format!("/proc/{pid}/stat"))
+}
+
+/// Whether the task whose `stat` file this is runs: neither a zombie nor
+/// dead (nor gone).
+fn lives(stat: impl AsRef<std::path::Path>) -> bool {
+    fs::read_to_string(stat)
         .ok()
         .and_then(|stat| parse_state(&stat))
         .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
@@ -59,14 +65,10 @@ fn other_thread_lives(pid: u32) -> bool {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
         return false;
     };
-    tasks.filter_map(Result::ok).any(|t| {
-        let name = t.file_name();
-        name.to_str() != Some(pid.to_string().as_str())
-            && fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|stat| parse_state(&stat))
-                .is_some_and(|state| !matches!(state, 'Z' | 'X' | 'x'))
-    })
+    let leader = pid.to_string();
+    tasks
+        .filter_map(Result::ok)
+        .any(|t| t.file_name().to_str() != Some(&leader) && lives(t.path().join("stat")))
 }
 
 fn parse_state(stat: &str) -> Option<char> {

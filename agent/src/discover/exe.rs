@@ -44,11 +44,6 @@ impl ExeKey {
         Ok((file, key, stamp))
     }
 
-    /// The key of an open file.
-    pub fn of_file(file: &File) -> io::Result<Self> {
-        Ok(Self::of_metadata(&file.metadata()?).0)
-    }
-
     fn of_metadata(m: &std::fs::Metadata) -> (Self, Stamp) {
         (
             Self {
@@ -64,7 +59,9 @@ impl ExeKey {
     }
 }
 
-/// A path that opens `file` again (what `go_release` reads).
+/// A path to `file` itself, through /proc: the same file whatever becomes
+/// of its path, in any mount namespace (what `go_release` reads, and what
+/// probes are attached to).
 pub fn fd_path(file: &File) -> std::path::PathBuf {
     use std::os::fd::AsRawFd as _;
     std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))

@@ -211,7 +211,7 @@ impl OtlpConfig {
             temporality,
             histograms,
             node_name,
-            max_sites: DEFAULT_MAX_SITES,
+            max_sites: crate::model::DEFAULT_MAX_SITES,
         }))
     }
 
@@ -256,9 +256,6 @@ fn endpoint_url(e: &str, protocol: OtlpProtocol) -> Result<String, ConfigError> 
         _ => e.to_owned(),
     })
 }
-
-/// `--max-map-sites`' default.
-const DEFAULT_MAX_SITES: usize = 200;
 
 /// The kinds of growth one process can have: its runtime has either the
 /// two classic ones or the four swiss ones.

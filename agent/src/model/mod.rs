@@ -24,6 +24,10 @@ use crate::metrics::ProcLabels;
 /// beyond it they are counted in `gopulse_otlp_points_dropped_total`.
 pub const MAX_PENDING: usize = 100_000;
 
+/// Distinct map growth sites a process's series name by default
+/// (`--max-map-sites`); growths at further sites go under `site="other"`.
+pub const DEFAULT_MAX_SITES: usize = 200;
+
 /// Who a series belongs to: a watched process, or the node (`None`).
 pub type Group = Option<ProcLabels>;
 

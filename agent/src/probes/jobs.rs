@@ -4,8 +4,6 @@
 //! probed executable, [`Prepare`] for a new one), the caller attaches with
 //! no lock of the stage held, and hands the links back
 //! ([`Probes::install`](super::Probes::install), [`Probes::attach`](super::Probes::attach)).
-use std::{os::fd::AsRawFd as _, path::PathBuf};
-
 use anyhow::Context as _;
 
 use super::{
@@ -14,15 +12,9 @@ use super::{
 };
 use crate::{
     bpf::{Attacher, Links},
+    discover::exe::fd_path,
     plan::{Group, Plan, ProbeSite},
 };
-
-/// The path the kernel attaches to: the file itself, through /proc (the
-/// right file even when its path is in another mount namespace or was
-/// replaced on disk).
-pub(super) fn fd_path(file: &std::fs::File) -> PathBuf {
-    PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
 
 /// A group of an executable's probes to attach off the attach stage's
 /// lock ([`Job::run`]), then hand back with [`Probes::install`](super::Probes::install).
@@ -56,7 +48,6 @@ impl Job {
 /// The probes of an executable not probed yet, attached off the attach
 /// stage's lock by [`NewExe::attach`] and handed to [`Probes::attach`](super::Probes::attach).
 pub struct NewExe {
-    pub(super) key: ExeKey,
     pub(super) file: std::fs::File,
     pub(super) leased: bool,
     pub(super) core: Links,
@@ -88,11 +79,11 @@ impl NewExe {
     /// takes a lease on it and attaches its GC, growth and (as `prepare`
     /// says) access probes; all or nothing.
     pub fn attach(prepare: Prepare, pid: u32, key: ExeKey, plan: &Plan) -> anyhow::Result<Self> {
-        let file = std::fs::File::open(crate::procfs::exe_path(pid))
-            .with_context(|| format!("opening the executable of pid {pid}"))?;
+        let (file, opened, _) =
+            ExeKey::open(pid).with_context(|| format!("opening the executable of pid {pid}"))?;
         // The plan is for the file `key`: after an exec the probes would
         // land mid-instruction in another program.
-        if crate::discover::exe::ExeKey::of_file(&file).ok() != Some(key) {
+        if opened != key {
             return Err(crate::watch::Changed.into());
         }
         let leased = lease(&file);
@@ -113,7 +104,6 @@ impl NewExe {
                 .ok()
         });
         Ok(Self {
-            key,
             file,
             leased,
             core,

@@ -62,9 +62,14 @@ pub(super) fn lease(file: &std::fs::File) -> bool {
 
 /// Whether someone waits to write the file (its lease is being broken).
 pub(super) fn lease_broken(file: &std::fs::File) -> bool {
-    // SAFETY: fcntl on a descriptor this process owns.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLEASE) };
-    r == libc::F_UNLCK
+    lease_of(file.as_raw_fd()) == libc::F_UNLCK
+}
+
+/// The lease a descriptor holds (`F_RDLCK`; `F_UNLCK` while it is broken,
+/// or without one), or -1 if it is not a file's.
+pub(super) fn lease_of(fd: std::os::fd::RawFd) -> libc::c_int {
+    // SAFETY: F_GETLEASE only reads the lease state of a descriptor.
+    unsafe { libc::fcntl(fd, libc::F_GETLEASE) }
 }
 
 /// Detaches links, then closes `file` (and so releases its lease): a writer

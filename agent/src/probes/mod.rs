@@ -16,6 +16,7 @@ use std::{
 use anyhow::bail;
 use gopulse_common::{PROGRAMS, PageBits};
 
+pub mod handoff;
 mod jobs;
 mod lease;
 
@@ -131,17 +132,17 @@ impl Exe {
 
     /// A job attaching one of its groups (the group marked pending).
     fn job(&mut self, key: ExeKey, group: Group, attacher: &Attacher) -> Option<Job> {
+        let cuttable = match group {
+            Group::Growth => &mut self.growth,
+            Group::Access => &mut self.access,
+            Group::Core => return None,
+        };
         let file = match self.file.try_clone() {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!("duplicating a probed executable's descriptor: {e}");
                 return None;
             }
-        };
-        let cuttable = match group {
-            Group::Growth => &mut self.growth,
-            Group::Access => &mut self.access,
-            Group::Core => return None,
         };
         cuttable.pending = true;
         Some(Job {
@@ -285,11 +286,11 @@ impl Probes {
         match (self.exes.contains_key(&t.exe), new) {
             (true, Some(n)) => n.discard(), // attached meanwhile
             (true, None) => {}
-            (false, Some(n)) if n.key == t.exe && !self.closed => self.add_exe(&t, n)?,
-            (false, Some(n)) => {
+            (false, Some(n)) if self.closed => {
                 n.discard();
                 return Err(anyhow::anyhow!("the agent is shutting down").into());
             }
+            (false, Some(n)) => self.add_exe(&t, n)?,
             (false, None) => {
                 return Err(AttachError::NeedExe(Prepare {
                     attacher: self.attacher.clone(),

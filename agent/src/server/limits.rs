@@ -304,9 +304,19 @@ impl Guarded {
         }
     }
 
-    /// After a write: the client reads; a head it has begun waited on the
-    /// agent until now.
-    fn wrote(&mut self, r: io::Result<usize>) -> Poll<io::Result<usize>> {
+    /// After a write: not taken, it waits on the client (under the stall's
+    /// deadline); taken, the client reads, and a head it has begun waited
+    /// on the agent until now.
+    fn wrote(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        let Poll::Ready(r) = r else {
+            self.stalled_since.get_or_insert_with(Instant::now);
+            self.check(cx)?;
+            return Poll::Pending;
+        };
         let now = Instant::now();
         self.stalled_since = None;
         self.last_activity = now;
@@ -352,14 +362,8 @@ impl AsyncWrite for Guarded {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write(cx, buf) {
-            Poll::Pending => {
-                this.stalled_since.get_or_insert_with(Instant::now);
-                this.check(cx)?;
-                Poll::Pending
-            }
-            Poll::Ready(r) => this.wrote(r),
-        }
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.wrote(cx, r)
     }
 
     fn poll_write_vectored(
@@ -368,14 +372,8 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
-            Poll::Pending => {
-                this.stalled_since.get_or_insert_with(Instant::now);
-                this.check(cx)?;
-                Poll::Pending
-            }
-            Poll::Ready(r) => this.wrote(r),
-        }
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.wrote(cx, r)
     }
 
     fn is_write_vectored(&self) -> bool {
