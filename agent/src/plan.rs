@@ -11,7 +11,7 @@ use gopulse_common::{
     START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState, TABLE_HEADER_BYTES,
 };
 
-use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets, Symbolizer};
+use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets, Symbolizer, symname};
 
 pub const STOP_FN: &str = "runtime.stopTheWorldWithSema";
 pub const START_FN: &str = "runtime.startTheWorldWithSema";
@@ -184,10 +184,12 @@ impl Default for Plumbing {
 
 impl Plumbing {
     /// The default prefixes plus `extra` (for third-party decoders such as
-    /// `gopkg.in/yaml.v3.`).
+    /// `gopkg.in/yaml.v3.`). Names are matched as their import paths read,
+    /// so a prefix in Go's escaped form (`gopkg.in/yaml%2ev3.`) is taken
+    /// as that too.
     pub fn new(extra: &[String]) -> Self {
         let mut prefixes: Vec<String> = DEFAULT_PLUMBING.iter().map(|p| (*p).to_owned()).collect();
-        prefixes.extend(extra.iter().cloned());
+        prefixes.extend(extra.iter().map(|p| symname::unescape(p).into_owned()));
         Self { prefixes }
     }
 
@@ -442,7 +444,10 @@ mod tests {
 
     #[test]
     fn plumbing_classes() {
-        let p = Plumbing::new(&["gopkg.in/yaml.v3.".to_owned()]);
+        let p = Plumbing::new(&[
+            "gopkg.in/yaml.v3.".to_owned(),
+            "example.com/a%2eb.".to_owned(),
+        ]);
         for name in [
             "runtime.mapassign_faststr",
             "internal/runtime/maps.(*Map).growToTable",
@@ -452,6 +457,7 @@ mod tests {
             "maps.Copy[go.shape.map[string]int,string,int]",
             "sync.(*Map).Store",
             "gopkg.in/yaml.v3.(*decoder).mapping",
+            "example.com/a.b.Decode",
         ] {
             assert_eq!(p.class(name), Some(true), "{name}");
         }

@@ -169,6 +169,10 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
 /// How long the follower lets events gather after a wakeup.
 const BATCH: Duration = Duration::from_millis(10);
 
+/// The longest the follower sleeps without events: its gauges are set at
+/// least this often.
+const IDLE_WAIT: Duration = Duration::from_secs(1);
+
 /// How the agent follows processes after start-up.
 pub struct Follow {
     /// `None` with `--pid`: only the named processes, no discovery.
@@ -214,10 +218,11 @@ pub fn follow(app: &App, f: Follow) {
         .filter_map(|&pid| Some((pid, procfs::start_time(pid).ok()?)))
         .collect();
     let mut lost = 0u64;
-    let mut next_rescan = Instant::now();
+    // With --pid nothing is due but events: the loop sleeps in `wait`.
+    let mut next_rescan = discovery.as_ref().map(|_| Instant::now());
     loop {
-        if let Some(d) = discovery.as_mut()
-            && Instant::now() >= next_rescan
+        if let (Some(d), Some(due)) = (discovery.as_mut(), next_rescan)
+            && Instant::now() >= due
         {
             rescan(&ctx, d);
             if !app.scanned.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -226,10 +231,12 @@ pub fn follow(app: &App, f: Follow) {
                     "first scan of /proc done"
                 );
             }
-            next_rescan = Instant::now() + rescan_every;
+            next_rescan = Some(Instant::now() + rescan_every);
         }
-        let wait = next_rescan.saturating_duration_since(Instant::now());
-        let batch = events.wait(wait.min(Duration::from_secs(1)));
+        let wait = next_rescan.map_or(IDLE_WAIT, |due| {
+            due.saturating_duration_since(Instant::now()).min(IDLE_WAIT)
+        });
+        let batch = events.wait(wait);
         if !batch.is_empty() {
             // Let a storm of execs gather: one wakeup per batch, not per
             // exec (a node can exec thousands of programs a second).
@@ -295,7 +302,9 @@ pub fn follow(app: &App, f: Follow) {
                 "exec/exit events lost (ring full); rescanning /proc"
             );
             lost = now_lost;
-            next_rescan = Instant::now();
+            if next_rescan.is_some() {
+                next_rescan = Some(Instant::now());
+            }
         }
         metrics
             .processes_watched

@@ -237,12 +237,15 @@ fn build_matrix_of_every_release() {
             // PC -> function name, for call-site attribution.
             let main = truth["runtime.main"].0;
             assert_eq!(
-                found.symbolizer.function_at(main + 1),
+                found.symbolizer.function_at(main + 1).as_deref(),
                 Some("runtime.main"),
                 "{what}"
             );
             assert_eq!(
-                found.symbolizer.function_at(truth["main.main"].0),
+                found
+                    .symbolizer
+                    .function_at(truth["main.main"].0)
+                    .as_deref(),
                 Some("main.main"),
                 "{what}"
             );

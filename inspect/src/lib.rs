@@ -7,6 +7,7 @@ mod elf;
 pub mod offsets;
 pub mod pclntab;
 mod quick;
+pub mod symname;
 pub mod version;
 
 use std::{

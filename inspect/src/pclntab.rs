@@ -1,6 +1,9 @@
 //! `.gopclntab`: Go's own function table, present in stripped binaries too.
 //! Layout of Go 1.20+ (`runtime/symtab.go` `pcHeader`, magic 0xfffffff1).
+use std::borrow::Cow;
+
 use super::InspectError;
+use crate::symname::unescape;
 
 /// Magic of Go 1.20+ tables (1.21–1.27 all use it).
 pub const MAGIC_GO120: u32 = 0xffff_fff1;
@@ -170,14 +173,17 @@ pub struct Symbolizer {
 
 impl Symbolizer {
     /// The Go function containing `pc` (a virtual address of the binary),
-    /// as Go prints it, e.g. `main.(*Cache).Put`.
-    pub fn function_at(&self, pc: u64) -> Option<&str> {
+    /// as its import path reads (`gopkg.in/yaml.v3.(*decoder).mapping`,
+    /// where Go prints `yaml%2ev3`: [`crate::symname`]).
+    pub fn function_at(&self, pc: u64) -> Option<Cow<'_, str>> {
         if pc >= self.text_end {
             return None;
         }
         let i = self.entries.partition_point(|&(entry, _, _)| entry <= pc);
         let &(_, at, len) = self.entries.get(i.checked_sub(1)?)?;
-        self.names.get(at as usize..(at + len) as usize)
+        self.names
+            .get(at as usize..(at + len) as usize)
+            .map(unescape)
     }
 
     /// Entry address of a function by name (first match).
@@ -190,6 +196,7 @@ impl Symbolizer {
 
     /// The address ranges `[start, end)` covered by runs of consecutive
     /// functions that `class` puts in (`Some(true)`), in ascending order.
+    /// `class` sees names as their import paths read ([`crate::symname`]).
     /// Functions it calls neutral (`None`) join a range only between two
     /// that are in; those out (`Some(false)`) end it.
     pub fn ranges(&self, mut class: impl FnMut(&str) -> Option<bool>) -> Vec<(u64, u64)> {
@@ -205,7 +212,7 @@ impl Symbolizer {
                 .entries
                 .get(i + 1)
                 .map_or(self.text_end, |&(next, _, _)| next);
-            match (class(name), open) {
+            match (class(&unescape(name)), open) {
                 (Some(true), None) => open = Some((entry, end)),
                 (Some(true), Some((start, _))) => open = Some((start, end)),
                 (Some(false), Some(range)) => {
@@ -266,12 +273,12 @@ mod tests {
         let funcs: Vec<_> = p.functions().map(Result::unwrap).collect();
         assert_eq!(funcs, vec![("a", 0, 0x20), ("b", 0x20, 0x60)]);
         let s = p.symbolizer(0x401000).unwrap();
-        assert_eq!(s.function_at(0x401000), Some("a"));
-        assert_eq!(s.function_at(0x40101f), Some("a"));
-        assert_eq!(s.function_at(0x401020), Some("b"));
-        assert_eq!(s.function_at(0x40105f), Some("b"));
-        assert_eq!(s.function_at(0x401060), None);
-        assert_eq!(s.function_at(0x400fff), None);
+        assert_eq!(s.function_at(0x401000).as_deref(), Some("a"));
+        assert_eq!(s.function_at(0x40101f).as_deref(), Some("a"));
+        assert_eq!(s.function_at(0x401020).as_deref(), Some("b"));
+        assert_eq!(s.function_at(0x40105f).as_deref(), Some("b"));
+        assert_eq!(s.function_at(0x401060).as_deref(), None);
+        assert_eq!(s.function_at(0x400fff).as_deref(), None);
         assert_eq!(s.entry_of("b"), Some(0x401020));
         assert_eq!(s.ranges(|n| Some(n == "a")), vec![(0x401000, 0x401020)]);
         assert_eq!(s.ranges(|n| Some(n == "b")), vec![(0x401020, 0x401060)]);

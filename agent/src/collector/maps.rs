@@ -50,8 +50,7 @@ impl Proc {
         // A return address points after the call; step back into it.
         self.symbolizer
             .function_at(site.wrapping_sub(1))
-            .unwrap_or("unknown")
-            .to_owned()
+            .map_or_else(|| "unknown".to_owned(), |n| n.into_owned())
     }
 
     /// Site label for a new observation, within the per-process bound:

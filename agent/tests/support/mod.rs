@@ -924,3 +924,23 @@ pub fn private_copy(bin: &Path, name: &str) -> PathBuf {
     std::fs::copy(bin, &out).unwrap_or_else(|e| panic!("copying {}: {e}", bin.display()));
     out
 }
+
+/// utime + stime of a process (all its threads), in seconds, from
+/// `/proc/PID/stat`. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from the last `)`.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/stat: {e}"));
+    let rest = &stat[stat.rfind(')').expect("`)` after the name") + 1..];
+    // After the name: state (field 3), ..., utime (14), stime (15).
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse().expect("a number of clock ticks"))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    assert!(ticks > 0, "sysconf(_SC_CLK_TCK) returned {ticks}");
+    fields.iter().sum::<u64>() as f64 / ticks as f64
+}

@@ -25,7 +25,10 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
-use super::{Agent, Prepared, describe_load, free_addr, machine, median, pin_self, prepare};
+use super::{
+    Agent, Prepared, clock_ticks, describe_load, free_addr, machine, median, parse_stat_cpu_ticks,
+    pin_self, prepare,
+};
 use crate::{openmetrics, project::fmt_elapsed, signal};
 
 /// The program the storm runs: small, not Go, on every Linux host.
@@ -450,34 +453,6 @@ fn spawn_due(
 
 fn per_second(n: u64, secs: f64) -> f64 {
     if secs > 0.0 { n as f64 / secs } else { 0.0 }
-}
-
-/// Clock ticks per second, the unit of /proc's CPU times.
-fn clock_ticks() -> Result<f64> {
-    // SAFETY: sysconf has no preconditions.
-    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if t <= 0 {
-        bail!("sysconf(_SC_CLK_TCK) returned {t}");
-    }
-    Ok(t as f64)
-}
-
-/// utime + stime, in clock ticks, from the text of `/proc/PID/stat`.
-/// The command name (field 2) is in parentheses and may itself hold spaces
-/// and parentheses, so the fields are counted from the last `)`.
-fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
-    let rest = stat
-        .rfind(')')
-        .map(|i| &stat[i + 1..])
-        .context("no `)` after the command name")?;
-    // After the name: state (field 3), ..., utime (14), stime (15).
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> Result<u64> {
-        let s = fields.get(n - 3).with_context(|| format!("no field {n}"))?;
-        s.parse()
-            .with_context(|| format!("field {n} is {s:?}, not a number"))
-    };
-    Ok(field(14)? + field(15)?)
 }
 
 /// CPU time of one line of `/proc/stat`, in clock ticks.

@@ -317,6 +317,44 @@ fn run_workload<T>(
     })
 }
 
+/// Clock ticks per second, the unit of /proc's CPU times.
+pub(super) fn clock_ticks() -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t <= 0 {
+        bail!("sysconf(_SC_CLK_TCK) returned {t}");
+    }
+    Ok(t as f64)
+}
+
+/// utime + stime, in clock ticks, from the text of `/proc/PID/stat`.
+/// The command name (field 2) is in parentheses and may itself hold spaces
+/// and parentheses, so the fields are counted from the last `)`.
+pub(super) fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
+    let rest = stat
+        .rfind(')')
+        .map(|i| &stat[i + 1..])
+        .context("no `)` after the command name")?;
+    // After the name: state (field 3), ..., utime (14), stime (15).
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Result<u64> {
+        let s = fields.get(n - 3).with_context(|| format!("no field {n}"))?;
+        s.parse()
+            .with_context(|| format!("field {n} is {s:?}, not a number"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// utime + stime of process `pid` (all its threads), in seconds.
+pub(super) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    Ok(
+        parse_stat_cpu_ticks(&stat).with_context(|| format!("parsing {path}"))? as f64
+            / clock_ticks()?,
+    )
+}
+
 /// A loopback address with a port free right now.
 fn free_addr() -> Result<String> {
     let l = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;

@@ -22,8 +22,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use super::{
-    Agent, Config, Pinning, Prepared, RunSpec, build_workload, describe_load, describe_pinning,
-    fmt_ns, machine, median, prepare, rotated, run_workload, spread, sum_for_pid,
+    Agent, Config, Pinning, Prepared, RunSpec, build_workload, cpu_seconds, describe_load,
+    describe_pinning, fmt_ns, machine, median, prepare, rotated, run_workload, spread, sum_for_pid,
 };
 use crate::{
     project::{GO_VERSIONS, fmt_elapsed},
@@ -119,6 +119,9 @@ struct Phase {
     /// timed at start-up, plus its program's run time from the kernel's
     /// statistics); `None` without the agent.
     probe_s: Option<f64>,
+    /// The agent's own CPU (utime + stime) over the phase and the settle
+    /// after it, and that wall time, in seconds; `None` without the agent.
+    agent_cpu: Option<(f64, f64)>,
 }
 
 #[derive(Debug)]
@@ -242,7 +245,7 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
     let run = run_workload(spec, hits)?;
     let mut phases = Vec::new();
     for p in &run.report.phases {
-        let (hits, lost, probe_s) = if spec.config.agent.is_some() {
+        let (hits, lost, probe_s, agent_cpu) = if spec.config.agent.is_some() {
             let at = |i: usize| run.snapshots.get(i).map(|(_, s)| *s);
             let i = run
                 .snapshots
@@ -255,9 +258,13 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
                 Some(now.hits.saturating_sub(before.hits)),
                 Some(now.lost.saturating_sub(before.lost)),
                 Some((now.probe_s - before.probe_s).max(0.0)),
+                Some((
+                    (now.agent_s - before.agent_s).max(0.0),
+                    now.at_s - before.at_s,
+                )),
             )
         } else {
-            (None, None, None)
+            (None, None, None, None)
         };
         phases.push(Phase {
             name: p.name.clone(),
@@ -267,6 +274,7 @@ fn run_once(spec: &RunSpec) -> Result<RunResult> {
             hits,
             lost,
             probe_s,
+            agent_cpu,
         });
     }
     Ok(RunResult {
@@ -284,11 +292,18 @@ struct Counted {
     hits: u64,
     lost: u64,
     probe_s: f64,
+    /// The agent's utime + stime so far, in seconds.
+    agent_s: f64,
+    /// When: seconds since the first reading of the run.
+    at_s: f64,
 }
 
 /// The probe hits, lost events and probe CPU the agent has counted for
-/// `pid` so far.
+/// `pid` so far, and the agent's own CPU.
 fn hits(agent: &Agent, pid: u32) -> Result<Counted> {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let at_s = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    let agent_s = cpu_seconds(agent.pid())?;
     let samples = agent.metrics()?;
     let lost = sum_for_pid(&samples, EVENTS_LOST, pid);
     // An agent that counts every probe hit (GC, growth, assignment) says
@@ -303,7 +318,20 @@ fn hits(agent: &Agent, pid: u32) -> Result<Counted> {
         hits: hits as u64,
         lost: lost as u64,
         probe_s: sum_for_pid(&samples, PROBE_OVERHEAD, pid),
+        agent_s,
+        at_s,
     })
+}
+
+/// The median over runs of the agent's CPU, as a percentage of one CPU,
+/// from each run's (CPU seconds, wall seconds); `-` without the agent.
+fn agent_cpu_percent(runs: impl Iterator<Item = Option<(f64, f64)>>) -> String {
+    let fractions: Vec<f64> = runs
+        .flatten()
+        .filter(|&(_, wall)| wall > 0.0)
+        .map(|(cpu, wall)| cpu / wall)
+        .collect();
+    median(&fractions).map_or_else(|| "-".to_string(), |f| format!("{:.2}%", f * 100.0))
 }
 
 /// Throughput of `config` relative to the baseline: baseline ns/op over
@@ -339,9 +367,10 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
         let _ = write!(
             head,
             " {n} ns/op | {n} throughput ratio (per-round range, sd) | {n} probe hits | \
-             {n} cost per hit | {n} probe CPU, accounted (% of the phase) |"
+             {n} cost per hit | {n} probe CPU, accounted (% of the phase) | \
+             {n} agent's own CPU (% of a CPU) |"
         );
-        rule.push_str("--:|--:|--:|--:|--:|");
+        rule.push_str("--:|--:|--:|--:|--:|--:|");
     }
     let mut out = format!("{head}\n{rule}\n");
     let phase_of = |r: &RunResult, name: &str| -> Result<Phase> {
@@ -408,9 +437,11 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
                     format!("{:.1} ms ({:.2}%)", secs * 1e3, 100.0 * secs / phase_s)
                 },
             );
+            let agent_cpu = agent_cpu_percent(phases.iter().map(|q| q.agent_cpu));
             let _ = write!(
                 out,
-                " {} | {:.3} ({:.2}–{:.2}, sd {:.3}) | {hits_med} | {cost} | {accounted} |",
+                " {} | {:.3} ({:.2}–{:.2}, sd {:.3}) | {hits_med} | {cost} | {accounted} | \
+                 {agent_cpu} |",
                 fmt_ns(med),
                 throughput_ratio(base_med, med),
                 s.min,
@@ -451,9 +482,14 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
                 100.0 * secs / base_total.max(f64::MIN_POSITIVE)
             )
         });
+        let agent_cpu = agent_cpu_percent(of(&c.name).iter().map(|r| {
+            r.phases.iter().try_fold((0.0, 0.0), |(cpu, wall), p| {
+                p.agent_cpu.map(|(c, w)| (cpu + c, wall + w))
+            })
+        }));
         let _ = write!(
             out,
-            " {t:.3} s | {:.3}{range} | {} | | {accounted} |",
+            " {t:.3} s | {:.3}{range} | {} | | {accounted} | {agent_cpu} |",
             throughput_ratio(base_total, t),
             median(&hits).unwrap_or_default()
         );
@@ -467,7 +503,10 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
          is not told apart from run-to-run noise. Probe CPU, accounted: the rise of \
          gopulse_probe_overhead_seconds_total over the phase (each hit at its trap, timed by \
          the agent, plus its program's run time from the kernel's statistics; median of the \
-         rounds), and that against the phase's time without the agent.\n",
+         rounds), and that against the phase's time without the agent. Agent's own CPU: \
+         the agent process's utime + stime (/proc/PID/stat, every thread) from the scrape \
+         before the phase to the scrape after it (the phase and the settle after it), over \
+         that wall time; median of the rounds.\n",
     );
     Ok(out)
 }
@@ -533,6 +572,8 @@ mod tests {
                 hits,
                 lost: hits.map(|_| 0),
                 probe_s: hits.map(|h| h as f64 * 100e-9),
+                // 20 ms of the agent's CPU over a 2 s phase: 1%.
+                agent_cpu: hits.map(|_| (0.02, 2.0)),
             }],
             phase_ns: ns * 1000.0,
             go_version: "go1.27.3".into(),
@@ -551,7 +592,7 @@ mod tests {
         assert!(
             table.contains(
                 "| small | 1000 | 2 | 105 | 128 | 0.824 (0.80–0.85, sd 0.033) | 50 | 0.45 µs | \
-                 0.0 ms (4.76%) |"
+                 0.0 ms (4.76%) | 1.00% |"
             ),
             "{table}"
         );
@@ -564,7 +605,7 @@ mod tests {
         ];
         let table = report(&configs(""), &runs).unwrap();
         assert!(
-            table.contains("| 50 | 0.00 µs † | 0.0 ms (4.76%) |"),
+            table.contains("| 50 | 0.00 µs † | 0.0 ms (4.76%) | 1.00% |"),
             "{table}"
         );
     }
