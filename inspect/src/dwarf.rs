@@ -101,6 +101,8 @@ pub fn structs_through(
         strings: DebugStr::new(&strings, endian),
         endian,
     };
+    // No wider than the section: a small one (a fuzzer's) needs no more.
+    let window = window.min(usize::try_from(size).unwrap_or(usize::MAX));
     let mut window = Window::new(stream.take(size), window);
     reader
         .structs(&mut window, wanted)
