@@ -14,7 +14,8 @@
 //!   filesystem without leases) or the kernel broke it (a read longer than
 //!   its `lease-break-time`, 45 s by default), a SIGBUS on a page of the
 //!   mapping is caught: the page is replaced by zeros, the read is marked
-//!   torn and its result thrown away.
+//!   torn and its result thrown away. A write that does not shrink the file
+//!   shows in its stamp (mtime, ctime), which the reader checks after.
 //!
 //! Copying only the sections needed into bounded buffers was the other
 //! way; but the symbolizer walks all of pclntab (62 MB in Traefik 3.7), so

@@ -72,9 +72,10 @@ impl Binaries {
             .as_ref()
             .map(|b| plumbing.pages(&b.symbolizer, mapped.bytes()))
             .unwrap_or_default();
-        // Truncated while read: whatever came of it is wrong, and the
-        // process is gone (a running program's file cannot be written).
-        if mapped.torn() {
+        // Truncated or written while read (without a lease to hold the
+        // writer): whatever came of it is wrong, and the process is gone
+        // (a running program's file cannot be written).
+        if mapped.torn() || Stamp::of(&file).ok() != Some(stamp) {
             return Err(Changed.into());
         }
         drop(mapped);

@@ -77,6 +77,13 @@ pub struct Stamp {
     size: u64,
 }
 
+impl Stamp {
+    /// The stamp of an open file now (a write since it was opened shows).
+    pub fn of(file: &File) -> io::Result<Self> {
+        Ok(ExeKey::of_metadata(&file.metadata()?).1)
+    }
+}
+
 /// Why an executable is not watched; the `reason` label of
 /// `gopulse_discovery_skipped_total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
