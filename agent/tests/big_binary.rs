@@ -192,9 +192,11 @@ fn attaching_to_traefik_stays_within_the_memory_bound() {
     };
     let size = std::fs::metadata(&traefik).unwrap().len();
     assert!(size >= 150_000_000, "a big executable: {size} bytes");
-    // A name of this run's own, for --exe-regex.
+    // A name of this run's own, for --exe-regex; the 185 MB copy goes
+    // whatever happens.
     let name = format!("traefik-{}", std::process::id());
     let bin = support::private_copy(&traefik, &name);
+    let _copy = Removed(bin.clone());
     let server = Traefik::start(&bin);
     let pid = server.pid();
 
@@ -215,5 +217,13 @@ fn attaching_to_traefik_stays_within_the_memory_bound() {
         );
     }
     drop(server);
-    let _ = std::fs::remove_file(&bin);
+}
+
+/// A file removed when dropped.
+struct Removed(std::path::PathBuf);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
