@@ -10,6 +10,7 @@ pub mod caps;
 pub mod collector;
 pub mod cost;
 pub mod discover;
+pub mod exe_map;
 pub mod export;
 pub mod governor;
 pub mod mapshape;

@@ -208,9 +208,10 @@ impl Plumbing {
     }
 
     /// The executable's plumbing as the kernel holds it: per page of text
-    /// (link-time address >> 12), a bit per 16-byte block.
-    pub fn pages(&self, symbolizer: &Symbolizer) -> BTreeMap<u32, PageBits> {
-        pages(&symbolizer.ranges(|n| self.class(n)))
+    /// (link-time address >> 12), a bit per 16-byte block. Names from the
+    /// executable's bytes `exe`.
+    pub fn pages(&self, symbolizer: &Symbolizer, exe: &[u8]) -> BTreeMap<u32, PageBits> {
+        pages(&symbolizer.ranges(exe, |n| self.class(n)))
     }
 }
 

@@ -10,13 +10,14 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    collector::NewProc,
+    collector::{FunctionNames, NewProc},
     discover::{
         Decision, Discovery, Naming,
         events::{Life, LifeEvents, monotonic_ns},
         exe::{ExeKey, Skip, Stamp},
     },
-    inspect::{self, GoBinary, Symbolizer},
+    exe_map::Mapped,
+    inspect::{self, GoBinary},
     metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
     probes::{AttachError, NewExe, Target},
@@ -30,13 +31,14 @@ use crate::{
 pub struct Inspected {
     /// Without its symbolizer, which is shared below.
     bin: GoBinary,
-    symbolizer: Arc<Symbolizer>,
+    names: Arc<FunctionNames>,
     pages: Arc<BTreeMap<u32, gopulse_common::PageBits>>,
 }
 
 /// Executables read lately, kept while the file is unchanged: a Go program
 /// started again (a replica, a command run by cron) is not read and decoded
-/// again. Small: a big binary's symbol table is megabytes.
+/// again. What is kept of each is small (8 bytes a function: the symbolizer
+/// reads names from the file), so the last 16 are.
 #[derive(Default)]
 pub struct Binaries {
     entries: HashMap<ExeKey, (Stamp, Instant, Arc<Inspected>)>,
@@ -53,7 +55,7 @@ impl Binaries {
         plumbing: &Plumbing,
     ) -> anyhow::Result<(ExeKey, Arc<Inspected>, bool)> {
         let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
-        let (mut file, key, stamp) = ExeKey::open(pid).map_err(io)?;
+        let (file, key, stamp) = ExeKey::open(pid).map_err(io)?;
         if let Some((s, used, found)) = self.entries.get_mut(&key)
             && *s == stamp
         {
@@ -61,17 +63,36 @@ impl Binaries {
             return Ok((key, found.clone(), false));
         }
         // From the file the key names: by path it could be the next program
-        // if the process execs meanwhile.
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut data).map_err(io)?;
-        let mut bin = inspect::inspect_bytes(&data, &plan::wanted_functions())?;
-        drop(data);
-        let symbolizer = Arc::new(std::mem::take(&mut bin.symbolizer));
-        let pages = Arc::new(plumbing.pages(&symbolizer));
+        // if the process execs meanwhile. Mapped, not read (`exe_map`): its
+        // pages are the page cache's, and only those decoded are touched.
+        let started = Instant::now();
+        let mapped = Mapped::new(&file).map_err(io)?;
+        let bin = inspect::inspect_bytes(mapped.bytes(), &plan::wanted_functions());
+        let pages = bin
+            .as_ref()
+            .map(|b| plumbing.pages(&b.symbolizer, mapped.bytes()))
+            .unwrap_or_default();
+        // Truncated or written while read (without a lease to hold the
+        // writer): whatever came of it is wrong, and the process is gone
+        // (a running program's file cannot be written).
+        if mapped.torn() || Stamp::of(&file).ok() != Some(stamp) {
+            return Err(Changed.into());
+        }
+        drop(mapped);
+        let mut bin = bin?;
+        let names = FunctionNames::new(std::mem::take(&mut bin.symbolizer), key, stamp);
+        tracing::debug!(
+            pid,
+            functions = names.symbolizer().len(),
+            symbolizer_bytes = names.symbolizer().heap_bytes(),
+            plumbing_pages = pages.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "executable read"
+        );
         let found = Arc::new(Inspected {
             bin,
-            symbolizer,
-            pages,
+            names: Arc::new(names),
+            pages: Arc::new(pages),
         });
         if self.entries.len() >= BINARIES_KEPT
             && let Some(oldest) = self
@@ -89,7 +110,9 @@ impl Binaries {
 }
 
 /// The process ran another program, or exited, while it was being
-/// attached: not a failure, its next exec event (or exit) settles it.
+/// attached (or its executable was truncated while read, which only an
+/// exited program's can be): not a failure, its next exec event (or exit)
+/// settles it.
 #[derive(Debug, thiserror::Error)]
 #[error("it ran exec or exited while it was being attached")]
 pub struct Changed;
@@ -159,7 +182,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             labels,
             reasons: stw::table_for(&bin.version),
             start_time,
-            symbolizer: found.symbolizer.clone(),
+            names: found.names.clone(),
             map_offsets: bin.offsets.map,
         })
     });

@@ -234,21 +234,20 @@ fn build_matrix_of_every_release() {
                     "{what}: design notes §4.3"
                 );
             }
-            // PC -> function name, for call-site attribution.
+            // PC -> function name, for call-site attribution: from the
+            // executable's bytes, and read from its file.
+            let data = std::fs::read(&bin).unwrap();
+            let file = std::fs::File::open(&bin).unwrap();
             let main = truth["runtime.main"].0;
-            assert_eq!(
-                found.symbolizer.function_at(main + 1).as_deref(),
-                Some("runtime.main"),
-                "{what}"
-            );
-            assert_eq!(
-                found
-                    .symbolizer
-                    .function_at(truth["main.main"].0)
-                    .as_deref(),
-                Some("main.main"),
-                "{what}"
-            );
+            for (pc, name) in [
+                (main + 1, "runtime.main"),
+                (truth["main.main"].0, "main.main"),
+            ] {
+                let s = &found.symbolizer;
+                assert_eq!(s.function_at(&data, pc), Some(name), "{what}");
+                let i = s.index_at(pc).unwrap();
+                assert_eq!(s.name_in_file(&file, i).as_deref(), Some(name), "{what}");
+            }
             let planned = plan::plan(&found, 0).unwrap();
             assert_eq!(
                 planned.stw.start_args,
@@ -258,7 +257,7 @@ fn build_matrix_of_every_release() {
             assert!(planned.core.len() >= 3, "{what}");
             // The site walk's plumbing: a few hundred pages at most,
             // covering the runtime but not main.
-            let pages = plan::Plumbing::default().pages(&found.symbolizer);
+            let pages = plan::Plumbing::default().pages(&found.symbolizer, &data);
             assert!(
                 (1..1000).contains(&pages.len()),
                 "{what}: {} pages",
@@ -320,11 +319,11 @@ fn noswissmap_builds_are_classic() {
                 Some(found.offsets),
                 inspect::offsets::from_table(&found.version, MapImpl::Classic)
             );
-            assert!(found.symbolizer.entry_of("runtime.hashGrow").is_some());
+            let data = std::fs::read(&bin).unwrap();
+            let s = &found.symbolizer;
+            assert!(s.entry_of(&data, "runtime.hashGrow").is_some());
             assert!(
-                found
-                    .symbolizer
-                    .entry_of("internal/runtime/maps.(*table).grow")
+                s.entry_of(&data, "internal/runtime/maps.(*table).grow")
                     .is_none()
             );
         }

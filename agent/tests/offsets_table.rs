@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use gopulse_agent::inspect::{
     self, GoVersion, InspectError, MapImpl, MapOffsets, Offsets,
-    offsets::{from_dwarf, from_table},
+    offsets::{from_dwarf, from_dwarf_through, from_table},
 };
 
 /// Each installed toolchain with its version, or `None` after a skip.
@@ -162,6 +162,15 @@ fn dwarf_agrees_with_the_table_for_every_release() {
                 "{what}: stale table; run `cargo xtask codegen offsets`"
             );
             assert_known_values(&what, found.minor, &dwarf);
+            // Read through small windows (entries cut at their ends, the
+            // window widened for none): the same.
+            for window in [1 << 10, 4093] {
+                assert_eq!(
+                    from_dwarf_through(&data, imp, window).unwrap(),
+                    Some(dwarf),
+                    "{what}: window {window}"
+                );
+            }
 
             // The other implementation's structs are not in the binary.
             let other = match imp {

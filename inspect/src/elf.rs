@@ -1,7 +1,5 @@
 //! The ELF side of inspection: segments, sections, symbols, relocations,
 //! and where Go's tables are.
-use std::collections::HashMap;
-
 use object::{
     Architecture, Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol,
     ObjectSymbolTable, RelocationFlags, SegmentFlags, SymbolKind,
@@ -32,15 +30,14 @@ pub struct Elf<'a> {
     data: &'a [u8],
     file: object::File<'a>,
     segments: Vec<Segment>,
-    /// R_X86_64_RELATIVE relocations (position-independent builds): the
-    /// value the loader writes at each address.
-    relative: HashMap<u64, u64>,
 }
 
 /// Where pclntab is and what its header says.
 pub struct PclnLocation<'a> {
     pub table: pclntab::Pclntab<'a>,
     pub vaddr: u64,
+    /// Where it starts in the file.
+    pub offset: u64,
 }
 
 impl<'a> Elf<'a> {
@@ -98,22 +95,31 @@ impl<'a> Elf<'a> {
                 detail: "a section runs past the end of the file (truncated?)".to_owned(),
             });
         }
-        let mut relative = HashMap::new();
-        if let Some(relocs) = file.dynamic_relocations() {
-            for (offset, reloc) in relocs {
-                if let RelocationFlags::Elf { r_type } = reloc.flags()
-                    && r_type == R_X86_64_RELATIVE
-                {
-                    relative.insert(offset, reloc.addend() as u64);
-                }
-            }
-        }
         Ok(Self {
             data,
             file,
             segments,
-            relative,
         })
+    }
+
+    /// The parsed file, for the DWARF reader.
+    pub fn file(&self) -> &object::File<'a> {
+        &self.file
+    }
+
+    /// R_X86_64_RELATIVE relocations (position-independent builds): each
+    /// address and the value the loader writes there. Scanned on each use
+    /// rather than kept: a big PIE has a million of them, and a handful of
+    /// words is all that is looked up.
+    fn relative(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.file
+            .dynamic_relocations()
+            .into_iter()
+            .flatten()
+            .filter(|(_, reloc)| {
+                matches!(reloc.flags(), RelocationFlags::Elf { r_type } if r_type == R_X86_64_RELATIVE)
+            })
+            .map(|(at, reloc)| (at, reloc.addend() as u64))
     }
 
     /// Link-time address of file offset 0 (the first loaded segment's
@@ -138,7 +144,7 @@ impl<'a> Elf<'a> {
 
     /// The pointer-sized word the loaded program sees at `vaddr`.
     fn word(&self, vaddr: u64) -> Option<u64> {
-        if let Some(&v) = self.relative.get(&vaddr) {
+        if let Some((_, v)) = self.relative().find(|&(at, _)| at == vaddr) {
             return Some(v);
         }
         let b = self.bytes_at(vaddr, 8)?;
@@ -161,9 +167,14 @@ impl<'a> Elf<'a> {
                 section: ".gopclntab",
                 detail: e.to_string(),
             })?;
+            let (offset, _) = section.file_range().ok_or_else(|| InspectError::Corrupt {
+                section: ".gopclntab",
+                detail: "has no bytes in the file".to_owned(),
+            })?;
             return Ok(PclnLocation {
                 table: pclntab::Pclntab::parse(data)?,
                 vaddr: section.address(),
+                offset,
             });
         }
         let mut at = 0;
@@ -172,7 +183,11 @@ impl<'a> Elf<'a> {
             if let Ok(table) = pclntab::Pclntab::parse(&self.data[offset..])
                 && let Some(vaddr) = self.vaddr_of(offset as u64)
             {
-                return Ok(PclnLocation { table, vaddr });
+                return Ok(PclnLocation {
+                    table,
+                    vaddr,
+                    offset: offset as u64,
+                });
             }
             at = offset + 1;
         }
@@ -198,16 +213,20 @@ impl<'a> Elf<'a> {
                 && word(md, MD_FTAB_LEN) == Some(nftab)
         };
         let from_relocs = self
-            .relative
-            .iter()
-            .filter(|&(_, &v)| v == pcln.vaddr)
-            .map(|(&at, _)| at)
+            .relative()
+            .filter(|&(_, v)| v == pcln.vaddr)
+            .map(|(at, _)| at)
             .find(|&md| check(md));
         let found = from_relocs.or_else(|| {
             let needle = pcln.vaddr.to_le_bytes();
-            self.segments
-                .iter()
-                .filter(|s| s.flags & PF_X == 0)
+            // moduledata is a variable: writable segments first, a few MB,
+            // before the read-only data (pclntab itself, 60 MB in a big
+            // binary: pages a scan would fault in for nothing).
+            let writable = |s: &&Segment| s.flags & PF_W != 0;
+            let data = self.segments.iter().filter(|s| s.flags & PF_X == 0);
+            data.clone()
+                .filter(writable)
+                .chain(data.filter(|s| !writable(s)))
                 .find_map(|s| {
                     let start = usize::try_from(s.offset).ok()?;
                     let end = start.checked_add(usize::try_from(s.filesz).ok()?)?;

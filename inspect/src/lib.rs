@@ -3,7 +3,9 @@
 //! of functions whose return we observe. Nothing else in the agent parses ELF.
 pub mod buildinfo;
 mod disasm;
+mod dwarf;
 mod elf;
+mod image;
 pub mod offsets;
 pub mod pclntab;
 mod quick;
@@ -17,9 +19,10 @@ use std::{
 
 pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
+pub use image::Image;
 pub use offsets::{MapImpl, MapOffsets, Offsets};
 pub use pclntab::Symbolizer;
-pub use quick::{Release, go_release};
+pub use quick::{Release, go_release, go_release_in};
 pub use version::GoVersion;
 
 /// Why a binary cannot be probed. Each message says what to do about it.
@@ -100,7 +103,8 @@ pub struct GoBinary {
     pub image_base: u64,
     /// No `.symtab` (built with `-ldflags=-s`): functions come from pclntab.
     pub stripped: bool,
-    /// PC → function name for every Go function.
+    /// PC → function name for every Go function (names read from the
+    /// executable's bytes).
     pub symbolizer: Symbolizer,
     /// The map implementation the binary's runtime really contains.
     pub map_impl: MapImpl,
@@ -133,15 +137,20 @@ impl GoBinary {
     }
 }
 
-/// Reads `path` and resolves `wanted` functions (those missing are simply
+/// Maps `path` and resolves `wanted` functions (those missing are simply
 /// absent from [`GoBinary::functions`]). Refuses non-Go, non-amd64 and
-/// unsupported Go releases.
+/// unsupported Go releases. For tools and tests: the file must not be
+/// truncated or written meanwhile (see [`Image::map`]); the agent maps
+/// executables its own way and calls [`inspect_bytes`].
 pub fn inspect(path: &Path, wanted: &[&str]) -> Result<GoBinary, InspectError> {
-    let data = std::fs::read(path).map_err(|source| InspectError::Io {
+    let io = |source| InspectError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    inspect_bytes(&data, wanted)
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the caller reads a file nobody writes meanwhile (above).
+    let image = unsafe { Image::map(&file) }.map_err(io)?;
+    inspect_bytes(image.bytes(), wanted)
 }
 
 /// The Go release a build says it was made with, if gopulse supports it.
@@ -159,19 +168,21 @@ fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
     Ok(version)
 }
 
-/// [`inspect`] on bytes already read.
+/// [`inspect`] on the executable's bytes (mapped, or read). Everything it
+/// keeps is its own: the bytes can go once it returns (the symbolizer
+/// reads names from the executable again, see [`Symbolizer`]).
 pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectError> {
     let elf = elf::Elf::parse(data)?;
     let build = elf.build_info()?;
     let version = supported_version(&build)?;
     let pcln = elf.pclntab()?;
     let text_start = text_start(&elf, &pcln)?;
-    let symbolizer = pcln.table.symbolizer(text_start)?;
+    let symbolizer = pcln.table.symbolizer(text_start, pcln.offset)?;
     // A wrong text start shifts every function: refuse rather than attach
     // probes mid-instruction. runtime.main is in every Go program and
     // starts with the stack check.
     let main = symbolizer
-        .entry_of("runtime.main")
+        .entry_of(data, "runtime.main")
         .ok_or_else(|| InspectError::Corrupt {
             section: ".gopclntab",
             detail: "no runtime.main".to_owned(),
@@ -193,9 +204,14 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
         if !wanted.contains(&name) || functions.contains_key(name) {
             continue;
         }
-        // Bounds were checked when the symbolizer was built.
-        let address = text_start + entry;
-        let size = end - entry;
+        // Checked when the symbolizer was built, from the same bytes.
+        let address = text_start
+            .checked_add(entry)
+            .ok_or_else(|| InspectError::Corrupt {
+                section: ".gopclntab",
+                detail: format!("{name} past the end of the address space"),
+            })?;
+        let size = end.saturating_sub(entry);
         if let Some(sym) = elf.symtab_address(name)
             && sym != address
         {
@@ -237,9 +253,15 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
             },
         );
     }
-    let map_impl = map_impl(&symbolizer, &version);
-    let (offsets, offsets_from_dwarf) = match offsets::from_dwarf(data, map_impl)? {
-        Some(o) => (o, true),
+    let map_impl = map_impl(&symbolizer, data, &version);
+    // One pass over the DWARF for everything read from it.
+    let mut wanted_structs = offsets::wanted(map_impl).to_vec();
+    if version.minor == 21 {
+        wanted_structs.extend([WORK_TYPE, MSTATS]);
+    }
+    let structs = dwarf::structs(elf.file(), &wanted_structs)?;
+    let (offsets, offsets_from_dwarf) = match &structs {
+        Some(s) => (offsets::from_structs(s, map_impl)?, true),
         None => (
             offsets::from_table(&version, map_impl).ok_or_else(|| {
                 InspectError::UnsupportedVersion {
@@ -250,10 +272,9 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
             false,
         ),
     };
-    let pause_clock = if version.minor == 21 {
-        pause_clock(&elf, data)?
-    } else {
-        None
+    let pause_clock = match &structs {
+        Some(s) if version.minor == 21 => pause_clock(&elf, s)?,
+        _ => None,
     };
     Ok(GoBinary {
         pause_clock,
@@ -271,19 +292,21 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     })
 }
 
-fn pause_clock(elf: &elf::Elf<'_>, data: &[u8]) -> Result<Option<PauseClock>, InspectError> {
+const WORK_TYPE: &str = "runtime.workType";
+const MSTATS: &str = "runtime.mstats";
+
+fn pause_clock(
+    elf: &elf::Elf<'_>,
+    structs: &dwarf::Structs,
+) -> Result<Option<PauseClock>, InspectError> {
     let (Some(work), Some(memstats)) = (
         elf.symtab_data_address("runtime.work"),
         elf.symtab_data_address("runtime.memstats"),
     ) else {
         return Ok(None);
     };
-    let (Some(pause_start), Some(last_gc)) = (
-        offsets::field_offset(data, "runtime.workType", "pauseStart")?,
-        offsets::field_offset(data, "runtime.mstats", "last_gc_nanotime")?,
-    ) else {
-        return Ok(None);
-    };
+    let pause_start = offsets::field_offset(structs, WORK_TYPE, "pauseStart")?;
+    let last_gc = offsets::field_offset(structs, MSTATS, "last_gc_nanotime")?;
     Ok(Some(PauseClock {
         pause_start: work.wrapping_add(pause_start),
         last_gc_nanotime: memstats.wrapping_add(last_gc),
@@ -294,10 +317,10 @@ fn pause_clock(elf: &elf::Elf<'_>, data: &[u8]) -> Result<Option<PauseClock>, In
 /// `internal/runtime/maps.(*table).grow`; the linker keeps both in every
 /// program (the runtime itself uses maps). The version rule (1.24+ swiss
 /// unless `X:noswissmap`) only decides when neither is there.
-fn map_impl(symbolizer: &Symbolizer, version: &GoVersion) -> MapImpl {
-    let classic = symbolizer.entry_of("runtime.hashGrow").is_some();
+fn map_impl(symbolizer: &Symbolizer, data: &[u8], version: &GoVersion) -> MapImpl {
+    let classic = symbolizer.entry_of(data, "runtime.hashGrow").is_some();
     let swiss = symbolizer
-        .entry_of("internal/runtime/maps.(*table).grow")
+        .entry_of(data, "internal/runtime/maps.(*table).grow")
         .is_some();
     match (classic, swiss) {
         (true, false) => MapImpl::Classic,

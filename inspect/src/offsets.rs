@@ -2,14 +2,10 @@
 //! goroutines, Ms), per Go release: from a binary's own DWARF when it has
 //! any, else from a table generated from the DWARF of every supported
 //! toolchain (`cargo xtask codegen offsets`).
-use std::{borrow::Cow, collections::HashMap};
-
-use gimli::{
-    AttributeValue, DebugAbbrev, DebugAbbrevOffset, DebugInfo, DebugStr, EndianSlice, RunTimeEndian,
+use crate::{
+    GoVersion, InspectError,
+    dwarf::{self, Structs},
 };
-use object::{Object, ObjectSection};
-
-use crate::{GoVersion, InspectError};
 
 #[path = "offsets_table.rs"]
 mod table;
@@ -100,11 +96,6 @@ const SWISS_GROUPS: &str = "internal/runtime/maps.groupsReference";
 const G: &str = "runtime.g";
 const M: &str = "runtime.m";
 
-/// A decompressed section larger than this is taken as corrupt: Go's
-/// `.debug_info` is a few MB, and a forged size must not make us allocate
-/// gigabytes.
-const MAX_SECTION: u64 = 1 << 30;
-
 /// The offsets in the checked-in table for a release (`None` outside the
 /// supported range, for devel builds, and for a map implementation the
 /// release does not have).
@@ -118,43 +109,30 @@ pub fn from_table(version: &GoVersion, imp: MapImpl) -> Option<Offsets> {
         .map(|(_, _, offsets)| *offsets)
 }
 
+/// The structs [`from_structs`] reads for `imp`.
+pub fn wanted(imp: MapImpl) -> &'static [&'static str] {
+    match imp {
+        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
+        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
+    }
+}
+
 /// Reads the offsets from the executable's DWARF. `Ok(None)` when it has
 /// none (`-ldflags=-w`, or stripped); an error when the DWARF is unreadable
 /// or lacks a struct or field (e.g. `imp` is not the binary's map
 /// implementation).
 pub fn from_dwarf(data: &[u8], imp: MapImpl) -> Result<Option<Offsets>, InspectError> {
-    let wanted: &[&str] = match imp {
-        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
-        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
-    };
-    match read_structs(data, wanted)? {
-        Some(structs) => Ok(Some(offsets(&structs, imp)?)),
-        None => Ok(None),
-    }
+    from_dwarf_through(data, imp, dwarf::WINDOW)
 }
 
-/// The offset of one field of a struct type from the executable's DWARF;
-/// `Ok(None)` when the binary has no DWARF, an error when it lacks the field.
-pub fn field_offset(data: &[u8], strukt: &str, field: &str) -> Result<Option<u64>, InspectError> {
-    let Some(structs) = read_structs(data, &[strukt])? else {
-        return Ok(None);
-    };
-    let member = structs
-        .get(strukt)
-        .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
-        .members
-        .get(field)
-        .copied()
-        .flatten()
-        .ok_or_else(|| InspectError::MissingType(format!("{strukt}.{field}")))?;
-    Ok(Some(member))
-}
-
-/// The named struct types of the executable's DWARF (`None`: no DWARF).
-fn read_structs(
+/// [`from_dwarf`] reading `.debug_info` through a window of `window` bytes
+/// (tests: any window reads the same).
+#[doc(hidden)]
+pub fn from_dwarf_through(
     data: &[u8],
-    wanted: &[&str],
-) -> Result<Option<HashMap<String, Struct>>, InspectError> {
+    imp: MapImpl,
+    window: usize,
+) -> Result<Option<Offsets>, InspectError> {
     if !data.starts_with(b"\x7fELF") {
         return Err(InspectError::NotElf);
     }
@@ -162,169 +140,31 @@ fn read_structs(
         section: "ELF header",
         detail: e.to_string(),
     })?;
-    let Some(info) = section(&file, ".debug_info")? else {
-        return Ok(None);
-    };
-    let abbrev = section(&file, ".debug_abbrev")?.ok_or_else(|| InspectError::Corrupt {
-        section: ".debug_abbrev",
-        detail: "missing while .debug_info is present".to_owned(),
-    })?;
-    let strings = section(&file, ".debug_str")?.unwrap_or_default();
-    let endian = if file.is_little_endian() {
-        RunTimeEndian::Little
-    } else {
-        RunTimeEndian::Big
-    };
-    let dwarf = Sections {
-        info: DebugInfo::new(&info, endian),
-        abbrev: DebugAbbrev::new(&abbrev, endian),
-        strings: DebugStr::new(&strings, endian),
-    };
-    let structs = dwarf.structs(wanted).map_err(|e| InspectError::Corrupt {
-        section: ".debug_info",
-        detail: e.to_string(),
-    })?;
-    Ok(Some(structs))
-}
-
-/// A section's bytes, decompressed; `None` when absent.
-fn section<'a>(
-    file: &object::File<'a>,
-    name: &'static str,
-) -> Result<Option<Cow<'a, [u8]>>, InspectError> {
-    let Some(section) = file.section_by_name(name) else {
-        return Ok(None);
-    };
-    let corrupt = |detail: String| InspectError::Corrupt {
-        section: name,
-        detail,
-    };
-    // `uncompressed_data()`, with the claimed size checked before any allocation.
-    let compressed = section
-        .compressed_data()
-        .map_err(|e| corrupt(e.to_string()))?;
-    if compressed.uncompressed_size > MAX_SECTION {
-        return Err(corrupt(format!(
-            "claims {} bytes uncompressed",
-            compressed.uncompressed_size
-        )));
+    match dwarf::structs_through(&file, wanted(imp), window)? {
+        Some(structs) => Ok(Some(from_structs(&structs, imp)?)),
+        None => Ok(None),
     }
-    compressed
-        .decompress()
-        .map(Some)
-        .map_err(|e| corrupt(e.to_string()))
 }
 
-/// A struct type found in the DWARF.
-#[derive(Default)]
-struct Struct {
-    size: Option<u64>,
-    /// Member name → byte offset (`None` when not a constant).
-    members: HashMap<String, Option<u64>>,
-}
-
-type Slice<'a> = EndianSlice<'a, RunTimeEndian>;
-
-struct Sections<'a> {
-    info: DebugInfo<Slice<'a>>,
-    abbrev: DebugAbbrev<Slice<'a>>,
-    strings: DebugStr<Slice<'a>>,
-}
-
-impl<'a> Sections<'a> {
-    /// One pass over every DIE, keeping the first structure type of each
-    /// wanted name with its members; stops once all are found.
-    fn structs(&self, wanted: &[&str]) -> gimli::Result<HashMap<String, Struct>> {
-        let mut found: HashMap<String, Struct> = HashMap::new();
-        // Go's linker writes one abbreviation table that every unit shares.
-        let mut abbrevs: Option<(DebugAbbrevOffset, gimli::Abbreviations)> = None;
-        let mut units = self.info.units();
-        while let Some(unit) = units.next()? {
-            let offset = unit.debug_abbrev_offset();
-            if abbrevs.as_ref().map(|(at, _)| *at) != Some(offset) {
-                abbrevs = Some((offset, unit.abbreviations(&self.abbrev)?));
-            }
-            let Some((_, table)) = &abbrevs else {
-                continue;
-            };
-            let mut cursor = unit.entries(table);
-            let mut depth = 0isize;
-            // The struct being read and its depth: members are its children.
-            let mut current: Option<(String, isize)> = None;
-            while let Some((delta, entry)) = cursor.next_dfs()? {
-                depth += delta;
-                if let Some((_, at)) = &current
-                    && depth <= *at
-                {
-                    current = None;
-                }
-                if current.is_none() && found.len() == wanted.len() {
-                    break;
-                }
-                match entry.tag() {
-                    gimli::DW_TAG_structure_type if current.is_none() => {
-                        let Some(name) = self.name(entry)? else {
-                            continue;
-                        };
-                        if !wanted.contains(&name.as_str()) || found.contains_key(&name) {
-                            continue;
-                        }
-                        let size = entry
-                            .attr(gimli::DW_AT_byte_size)?
-                            .and_then(|a| a.udata_value());
-                        found.insert(
-                            name.clone(),
-                            Struct {
-                                size,
-                                ..Default::default()
-                            },
-                        );
-                        current = Some((name, depth));
-                    }
-                    gimli::DW_TAG_member => {
-                        let Some((owner, at)) = &current else {
-                            continue;
-                        };
-                        if depth != at + 1 {
-                            continue;
-                        }
-                        let Some(name) = self.name(entry)? else {
-                            continue;
-                        };
-                        let offset = entry
-                            .attr(gimli::DW_AT_data_member_location)?
-                            .and_then(|a| a.udata_value());
-                        if let Some(s) = found.get_mut(owner) {
-                            s.members.entry(name).or_insert(offset);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            // A unit's end also ends the struct being read.
-            if found.len() == wanted.len() {
-                break;
-            }
-        }
-        Ok(found)
-    }
-
-    /// `DW_AT_name` as a string (Go writes it inline; `.debug_str` handled too).
-    fn name(
-        &self,
-        entry: &gimli::DebuggingInformationEntry<Slice<'a>>,
-    ) -> gimli::Result<Option<String>> {
-        let bytes = match entry.attr_value(gimli::DW_AT_name)? {
-            Some(AttributeValue::String(s)) => s,
-            Some(AttributeValue::DebugStrRef(at)) => self.strings.get_str(at)?,
-            _ => return Ok(None),
-        };
-        Ok(Some(String::from_utf8_lossy(bytes.slice()).into_owned()))
-    }
+/// The offset of one field of a struct type read from the DWARF; an error
+/// when the struct or the field is missing.
+pub(crate) fn field_offset(
+    structs: &Structs,
+    strukt: &str,
+    field: &str,
+) -> Result<u64, InspectError> {
+    structs
+        .get(strukt)
+        .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
+        .members
+        .get(field)
+        .copied()
+        .flatten()
+        .ok_or_else(|| InspectError::MissingType(format!("{strukt}.{field}")))
 }
 
 /// Assembles [`Offsets`] from the structs found, naming what is missing.
-fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, InspectError> {
+pub(crate) fn from_structs(structs: &Structs, imp: MapImpl) -> Result<Offsets, InspectError> {
     let get = |name: &str| {
         structs
             .get(name)
@@ -408,7 +248,7 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const DW_TAG_COMPILE_UNIT: u8 = 0x11;
@@ -422,7 +262,7 @@ mod tests {
 
     /// Abbreviations 1 (unit), 2 (struct), 3 (member), as Go's linker writes them.
     #[rustfmt::skip]
-    fn abbrevs() -> Vec<u8> {
+    pub(crate) fn abbrevs() -> Vec<u8> {
         vec![
             1, DW_TAG_COMPILE_UNIT, 1, DW_AT_NAME, DW_FORM_STRING, 0, 0, //
             2, DW_TAG_STRUCTURE_TYPE, 1, DW_AT_NAME, DW_FORM_STRING, DW_AT_BYTE_SIZE,
@@ -439,10 +279,10 @@ mod tests {
     }
 
     /// A struct for [`debug_info`]: name, size, members (name, offset).
-    type TestStruct<'a> = (&'a str, u8, &'a [(&'a str, u8)]);
+    pub(crate) type TestStruct<'a> = (&'a str, u8, &'a [(&'a str, u8)]);
 
     /// One DWARF 4 unit holding `structs`; sizes and offsets < 128.
-    fn debug_info(structs: &[TestStruct]) -> Vec<u8> {
+    pub(crate) fn debug_info(structs: &[TestStruct]) -> Vec<u8> {
         let mut dies = vec![1];
         cstr(&mut dies, "runtime");
         for (name, size, members) in structs {
@@ -467,7 +307,7 @@ mod tests {
     }
 
     /// A minimal x86-64 ELF with the given sections and no segments.
-    fn elf(sections: &[(&str, &[u8])]) -> Vec<u8> {
+    pub(crate) fn elf(sections: &[(&str, &[u8])]) -> Vec<u8> {
         let mut shstrtab = vec![0u8];
         let mut names = Vec::new();
         for name in [".shstrtab"]
@@ -532,7 +372,7 @@ mod tests {
         ("extra", 40),
     ];
 
-    fn classic_binary() -> Vec<u8> {
+    pub(crate) fn classic_binary() -> Vec<u8> {
         let info = debug_info(&[
             ("runtime.m", 100, &[("g0", 0), ("curg", 92)]),
             ("runtime.hmap", 48, HMAP_MEMBERS),

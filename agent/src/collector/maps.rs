@@ -46,11 +46,14 @@ fn kind_label(kind: u8) -> Option<&'static str> {
 
 impl Proc {
     /// The Go function a site address (a link-time return address) lies in.
-    fn site_name(&self, site: u64) -> String {
+    fn site_name(&self, pid: u32, site: u64) -> String {
         // A return address points after the call; step back into it.
-        self.symbolizer
-            .function_at(site.wrapping_sub(1))
-            .map_or_else(|| "unknown".to_owned(), |n| n.into_owned())
+        self.names
+            .function_at(pid, site.wrapping_sub(1))
+            .unwrap_or_else(|| {
+                tracing::debug!(pid, site, "growth site in no function the executable names");
+                "unknown".to_owned()
+            })
     }
 
     /// Site label for a new observation, within the per-process bound:
@@ -104,7 +107,7 @@ impl Collector {
             };
             let (counted, site) = match p.growth_keys.get(&key) {
                 Some((n, site)) => (*n, site.clone()),
-                None => (0, p.site_name(key.site)),
+                None => (0, p.site_name(key.pid, key.site)),
             };
             let new = v.growths.saturating_sub(counted);
             p.growth_keys.insert(key, (v.growths, site.clone()));
@@ -219,7 +222,7 @@ pub(super) fn fold_seen(
         p.maps_untracked = untracked;
     }
     for (i, (addr, s)) in seen.into_iter().enumerate() {
-        let site = p.site_name(s.site);
+        let site = p.site_name(pid, s.site);
         let site = p.bounded_site(site, max_sites);
         p.note_map(
             &site,

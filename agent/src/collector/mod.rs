@@ -5,6 +5,7 @@
 //! budget belong to the attach stage (`crate::probes`).
 mod gc;
 mod maps;
+pub mod names;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,11 +16,12 @@ use gopulse_common::GrowthKey;
 
 use maps::MapRef;
 pub use maps::OTHER_SITE;
+pub use names::FunctionNames;
 
 use crate::{
     bpf::{CollectorMaps, Counters},
     cost::Costs,
-    inspect::{MapOffsets, Symbolizer},
+    inspect::MapOffsets,
     metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, ProcAnd, ProcLabels},
     plan::PROGRAM_TABLE,
     procfs,
@@ -35,7 +37,7 @@ pub struct NewProc {
     pub start_time: u64,
     /// Link-time PC → Go function, for sites (shared by the processes of
     /// one executable).
-    pub symbolizer: Arc<Symbolizer>,
+    pub names: Arc<FunctionNames>,
     pub map_offsets: MapOffsets,
 }
 
@@ -50,7 +52,7 @@ struct Proc {
     /// Kernel counters already folded into the metrics.
     synced: Counters,
     start_time: u64,
-    symbolizer: Arc<Symbolizer>,
+    names: Arc<FunctionNames>,
     /// Growths already counted per kernel key, and the key's site label.
     growth_keys: BTreeMap<GrowthKey, (u64, String)>,
     /// Site labels in use (bounded by `--max-map-sites`).
@@ -135,7 +137,7 @@ impl Collector {
                 stw_seq: 0,
                 synced: Counters::default(),
                 start_time: p.start_time,
-                symbolizer: p.symbolizer,
+                names: p.names,
                 growth_keys: BTreeMap::new(),
                 sites: BTreeSet::new(),
                 storms: BTreeMap::new(),

@@ -308,6 +308,13 @@ impl Agent {
 
     /// [`Agent::spawn_with`] with extra environment variables.
     pub fn spawn_env(pids: &[u32], flags: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut agent = Self::start(pids, flags, envs);
+        agent.wait_serving();
+        agent
+    }
+
+    /// [`Agent::spawn_env`] without waiting for it to serve.
+    pub fn start(pids: &[u32], flags: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gopulse"));
         cmd.args(flags).envs(envs.iter().copied());
         for pid in pids {
@@ -321,14 +328,17 @@ impl Agent {
             .spawn()
             .expect("starting gopulse");
         let log = tee_stderr(&mut child, "gopulse".to_owned());
-        let mut agent = Self {
+        Self {
             child,
             addr: String::new(),
             log,
-        };
-        let line = agent.wait_log("serving http://", Duration::from_secs(30));
-        agent.addr = served_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
-        agent
+        }
+    }
+
+    /// Waits until it serves, and notes where.
+    pub fn wait_serving(&mut self) {
+        let line = self.wait_log("serving http://", Duration::from_secs(30));
+        self.addr = served_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
     }
 
     /// The first log line containing `needle`, waiting up to `timeout`.
@@ -556,6 +566,19 @@ pub fn rotel_command(bin: &Path) -> Command {
 pub fn caddy_binary(version: &str) -> Option<PathBuf> {
     let caddy = cache_dir().join("caddy").join(version).join("bin/caddy");
     caddy.exists().then_some(caddy)
+}
+
+/// The Traefik release `cargo xtask setup` installs (xtask/src/project.rs,
+/// TRAEFIK_VERSION): a 185 MB stripped Go server.
+pub const TRAEFIK_VERSION: &str = "3.7.15";
+
+/// `<cache>/traefik/<version>/bin/traefik`, if installed.
+pub fn traefik_binary() -> Option<PathBuf> {
+    let traefik = cache_dir()
+        .join("traefik")
+        .join(TRAEFIK_VERSION)
+        .join("bin/traefik");
+    traefik.exists().then_some(traefik)
 }
 
 /// The map growth programs, by name (`gopulse_probe_hits_total{probe}`).
