@@ -37,6 +37,8 @@ pub struct NewProc {
     /// one executable).
     pub symbolizer: Arc<Symbolizer>,
     pub map_offsets: MapOffsets,
+    /// Growth kinds its executable's probes cannot count.
+    pub unwatched: Vec<&'static str>,
 }
 
 /// A watched process, as collection sees it.
@@ -125,6 +127,15 @@ impl Collector {
                 proc: &labels,
                 value: kind,
             });
+        }
+        for kind in p.unwatched {
+            m.map_growth_unwatched.set(
+                &ProcAnd {
+                    proc: &labels,
+                    value: kind,
+                },
+                1,
+            );
         }
         self.procs.insert(
             p.pid,
