@@ -274,7 +274,8 @@ fn build_matrix_of_every_release() {
 /// same release): the maps fixture built plainly and with `-pgo` from its
 /// own profile, with and without symbols, on every release; and what the
 /// growth probes then count through what (swiss `-pgo` builds: grow and
-/// split through rehash).
+/// split through rehash; classic ones: hashGrow's kinds not at all when
+/// the profile got it copied into a `mapassign`).
 #[test]
 fn inlined_functions_agree_with_the_dwarf() {
     for version in support::GO_VERSIONS {
@@ -331,9 +332,24 @@ fn inlined_functions_agree_with_the_dwarf() {
             assert_eq!(found_stripped.inlined, found.inlined, "{what} stripped");
             let coverage = plan::plan(&found, 0).unwrap().coverage;
             eprintln!("RESULT {what}: inlined {ours:?}; growth: {coverage}");
-            assert!(coverage.unwatched.is_empty(), "{what}: {coverage}");
             match (kind, found.map_impl) {
+                // Whether this profile makes the compiler copy hashGrow
+                // into mapassign_fast64 varies from one recording to the
+                // next (its own code is a sliver of the samples): both
+                // kinds are then not probed, whichever it was.
+                ("pgo", MapImpl::Classic) => {
+                    let hash_grow = plan::CLASSIC_GROWTH[0].0;
+                    let copied = found.inlined_into(hash_grow).next().is_some();
+                    let unwatched: &[&str] = if copied {
+                        &["double", "same_size"]
+                    } else {
+                        &[]
+                    };
+                    assert_eq!(coverage.unwatched, unwatched, "{what}: {coverage}");
+                    assert_eq!(coverage.is_plain(), !copied, "{what}: {coverage}");
+                }
                 ("pgo", MapImpl::Swiss) => {
+                    assert!(coverage.unwatched.is_empty(), "{what}: {coverage}");
                     for f in [support::SWISS_GROW_FN, support::SWISS_SPLIT_FN] {
                         assert_eq!(
                             found.inlined_into(f).collect::<Vec<_>>(),
