@@ -337,10 +337,15 @@ async fn list(args: Args) -> anyhow::Result<()> {
         dir.wait_ready(Duration::from_secs(10)).await;
     }
     let select = selection(&args, pods)?;
-    let table = tokio::task::spawn_blocking(move || gopulse_agent::discover::list(select))
-        .await
-        .context("listing processes")?
-        .context("listing processes")?;
+    let table = tokio::task::spawn_blocking(move || {
+        let mut known = std::collections::HashMap::new();
+        gopulse_agent::discover::list(select, |pid, exe| {
+            gopulse_agent::watch::list_verdict(&mut known, pid, exe)
+        })
+    })
+    .await
+    .context("listing processes")?
+    .context("listing processes")?;
     print!("{table}");
     Ok(())
 }

@@ -109,6 +109,31 @@ impl Binaries {
     }
 }
 
+/// `--list`'s verdict on a Go process discovery admits: `watch`, with what
+/// its executable's growth probes would not count or count otherwise (see
+/// [`plan::Coverage`]), or why it cannot be watched. Each executable is
+/// read once per listing.
+pub fn list_verdict(known: &mut HashMap<ExeKey, String>, pid: u32, exe: ExeKey) -> String {
+    known
+        .entry(exe)
+        .or_insert_with(|| match planned_coverage(pid) {
+            Ok(c) if c.is_plain() => "watch".to_owned(),
+            Ok(c) => format!("watch; {c}"),
+            Err(e) => format!("cannot watch: {e:#}"),
+        })
+        .clone()
+}
+
+/// What the probes would count of `pid`'s executable.
+fn planned_coverage(pid: u32) -> anyhow::Result<plan::Coverage> {
+    let (mut file, _, _) = ExeKey::open(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
+    let mut data = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut data)
+        .map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
+    let bin = inspect::inspect_bytes(&data, &plan::wanted_functions())?;
+    Ok(plan::plan(&bin, 0)?.coverage)
+}
+
 /// The process ran another program, or exited, while it was being
 /// attached (or its executable was truncated while read, which only an
 /// exited program's can be): not a failure, its next exec event (or exit)
@@ -176,6 +201,15 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
         executable = if read { "read" } else { "known" },
         "watching process"
     );
+    // Once per executable read: what its growth probes do not count, or
+    // count through another function than their own.
+    if read && !plan.coverage.is_plain() {
+        if plan.coverage.misses() {
+            tracing::warn!(exe = %labels.exe, go_version = %bin.version, "{}", plan.coverage);
+        } else {
+            tracing::info!(exe = %labels.exe, go_version = %bin.version, "{}", plan.coverage);
+        }
+    }
     app.with_collector(|c| {
         c.add(NewProc {
             pid,
@@ -184,6 +218,7 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             start_time,
             names: found.names.clone(),
             map_offsets: bin.offsets.map,
+            unwatched: plan.coverage.unwatched.clone(),
         })
     });
     Ok(())

@@ -121,6 +121,11 @@ pub const MAP_IMPL_SWISS: u8 = 2;
 pub const MAP_HEADER_BYTES: usize = 48;
 /// Bytes of a swiss `maps.table` header read in one go (the struct is 32).
 pub const TABLE_HEADER_BYTES: usize = 32;
+/// Swiss `maxTableCapacity` (Go 1.24 to 1.27): `(*table).rehash` grows a
+/// table to twice its capacity up to this, and splits it beyond.
+pub const SWISS_MAX_TABLE_CAPACITY: u64 = 1024;
+/// Swiss `abi.SwissMapGroupSlots`: the smallest table has one group.
+pub const SWISS_GROUP_SLOTS: u64 = 8;
 
 /// The BPF programs, as indices of per-program hit counters. Each is one
 /// uprobe program in the eBPF object; the agent names them in
@@ -141,7 +146,11 @@ pub const PROG_MAP_EVACUATE: usize = 11;
 /// `pruneTombstones` probed past its own "too few tombstones" return, where
 /// the binary's code allows: only prunes that happen trap.
 pub const PROG_PRUNE_BODY: usize = 12;
-pub const PROGRAMS: usize = 13;
+/// Swiss `(*table).rehash`, probed where `grow` and `split` have no copy of
+/// their own (inlined into it, as profile-guided builds do): the table's
+/// capacity tells which of the two it does.
+pub const PROG_REHASH_TABLE: usize = 13;
+pub const PROGRAMS: usize = 14;
 
 /// Maps the assignment probes remember (kernel LRU, all processes).
 pub const MAX_TRACKED_MAPS: u32 = 65536;

@@ -46,11 +46,11 @@ use gopulse_common::{
     MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_TRACKED_MAPS, MapKey, MapSeen,
     PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_TABLE,
     PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
-    PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP,
-    PageBits, PageKey, PendingStw, ProcConfig, ProcCpu, ProcStats, SITE_CACHE, SITE_FOUND,
-    SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY,
-    STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SiteCache, StwEvent, StwState,
-    TABLE_HEADER_BYTES,
+    PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
+    PROG_STW_START_RET, PROG_STW_STOP, PageBits, PageKey, PendingStw, ProcConfig, ProcCpu,
+    ProcStats, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE,
+    STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG,
+    SWISS_GROUP_SLOTS, SWISS_MAX_TABLE_CAPACITY, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -630,6 +630,13 @@ fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64, at_entry: 
         p.stats.growth_refires += 1;
         return 0;
     }
+    swiss_grew(ctx, pid, p, kind, m)
+}
+
+/// Counts a swiss growth of `kind` of the map at `m`, once its probe has
+/// decided it happens.
+#[inline(always)]
+fn swiss_grew(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, kind: u8, m: u64) -> u32 {
     let Some(hdr) = MapHeader::read(m) else {
         return read_failed(ctx, pid, &mut p.stats, "map header", m);
     };
@@ -690,6 +697,47 @@ pub fn split_table(ctx: ProbeContext) -> u32 {
     swiss_growth(&ctx, PROG_SPLIT_TABLE, GROW_SWISS_SPLIT, m, true)
 }
 
+/// `(*table).rehash(typ, m)`: RAX = t, RCX = m. Attached where `grow` and
+/// `split` were inlined into it (profile-guided builds), as Go 1.24-1.27
+/// decide between them: `grow(typ, m, 2*t.capacity)` while that is at most
+/// `maxTableCapacity`, else `split(typ, m)`. Only a table that must grow
+/// gets here (the callers prune tombstones first), so every call is one
+/// growth.
+#[uprobe]
+pub fn rehash_table(ctx: ProbeContext) -> u32 {
+    let Some((pid, p)) = enter(PROG_REHASH_TABLE) else {
+        return 0;
+    };
+    if will_restart(&ctx) {
+        p.stats.growth_refires += 1;
+        return 0;
+    }
+    let r = regs(&ctx);
+    let (t, m) = (r.rax, r.rcx);
+    let Some(cap) = try_read::<u16>(t.wrapping_add(u64::from(p.config.table_capacity))) else {
+        return read_failed(&ctx, pid, &mut p.stats, "table header", t);
+    };
+    let cap = u64::from(cap);
+    // A table holds a power of two of 8-slot groups, up to the maximum.
+    if !cap.is_power_of_two() || !(SWISS_GROUP_SLOTS..=SWISS_MAX_TABLE_CAPACITY).contains(&cap) {
+        return map_layout(
+            &ctx,
+            pid,
+            &mut p.stats,
+            "rehash of a table of capacity",
+            t,
+            cap,
+            0,
+        );
+    }
+    let kind = if 2 * cap <= SWISS_MAX_TABLE_CAPACITY {
+        GROW_SWISS_GROW
+    } else {
+        GROW_SWISS_SPLIT
+    };
+    swiss_grew(&ctx, pid, p, kind, m)
+}
+
 /// `(*table).pruneTombstones(typ, m)` (Go 1.25+): RAX = t, RCX = m. Called
 /// before every rehash; it returns at once unless tombstones are at least
 /// 10% of the table (Go's own test): count only the prunes that happen.
@@ -716,28 +764,7 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
     if tombstones * 10 < cap {
         return 0;
     }
-    let Some(hdr) = MapHeader::read(m) else {
-        return read_failed(&ctx, pid, &mut p.stats, "map header", m);
-    };
-    if let Some((dir_len, depth)) = implausible_dir(cfg, &hdr, GROW_SWISS_PRUNE) {
-        return map_layout(
-            &ctx,
-            pid,
-            &mut p.stats,
-            "swiss growth on dirLen, globalDepth",
-            m,
-            dir_len,
-            depth,
-        );
-    }
-    let g = Grown {
-        kind: GROW_SWISS_PRUNE,
-        map: m,
-        seed: hdr.field(cfg.map_seed, 8),
-        count: hdr.field(cfg.map_used, 8),
-    };
-    record_growth(&ctx, pid, p, g);
-    0
+    swiss_grew(&ctx, pid, p, GROW_SWISS_PRUNE, m)
 }
 
 /// `(*table).pruneTombstones` past its "too few tombstones" return, on the

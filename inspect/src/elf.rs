@@ -15,6 +15,10 @@ const MD_FUNCNAMETAB: u64 = 8;
 const MD_FTAB: u64 = 128;
 const MD_FTAB_LEN: u64 = 136;
 const MD_TEXT: u64 = 176;
+/// `moduledata.gofunc`: +320 in Go 1.21 to 1.26; Go 1.27 added
+/// `typedesclen`, `itaboffset` and `itabsize` before it.
+const MD_GOFUNC: u64 = 320;
+const MD_GOFUNC_GO127: u64 = 344;
 
 /// A PT_LOAD segment.
 #[derive(Clone, Copy, Debug)]
@@ -197,11 +201,9 @@ impl<'a> Elf<'a> {
         })
     }
 
-    /// `runtime.moduledata.text`: found as the data word pointing at pclntab
-    /// whose neighbours point at pclntab's tables. This is what the runtime
-    /// itself uses; pclntab's own textStart is 0 from Go 1.26 on, and the
-    /// `.text` section also holds C code in cgo builds.
-    pub fn moduledata_text(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
+    /// Where `runtime.moduledata` is: the data word pointing at pclntab
+    /// whose neighbours point at pclntab's tables.
+    pub fn moduledata(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
         let h = pcln.table.header();
         let names = pcln.vaddr.checked_add(h.funcname_offset as u64)?;
         let ftab = pcln.vaddr.checked_add(h.pcln_offset as u64)?;
@@ -217,7 +219,7 @@ impl<'a> Elf<'a> {
             .filter(|&(_, v)| v == pcln.vaddr)
             .map(|(at, _)| at)
             .find(|&md| check(md));
-        let found = from_relocs.or_else(|| {
+        from_relocs.or_else(|| {
             let needle = pcln.vaddr.to_le_bytes();
             // moduledata is a variable: writable segments first, a few MB,
             // before the read-only data (pclntab itself, 60 MB in a big
@@ -237,8 +239,34 @@ impl<'a> Elf<'a> {
                         .filter_map(|i| s.vaddr.checked_add(i as u64))
                         .find(|&md| check(md))
                 })
-        })?;
-        word(found, MD_TEXT)
+        })
+    }
+
+    /// `runtime.moduledata.text` of the moduledata at `md`. This is what
+    /// the runtime itself uses; pclntab's own textStart is 0 from Go 1.26
+    /// on, and the `.text` section also holds C code in cgo builds.
+    pub fn moduledata_text(&self, md: u64) -> Option<u64> {
+        self.word(md.checked_add(MD_TEXT)?)
+    }
+
+    /// The executable's `go:func.*` data (inline trees and the other
+    /// funcdata pclntab points at), from `moduledata.gofunc` (Go 1.27's
+    /// layout when `go127`) to the end of its segment; else from the
+    /// symbol table. Cross-checked when both are there.
+    pub fn gofunc(&self, md: Option<u64>, go127: bool) -> Option<&'a [u8]> {
+        let field = if go127 { MD_GOFUNC_GO127 } else { MD_GOFUNC };
+        let from_md = md.and_then(|md| self.word(md.checked_add(field)?));
+        let from_symtab = self.symtab_any_address("go:func.*");
+        let addr = match (from_md, from_symtab) {
+            (Some(m), Some(s)) if m != s => return None,
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => return None,
+        };
+        let seg = self.segment_of(addr)?;
+        if seg.flags & PF_X != 0 {
+            return None;
+        }
+        self.bytes_at(addr, seg.filesz.min(seg.memsz) - (addr - seg.vaddr))
     }
 
     /// pclntab's textStart as the loaded program sees it (relocated in PIE).
@@ -257,6 +285,15 @@ impl<'a> Elf<'a> {
         symtab
             .symbols()
             .find(|s| s.kind() == SymbolKind::Data && s.name() == Ok(name))
+            .map(|s| s.address())
+    }
+
+    /// Any symbol's address from `.symtab`, when there is one.
+    fn symtab_any_address(&self, name: &str) -> Option<u64> {
+        let symtab = self.file.symbol_table()?;
+        symtab
+            .symbols()
+            .find(|s| s.name() == Ok(name))
             .map(|s| s.address())
     }
 

@@ -6,6 +6,7 @@ mod disasm;
 mod dwarf;
 mod elf;
 mod image;
+mod inline;
 pub mod offsets;
 pub mod pclntab;
 mod quick;
@@ -13,7 +14,7 @@ pub mod symname;
 pub mod version;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -116,6 +117,13 @@ pub struct GoBinary {
     /// Go 1.21 only, when the binary has symbols and DWARF: where the
     /// runtime keeps its own GC pause timestamps.
     pub pause_clock: Option<PauseClock>,
+    /// The requested functions the compiler inlined somewhere, with the
+    /// functions that hold a copy of each (profile-guided builds inline
+    /// runtime functions ordinary builds never do): a probe on such a
+    /// function's entry misses the calls made through its copies. `None`
+    /// when the inline trees could not be found (no `runtime.moduledata`
+    /// nor `go:func.*` symbol).
+    pub inlined: Option<BTreeMap<String, BTreeSet<String>>>,
 }
 
 /// Link-time addresses of Go 1.21's pause bookkeeping: `work.pauseStart`
@@ -134,6 +142,17 @@ impl GoBinary {
         self.functions
             .get(name)
             .ok_or_else(|| InspectError::MissingFunction(name.to_owned()))
+    }
+
+    /// The functions holding an inlined copy of `name` (empty when none
+    /// does, or when the inline trees were not found).
+    pub fn inlined_into(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.inlined
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
     }
 }
 
@@ -176,7 +195,8 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     let build = elf.build_info()?;
     let version = supported_version(&build)?;
     let pcln = elf.pclntab()?;
-    let text_start = text_start(&elf, &pcln)?;
+    let moduledata = elf.moduledata(&pcln);
+    let text_start = text_start(&elf, &pcln, moduledata)?;
     let symbolizer = pcln.table.symbolizer(text_start, pcln.offset)?;
     // A wrong text start shifts every function: refuse rather than attach
     // probes mid-instruction. runtime.main is in every Go program and
@@ -253,6 +273,10 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
             },
         );
     }
+    let inlined = match elf.gofunc(moduledata, version.at_least(27)) {
+        Some(gofunc) => Some(inline::inlined_into(&pcln.table, gofunc, wanted)?),
+        None => None,
+    };
     let map_impl = map_impl(&symbolizer, data, &version);
     // One pass over the DWARF for everything read from it.
     let mut wanted_structs = offsets::wanted(map_impl).to_vec();
@@ -289,6 +313,7 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
         map_impl,
         offsets,
         offsets_from_dwarf,
+        inlined,
     })
 }
 
@@ -313,15 +338,26 @@ fn pause_clock(
     }))
 }
 
-/// Classic maps have `runtime.hashGrow`, swiss tables
-/// `internal/runtime/maps.(*table).grow`; the linker keeps both in every
-/// program (the runtime itself uses maps). The version rule (1.24+ swiss
-/// unless `X:noswissmap`) only decides when neither is there.
+/// Functions only a runtime with classic maps has, and only one with swiss
+/// tables has; the linker keeps some of each kind in every program (the
+/// runtime itself uses maps), though a profile-guided build may inline any
+/// one of them away.
+const CLASSIC_MARKERS: &[&str] = &["runtime.hashGrow", "runtime.growWork", "runtime.evacuate"];
+const SWISS_MARKERS: &[&str] = &[
+    "internal/runtime/maps.(*table).grow",
+    "internal/runtime/maps.(*table).split",
+    "internal/runtime/maps.(*table).rehash",
+    "internal/runtime/maps.(*Map).growToTable",
+    "internal/runtime/maps.newTable",
+];
+
+/// Which map implementation the runtime has, by its functions. The version
+/// rule (1.24+ swiss unless `X:noswissmap`) only decides when the functions
+/// say nothing clear.
 fn map_impl(symbolizer: &Symbolizer, data: &[u8], version: &GoVersion) -> MapImpl {
-    let classic = symbolizer.entry_of(data, "runtime.hashGrow").is_some();
-    let swiss = symbolizer
-        .entry_of(data, "internal/runtime/maps.(*table).grow")
-        .is_some();
+    let has = |names: &[&str]| names.iter().any(|n| symbolizer.entry_of(data, n).is_some());
+    let classic = has(CLASSIC_MARKERS);
+    let swiss = has(SWISS_MARKERS);
     match (classic, swiss) {
         (true, false) => MapImpl::Classic,
         (false, true) => MapImpl::Swiss,
@@ -333,12 +369,16 @@ fn map_impl(symbolizer: &Symbolizer, data: &[u8], version: &GoVersion) -> MapImp
 /// `runtime.moduledata.text` when found, else pclntab's own header (0 from
 /// Go 1.26 on), else the `.text` section. Cross-checked with the
 /// `runtime.text` symbol when there is a symbol table.
-fn text_start(elf: &elf::Elf<'_>, pcln: &elf::PclnLocation<'_>) -> Result<u64, InspectError> {
+fn text_start(
+    elf: &elf::Elf<'_>,
+    pcln: &elf::PclnLocation<'_>,
+    moduledata: Option<u64>,
+) -> Result<u64, InspectError> {
     let corrupt = |detail: String| InspectError::Corrupt {
         section: ".gopclntab",
         detail,
     };
-    let moduledata = elf.moduledata_text(pcln);
+    let moduledata = moduledata.and_then(|md| elf.moduledata_text(md));
     let header = elf.pcln_header_text_start(pcln).filter(|&t| t != 0);
     let start = match (moduledata, header) {
         (Some(m), Some(h)) if m != h => {

@@ -3,6 +3,29 @@
 use super::InspectError;
 use crate::symname::unescape;
 
+/// `_func` (Go 1.20+, `runtime/runtime2.go`): 44 bytes, then `npcdata`
+/// pcdata offsets and `nfuncdata` funcdata offsets of 4 bytes each.
+const FUNC_HEADER: usize = 44;
+const FUNC_NPCDATA: usize = 28;
+const FUNC_NFUNCDATA: usize = 43;
+/// `internal/abi`: the pc-value table of inline-tree indices, and the tree.
+const PCDATA_INL_TREE_INDEX: usize = 2;
+const FUNCDATA_INL_TREE: usize = 3;
+
+/// Where a function's inline tree and its index are.
+#[derive(Clone, Copy, Debug)]
+pub struct InlineTree<'a> {
+    /// The function the calls were inlined into (its index).
+    pub function: usize,
+    /// Bytes of its code (the index covers them).
+    pub code_len: u32,
+    /// Its `PCDATA_InlTreeIndex` table, up to the end of `pctab` (the
+    /// table ends itself).
+    pub index: &'a [u8],
+    /// Its `FUNCDATA_InlTree`, from `moduledata.gofunc`.
+    pub tree_offset: u32,
+}
+
 /// Magic of Go 1.20+ tables (1.21–1.27 all use it).
 pub const MAGIC_GO120: u32 = 0xffff_fff1;
 /// magic, two zero pad bytes, minLC = 1 (amd64), ptrSize = 8.
@@ -23,6 +46,8 @@ pub struct Header {
     /// As written; 0 from Go 1.26 on (it would need a relocation).
     pub text_start: u64,
     pub funcname_offset: usize,
+    /// Where the pc-value tables (`pctab`) start.
+    pub pctab_offset: usize,
     pub pcln_offset: usize,
 }
 
@@ -70,6 +95,7 @@ impl<'a> Pclntab<'a> {
             nfunc: field(8)?,
             text_start: u64_at(data, 24).unwrap_or(0),
             funcname_offset: field(32)?,
+            pctab_offset: field(56)?,
             pcln_offset: field(64)?,
         };
         // The function table: nfunc+1 {entryoff, funcoff} pairs.
@@ -98,15 +124,75 @@ impl<'a> Pclntab<'a> {
         Some((u32_at(self.data, at)?, u32_at(self.data, at + 4)?))
     }
 
+    /// Where function `i`'s `_func` record starts in the table.
+    fn func(&self, i: usize) -> Option<usize> {
+        let (_, funcoff) = self.ftab(i)?;
+        self.header.pcln_offset.checked_add(funcoff as usize)
+    }
+
     /// The name of function `i`.
-    fn name(&self, i: usize) -> Option<&'a str> {
+    pub fn name(&self, i: usize) -> Option<&'a str> {
+        let func = self.func(i)?;
+        self.name_at(u32_at(self.data, func.checked_add(4)?)? as i32)
+    }
+
+    /// The name at `name_off` in the function name table (`_func.nameOff`,
+    /// `inlinedCall.nameOff`).
+    pub fn name_at(&self, name_off: i32) -> Option<&'a str> {
         let start = self
             .header
             .funcname_offset
-            .checked_add(self.name_offset(i)? as usize)?;
+            .checked_add(usize::try_from(name_off).ok()?)?;
         let rest = self.data.get(start..)?;
         let len = rest.iter().position(|&b| b == 0)?;
         std::str::from_utf8(&rest[..len]).ok()
+    }
+
+    /// Function `i`'s name, its code's length, and where its inline tree
+    /// is: the pc-value table of inline-tree indices (from the start of
+    /// `pctab`) and the tree itself (from `moduledata.gofunc`). `Ok(None)`
+    /// when the compiler inlined nothing into it.
+    pub fn inline_tree(&self, i: usize) -> Result<Option<InlineTree<'a>>, InspectError> {
+        let truncated = || corrupt(format!("function {i}'s record is truncated"));
+        let func = self.func(i).ok_or_else(truncated)?;
+        let word = |at: usize| {
+            func.checked_add(at)
+                .and_then(|at| u32_at(self.data, at))
+                .ok_or_else(truncated)
+        };
+        let (entry, _) = self.ftab(i).ok_or_else(truncated)?;
+        let (end, _) = self.ftab(i + 1).ok_or_else(truncated)?;
+        let npcdata = word(FUNC_NPCDATA)? as usize;
+        let nfuncdata = usize::from(
+            *self
+                .data
+                .get(func.checked_add(FUNC_NFUNCDATA).ok_or_else(truncated)?)
+                .ok_or_else(truncated)?,
+        );
+        if npcdata <= PCDATA_INL_TREE_INDEX || nfuncdata <= FUNCDATA_INL_TREE {
+            return Ok(None);
+        }
+        let pcdata = word(FUNC_HEADER + 4 * PCDATA_INL_TREE_INDEX)?;
+        let funcdata = word(FUNC_HEADER + 4 * (npcdata + FUNCDATA_INL_TREE))?;
+        if pcdata == 0 || funcdata == u32::MAX {
+            return Ok(None);
+        }
+        let index = self
+            .header
+            .pctab_offset
+            .checked_add(pcdata as usize)
+            .and_then(|at| self.data.get(at..))
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "function {i}'s inline-tree index lies outside pctab"
+                ))
+            })?;
+        Ok(Some(InlineTree {
+            function: i,
+            code_len: end.saturating_sub(entry),
+            index,
+            tree_offset: funcdata,
+        }))
     }
 
     /// Every function as (name, entry offset from text start, end offset).
@@ -168,8 +254,7 @@ impl<'a> Pclntab<'a> {
 
     /// Where function `i`'s name starts in funcnametab.
     fn name_offset(&self, i: usize) -> Option<u32> {
-        let (_, funcoff) = self.ftab(i)?;
-        let func = self.header.pcln_offset.checked_add(funcoff as usize)?;
+        let func = self.func(i)?;
         u32::try_from(u32_at(self.data, func.checked_add(4)?)? as i32).ok()
     }
 }

@@ -39,6 +39,8 @@ pub struct NewProc {
     /// one executable).
     pub names: Arc<FunctionNames>,
     pub map_offsets: MapOffsets,
+    /// Growth kinds its executable's probes cannot count.
+    pub unwatched: Vec<&'static str>,
 }
 
 /// A watched process, as collection sees it.
@@ -127,6 +129,15 @@ impl Collector {
                 proc: &labels,
                 value: kind,
             });
+        }
+        for kind in p.unwatched {
+            m.map_growth_unwatched.set(
+                &ProcAnd {
+                    proc: &labels,
+                    value: kind,
+                },
+                1,
+            );
         }
         self.procs.insert(
             p.pid,
