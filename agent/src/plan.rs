@@ -560,6 +560,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         MapOffsets::Swiss {
             map_used,
             map_seed,
+            map_dir_ptr,
             map_dir_len,
             map_global_depth,
             table_used,
@@ -570,6 +571,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         } => {
             config.map_used = header_field("Map.used", map_used, 8, M)?;
             config.map_seed = header_field("Map.seed", map_seed, 8, M)?;
+            config.map_dir_ptr = header_field("Map.dirPtr", map_dir_ptr, 8, M)?;
             config.map_dir_len = header_field("Map.dirLen", map_dir_len, 8, M)?;
             config.map_global_depth = header_field("Map.globalDepth", map_global_depth, 1, M)?;
             config.table_used = header_field("table.used", table_used, 2, T)?;

@@ -320,8 +320,12 @@ impl Agent {
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }
+        // Counters folded five times a second, unless the test says.
+        if !flags.contains(&"--poll-interval-ms") {
+            cmd.args(["--poll-interval-ms", "200"]);
+        }
         let mut child = cmd
-            .args(["--listen", "127.0.0.1:0", "--poll-interval-ms", "200"])
+            .args(["--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
