@@ -8,6 +8,7 @@
 pub mod bpf;
 pub mod caps;
 pub mod collector;
+pub mod commands;
 pub mod cost;
 pub mod discover;
 pub mod exe_map;

@@ -119,19 +119,24 @@ pub fn list_verdict(known: &mut HashMap<ExeKey, String>, pid: u32, exe: ExeKey) 
         .or_insert_with(|| match planned_coverage(pid) {
             Ok(c) if c.is_plain() => "watch".to_owned(),
             Ok(c) => format!("watch; {c}"),
-            Err(e) => format!("cannot watch: {e:#}"),
+            Err(e) => format!("cannot watch: {e:#} (gopulse inspect --pid {pid} says more)"),
         })
         .clone()
 }
 
-/// What the probes would count of `pid`'s executable.
+/// What the probes would count of `pid`'s executable (mapped, as watching
+/// maps it: a big executable costs no memory in proportion to it).
 fn planned_coverage(pid: u32) -> anyhow::Result<plan::Coverage> {
-    let (mut file, _, _) = ExeKey::open(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut file, &mut data)
-        .map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-    let bin = inspect::inspect_bytes(&data, &plan::wanted_functions())?;
-    Ok(plan::plan(&bin, 0)?.coverage)
+    let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
+    let (file, _, _) = ExeKey::open(pid).map_err(io)?;
+    let mapped = Mapped::new(&file).map_err(io)?;
+    let planned = inspect::inspect_bytes(mapped.bytes(), &plan::wanted_functions())
+        .map_err(anyhow::Error::from)
+        .and_then(|bin| plan::plan(&bin, 0));
+    if mapped.torn() {
+        return Err(Changed.into());
+    }
+    Ok(planned?.coverage)
 }
 
 /// The process ran another program, or exited, while it was being

@@ -41,10 +41,13 @@ pub enum InspectError {
     WrongArch(String),
     #[error("not a Go program (no Go build info in the executable)")]
     NotGo,
-    #[error(
-        "Go release {version} is not supported: gopulse supports {range}; upgrade the agent for newer releases"
-    )]
-    UnsupportedVersion { version: String, range: String },
+    #[error("Go release {version} is not supported: gopulse supports {range}; {advice}")]
+    UnsupportedVersion {
+        version: String,
+        range: String,
+        /// What to do about it (see [`GoVersion::advice`]).
+        advice: &'static str,
+    },
     #[error("required function {0} is missing from the executable")]
     MissingFunction(String),
     #[error("{0} is missing from the executable's DWARF")]
@@ -172,6 +175,12 @@ pub fn inspect(path: &Path, wanted: &[&str]) -> Result<GoBinary, InspectError> {
     inspect_bytes(image.bytes(), wanted)
 }
 
+/// What `.go.buildinfo` says of an amd64 ELF executable, whatever its Go
+/// release (to say what a program refused is).
+pub fn build_info(data: &[u8]) -> Result<BuildInfo, InspectError> {
+    elf::Elf::parse(data)?.build_info()
+}
+
 /// The Go release a build says it was made with, if gopulse supports it.
 fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
     let version = GoVersion::parse(&build.version).ok_or_else(|| InspectError::Corrupt {
@@ -182,6 +191,7 @@ fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
         return Err(InspectError::UnsupportedVersion {
             version: version.raw.clone(),
             range: version::supported_range(),
+            advice: version.advice(),
         });
     }
     Ok(version)
@@ -291,6 +301,8 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
                 InspectError::UnsupportedVersion {
                     version: format!("{} ({map_impl:?} maps)", version.raw),
                     range: version::supported_range(),
+                    advice: "a build with its own DWARF (not stripped with -ldflags=-w) can be \
+                             watched",
                 }
             })?,
             false,
