@@ -23,7 +23,7 @@ use gopulse_agent::{
     export::otlp::{HistogramKind, Otlp, OtlpConfig, OtlpProtocol},
     governor::Budget,
     metrics::{self, LabelChoice},
-    plan::{DEFAULT_PLUMBING, Plumbing},
+    plan::{DEFAULT_MAP_METHODS, DEFAULT_PLUMBING, Plumbing},
     probes::{AccessMode, Probes, StatsMode, handoff},
     server::{self, App},
     storm::StormRule,
@@ -244,12 +244,20 @@ struct Args {
     capability_check: caps::CheckMode,
 
     /// A function-name prefix to walk past when looking for the site of a
-    /// map growth, besides the runtime, reflect, encoding/*, maps, sync and
-    /// the standard library's internal packages: code that fills maps on
-    /// its caller's behalf, such as a third-party decoder
-    /// (`gopkg.in/yaml.v3.`). Repeatable.
+    /// map growth, besides the runtime, reflect, encoding/*, maps, sync,
+    /// the standard library's internal packages and the methods of its map
+    /// types that fill their receiver (net/http.Header, net/textproto.MIMEHeader,
+    /// net/url.Values): code that fills maps on its caller's behalf, such
+    /// as a third-party decoder (`gopkg.in/yaml.v3.`). Repeatable.
     #[arg(long, value_name = "PREFIX")]
     site_skip: Vec<String>,
+
+    /// A function-name prefix never walked past, even where a built-in
+    /// prefix or --site-skip matches it: its functions are sites of their
+    /// own (e.g. `net/http.Header.` to see growths in Header.Set as
+    /// Header.Set's). Repeatable.
+    #[arg(long, value_name = "PREFIX")]
+    site_keep: Vec<String>,
 
     /// How often, in milliseconds, to fold kernel counters into the metrics.
     #[arg(long, value_name = "MS", default_value_t = 1000,
@@ -445,6 +453,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(bad) = args.site_skip.iter().find(|p| p.is_empty()) {
         anyhow::bail!("--site-skip {bad:?}: a prefix must not be empty");
     }
+    if let Some(bad) = args.site_keep.iter().find(|p| p.is_empty()) {
+        anyhow::bail!("--site-keep {bad:?}: a prefix must not be empty");
+    }
     let explicit_node = args
         .node_name
         .clone()
@@ -525,8 +536,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         scanned: std::sync::atomic::AtomicBool::new(!discovering),
         binaries: Mutex::new(Default::default()),
     });
-    tracing::debug!(plumbing = ?DEFAULT_PLUMBING, extra = ?args.site_skip, "site walk");
-    let plumbing = Plumbing::new(&args.site_skip);
+    tracing::debug!(
+        plumbing = ?DEFAULT_PLUMBING,
+        map_methods = ?DEFAULT_MAP_METHODS,
+        extra = ?args.site_skip,
+        keep = ?args.site_keep,
+        "site walk"
+    );
+    let plumbing = Plumbing::with_keep(&args.site_skip, &args.site_keep);
     for &pid in &args.pids {
         app.with_collector(|c| c.request(pid));
         if let Err(e) = watch(&app, pid, &plumbing, &naming) {

@@ -80,7 +80,12 @@ impl Binaries {
         }
         drop(mapped);
         let mut bin = bin?;
-        let names = FunctionNames::new(std::mem::take(&mut bin.symbolizer), key, stamp);
+        let names = FunctionNames::new(
+            std::mem::take(&mut bin.symbolizer),
+            key,
+            stamp,
+            plumbing.clone(),
+        );
         tracing::debug!(
             pid,
             functions = names.symbolizer().len(),

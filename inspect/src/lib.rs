@@ -22,7 +22,7 @@ pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
 pub use image::Image;
 pub use offsets::{MapImpl, MapOffsets, Offsets};
-pub use pclntab::Symbolizer;
+pub use pclntab::{Source, Symbolizer};
 pub use quick::{Release, go_release, go_release_in};
 pub use version::GoVersion;
 
@@ -207,7 +207,7 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     let pcln = elf.pclntab()?;
     let moduledata = elf.moduledata(&pcln);
     let text_start = text_start(&elf, &pcln, moduledata)?;
-    let symbolizer = pcln.table.symbolizer(text_start, pcln.offset)?;
+    let mut symbolizer = pcln.table.symbolizer(text_start, pcln.offset)?;
     // A wrong text start shifts every function: refuse rather than attach
     // probes mid-instruction. runtime.main is in every Go program and
     // starts with the stack check.
@@ -283,10 +283,18 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
             },
         );
     }
-    let inlined = match elf.gofunc(moduledata, version.at_least(27)) {
+    let gofunc = elf.gofunc(moduledata, version.at_least(27));
+    let inlined = match gofunc {
         Some(gofunc) => Some(inline::inlined_into(&pcln.table, gofunc, wanted)?),
         None => None,
     };
+    // Sites are named through the inline trees: the symbolizer reads them
+    // from the file, where go:func.* is a part of `data`.
+    if let Some(offset) = gofunc.and_then(|g| (g.as_ptr() as usize).checked_sub(data.as_ptr() as usize))
+        && let Some(g) = gofunc
+    {
+        symbolizer.set_gofunc(offset as u64, g.len() as u64);
+    }
     let map_impl = map_impl(&symbolizer, data, &version);
     // One pass over the DWARF for everything read from it.
     let mut wanted_structs = offsets::wanted(map_impl).to_vec();

@@ -249,6 +249,9 @@ impl<'a> Pclntab<'a> {
             text_end,
             entries,
             names: (at(self.header.funcname_offset)?, at(self.data.len())?),
+            ftab: at(self.header.pcln_offset)?,
+            pctab: at(self.header.pctab_offset)?,
+            gofunc: None,
         })
     }
 
@@ -262,6 +265,110 @@ impl<'a> Pclntab<'a> {
 /// The longest name read from a file (Go's longest, generic
 /// instantiations, run to a few KB).
 const MAX_NAME: u64 = 64 << 10;
+
+/// An `inlinedCall` record (`runtime/symtabinl.go`, Go 1.20+): funcID,
+/// padding, nameOff (i32 at 4), parentPc (i32 at 8), startLine.
+const INLINED_CALL: u64 = 16;
+/// Most functions inlined one into another at one pc.
+const MAX_INLINE_DEPTH: usize = 64;
+
+/// Bytes an executable's tables are read from: its mapped bytes, or its
+/// file.
+pub trait Source {
+    /// Reads up to `buf.len()` bytes at `offset`; how many (0 at the end),
+    /// or `None` on an error.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Option<usize>;
+}
+
+impl Source for [u8] {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Option<usize> {
+        let rest = self.get(usize::try_from(offset).ok()?..).unwrap_or(&[]);
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        Some(n)
+    }
+}
+
+impl Source for std::fs::File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Option<usize> {
+        std::os::unix::fs::FileExt::read_at(self, buf, offset).ok()
+    }
+}
+
+fn read_exact(src: &(impl Source + ?Sized), buf: &mut [u8], mut at: u64) -> Option<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = src.read_at(&mut buf[done..], at)?;
+        if n == 0 {
+            return None;
+        }
+        done += n;
+        at += n as u64;
+    }
+    Some(())
+}
+
+/// A function's inline tree, by file offset of its index table and
+/// offset of the tree in `go:func.*`.
+struct TreeAt {
+    table: u64,
+    tree: u32,
+    code_len: u64,
+}
+
+/// Bytes of a pc-value table read from the file at a time.
+const PCVALUE_CHUNK: usize = 64;
+
+/// The value a pc-value table (`runtime/symtab.go`, `pcvalue`) gives pc
+/// offset `target`: a run of (value delta, pc delta) varint pairs, the
+/// value delta zig-zag encoded, from value -1 at pc 0, ended by a zero
+/// value delta after the first pair. Read from `src` at `table`, a chunk at
+/// a time, no further than the function's `code_len` bytes of code.
+fn pc_value(src: &(impl Source + ?Sized), table: u64, target: u64, code_len: u64) -> Option<i32> {
+    let mut buf = [0u8; PCVALUE_CHUNK];
+    let (mut len, mut pos, mut base) = (0usize, 0usize, table);
+    let mut next_byte = || -> Option<u8> {
+        if pos == len {
+            base += len as u64;
+            len = src.read_at(&mut buf, base)?;
+            pos = 0;
+            if len == 0 {
+                return None;
+            }
+        }
+        pos += 1;
+        Some(buf[pos - 1])
+    };
+    let mut varint = || -> Option<u32> {
+        let mut v = 0u32;
+        for i in 0..5 {
+            let b = next_byte()?;
+            v |= u32::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    };
+    let (mut value, mut pc, mut first) = (-1i32, 0u64, true);
+    while pc < code_len {
+        let delta = varint()?;
+        if delta == 0 && !first {
+            return None; // the table ended before the pc
+        }
+        first = false;
+        value = value.wrapping_add(((delta >> 1) as i32) ^ -((delta & 1) as i32));
+        let pc_delta = varint()?;
+        if pc_delta == 0 {
+            return None;
+        }
+        pc += u64::from(pc_delta);
+        if target < pc {
+            return Some(value);
+        }
+    }
+    None
+}
 
 /// Program counter → Go function name, from pclntab. Kept for as long as
 /// an executable is watched, so compact: per function its entry and where
@@ -277,6 +384,16 @@ pub struct Symbolizer {
     /// File offsets of funcnametab and of the end of pclntab: names lie
     /// between.
     names: (u64, u64),
+    /// File offsets of the function table (`ftab`, then the `_func`
+    /// records its entries point to) and of the pc-value tables (`pctab`):
+    /// what [`Symbolizer::frames_in`] reads a function's inline tree
+    /// through.
+    ftab: u64,
+    pctab: u64,
+    /// File offset and length of `go:func.*`, where the inline trees are
+    /// (from `moduledata.gofunc`; stripped binaries keep it); `None` when
+    /// not found.
+    gofunc: Option<(u64, u64)>,
 }
 
 impl Symbolizer {
@@ -312,14 +429,17 @@ impl Symbolizer {
     /// Function `i`'s name, read from the executable's file (the one it was
     /// made from, unchanged).
     pub fn name_in_file(&self, exe: &std::fs::File, i: usize) -> Option<String> {
-        use std::os::unix::fs::FileExt as _;
-        let mut at = self.name_at(i)?;
+        self.read_name(exe, self.name_at(i)?)
+    }
+
+    /// The NUL-terminated name at file offset `at` (in funcnametab).
+    fn read_name(&self, src: &(impl Source + ?Sized), mut at: u64) -> Option<String> {
         let end = self.names.1.min(at.saturating_add(MAX_NAME));
         let mut name = Vec::new();
         let mut buf = [0u8; 256];
         while at < end {
             let want = usize::try_from((end - at).min(buf.len() as u64)).ok()?;
-            let n = exe.read_at(&mut buf[..want], at).ok()?;
+            let n = src.read_at(&mut buf[..want], at)?;
             if n == 0 {
                 return None;
             }
@@ -331,6 +451,107 @@ impl Symbolizer {
             at += n as u64;
         }
         None
+    }
+
+    /// Tells the symbolizer where `go:func.*` is in the file (offset,
+    /// length), which holds the inline trees [`Symbolizer::frames_in`]
+    /// reads.
+    pub fn set_gofunc(&mut self, offset: u64, len: u64) {
+        self.gofunc = Some((offset, len));
+    }
+
+    /// Whether inline trees can be read ([`Symbolizer::set_gofunc`] was
+    /// called).
+    pub fn has_inline_trees(&self) -> bool {
+        self.gofunc.is_some()
+    }
+
+    /// The Go functions at `pc` (a link-time address inside a function's
+    /// code, such as a return address minus one), innermost first, as Go
+    /// names them (escaped): the functions the compiler inlined there, each
+    /// into the next, then the function whose code it is. This is what
+    /// the runtime's tracebacks and `go tool pprof` show for the pc. Read
+    /// from the executable `src` (the one the symbolizer was made from):
+    /// the function's `_func` record, its `PCDATA_InlTreeIndex` table and
+    /// its `FUNCDATA_InlTree` (in `go:func.*`), as `runtime/symtabinl.go`
+    /// walks them. Without inline trees (not found), the function alone.
+    /// `None` when `pc` is in no function or the tables are unreadable.
+    pub fn frames_in(&self, src: &(impl Source + ?Sized), pc: u64) -> Option<Vec<String>> {
+        let i = self.index_at(pc)?;
+        let outer = self.read_name(src, self.name_at(i)?)?;
+        let mut frames = Vec::new();
+        if let Some(tree) = self.inline_tree_of(src, i)? {
+            let entry = self.text_start + u64::from(self.entries.get(i)?.0);
+            let mut at = pc.checked_sub(entry)?;
+            // Each step goes to a caller: a chain longer than any the
+            // compiler makes (its inlining budget bounds the depth) is a
+            // corrupt table.
+            for _ in 0..MAX_INLINE_DEPTH {
+                let index = pc_value(src, tree.table, at, tree.code_len)?;
+                if index < 0 {
+                    frames.push(outer);
+                    return Some(frames);
+                }
+                let (gofunc, len) = self.gofunc?;
+                let call = u64::from(tree.tree)
+                    .checked_add(u64::try_from(index).ok()?.checked_mul(INLINED_CALL)?)?;
+                if call.checked_add(INLINED_CALL)? > len {
+                    return None;
+                }
+                let mut rec = [0u8; INLINED_CALL as usize];
+                read_exact(src, &mut rec, gofunc.checked_add(call)?)?;
+                let name_off = i32::from_le_bytes(rec[4..8].try_into().ok()?);
+                let parent_pc = i32::from_le_bytes(rec[8..12].try_into().ok()?);
+                let name = self.names.0.checked_add(u64::try_from(name_off).ok()?)?;
+                frames.push(self.read_name(src, name)?);
+                at = u64::try_from(parent_pc).ok()?;
+            }
+            return None;
+        }
+        frames.push(outer);
+        Some(frames)
+    }
+
+    /// Where function `i`'s inline tree is: `Ok(None)`-like `Some(None)`
+    /// when nothing was inlined into it (or the trees were not found),
+    /// `None` when its record is unreadable.
+    fn inline_tree_of(&self, src: &(impl Source + ?Sized), i: usize) -> Option<Option<TreeAt>> {
+        if self.gofunc.is_none() {
+            return Some(None);
+        }
+        let word = |at: u64| -> Option<u32> {
+            let mut b = [0u8; 4];
+            read_exact(src, &mut b, at)?;
+            Some(u32::from_le_bytes(b))
+        };
+        let slot = self.ftab.checked_add(u64::try_from(i).ok()?.checked_mul(8)?)?;
+        let funcoff = word(slot.checked_add(4)?)?;
+        let func = self.ftab.checked_add(u64::from(funcoff))?;
+        let mut head = [0u8; FUNC_HEADER];
+        read_exact(src, &mut head, func)?;
+        let npcdata = u32::from_le_bytes(head[FUNC_NPCDATA..FUNC_NPCDATA + 4].try_into().ok()?);
+        let nfuncdata = head[FUNC_NFUNCDATA];
+        if npcdata as usize <= PCDATA_INL_TREE_INDEX || usize::from(nfuncdata) <= FUNCDATA_INL_TREE
+        {
+            return Some(None);
+        }
+        let pcdata = word(func + FUNC_HEADER as u64 + 4 * PCDATA_INL_TREE_INDEX as u64)?;
+        let funcdata = word(
+            func + FUNC_HEADER as u64 + 4 * (u64::from(npcdata) + FUNCDATA_INL_TREE as u64),
+        )?;
+        if pcdata == 0 || funcdata == u32::MAX {
+            return Some(None);
+        }
+        let code_len = match self.entries.get(i + 1) {
+            Some(&(next, _)) => u64::from(next),
+            None => self.text_end - self.text_start,
+        }
+        .checked_sub(u64::from(self.entries.get(i)?.0))?;
+        Some(Some(TreeAt {
+            table: self.pctab.checked_add(u64::from(pcdata))?,
+            tree: funcdata,
+            code_len,
+        }))
     }
 
     /// The Go function containing `pc`, named from the executable's bytes

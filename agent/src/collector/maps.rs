@@ -62,15 +62,13 @@ fn kind_label(kind: u8) -> Option<&'static str> {
 }
 
 impl Proc {
-    /// The Go function a site address (a link-time return address) lies in.
-    fn site_name(&self, pid: u32, site: u64) -> String {
-        // A return address points after the call; step back into it.
-        self.names
-            .function_at(pid, site.wrapping_sub(1))
-            .unwrap_or_else(|| {
-                tracing::debug!(pid, site, "growth site in no function the executable names");
-                "unknown".to_owned()
-            })
+    /// The Go function a site address (a link-time return address) names:
+    /// the innermost function inlined at the call that is not plumbing.
+    pub(super) fn site_name(&self, pid: u32, site: u64) -> String {
+        self.names.site_at(pid, site).unwrap_or_else(|| {
+            tracing::debug!(pid, site, "growth site in no function the executable names");
+            "unknown".to_owned()
+        })
     }
 
     /// Site label for a new observation, within the per-process bound:
