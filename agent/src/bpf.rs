@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{
         RawTracePoint, UProbe,
         uprobe::{UProbeLink, UProbeScope},
@@ -22,7 +22,7 @@ use aya::{
 };
 use gopulse_common::{
     GrowthCount, GrowthKey, MapKey, MapSeen, PROGRAMS, PageBits, PageKey, ProcConfig, ProcCpu,
-    STW_PROGRAMS, StwState,
+    STW_PROGRAMS, SliceCount, SliceKey, SliceWindow, StwState,
 };
 
 use crate::plan::{PROGRAM_TABLE, ProbeSite};
@@ -78,6 +78,10 @@ pub struct Counters {
     /// (The third kind, restarts without a stop, is `stw_unmatched`.)
     pub read_failed: u64,
     pub map_layout: u64,
+    /// Slice growths counted, and those without a site (the kernel's
+    /// slice table was full).
+    pub slice_growths: u64,
+    pub slices_unattributed: u64,
 }
 
 /// Handles on the two maps processes are registered in, for reading their
@@ -109,6 +113,8 @@ impl ProcMaps {
             c.sites_outermost += s.sites_outermost;
             c.read_failed += s.read_failed;
             c.map_layout += s.map_layout;
+            c.slice_growths += s.slice_growths;
+            c.slices_unattributed += s.slices_unattributed;
             for (t, h) in c.hits.iter_mut().zip(s.hits) {
                 *t += h;
             }
@@ -128,6 +134,8 @@ pub struct CollectorMaps {
     pub growths: HashMap<MapData, GrowthKey, GrowthCount>,
     /// What the assignment probes saw.
     pub seen: HashMap<MapData, MapKey, MapSeen>,
+    /// Slice growths per (process, site).
+    pub slices: HashMap<MapData, SliceKey, SliceCount>,
 }
 
 /// The exec and exit events discovery reads.
@@ -160,6 +168,8 @@ pub struct Bpf {
     procs: ProcMaps,
     /// Executables' plumbing pages, for the site walk.
     plumbing: HashMap<MapData, PageKey, PageBits>,
+    /// When each executable's slice growth probe counts.
+    slice_windows: Array<MapData, SliceWindow>,
     cpus: usize,
 }
 
@@ -181,6 +191,7 @@ impl Bpf {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries("PROCS", max_processes)
             .map_max_entries("STW", max_processes)
+            .map_max_entries("SLICE_WINDOWS", max_processes)
             .override_global(aya_log::LEVEL, &level, true)
             .load(aya::include_bytes_aligned!(concat!(
                 env!("OUT_DIR"),
@@ -243,12 +254,14 @@ impl Bpf {
             procs: second,
             growths: HashMap::try_from(take("GROWTHS")?)?,
             seen: HashMap::try_from(take("MAP_SEEN")?)?,
+            slices: HashMap::try_from(take("SLICES")?)?,
         };
         let life = LifeMaps {
             ring: RingBuf::try_from(take("LIFE")?)?,
             lost: PerCpuArray::try_from(take("LIFE_LOST")?)?,
         };
         let plumbing = HashMap::try_from(take("PLUMBING")?)?;
+        let slice_windows = Array::try_from(take("SLICE_WINDOWS")?)?;
         if debug {
             start_bpf_log(&mut ebpf)?;
         }
@@ -258,6 +271,7 @@ impl Bpf {
                 attacher: Attacher(Arc::new(Mutex::new(ebpf))),
                 procs: first,
                 plumbing,
+                slice_windows,
                 cpus,
             },
             collector,
@@ -311,6 +325,13 @@ impl Bpf {
         for page in pages {
             let _ = self.plumbing.remove(&PageKey { exe_id: id, page });
         }
+    }
+
+    /// Sets when an executable's slice growth probe counts.
+    pub fn set_slice_window(&mut self, id: u32, w: SliceWindow) -> anyhow::Result<()> {
+        self.slice_windows
+            .set(id, w, 0)
+            .context("setting the slice growth window")
     }
 
     /// A process's counters.

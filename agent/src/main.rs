@@ -13,7 +13,7 @@ use clap::Parser;
 
 use gopulse_agent::{
     bpf, caps,
-    collector::Collector,
+    collector::{Collector, SliceRule},
     discover::{
         Discovery, Naming, Selection,
         events::LifeEvents,
@@ -202,8 +202,34 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     assign_period_ms: u64,
 
+    /// The probe on slice growth (runtime.growslice, every append past a
+    /// slice's capacity): `off`; `sampled`: attached for --slice-window-ms
+    /// every --slice-period-ms (cut early when its cost passes
+    /// --overhead-budget), its counts scaled to the whole period (an
+    /// estimate: gopulse_slice_sample_ratio says on what); `always`:
+    /// attached all the time, counts exact, whatever it costs.
+    #[arg(long, value_enum, default_value_t = AccessMode::Sampled)]
+    slice_probes: AccessMode,
+
+    /// How long the sampled slice growth probe stays attached each period.
+    #[arg(long, value_name = "MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    slice_window_ms: u64,
+
+    /// The sampling period of the slice growth probe.
+    #[arg(long, value_name = "MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    slice_period_ms: u64,
+
+    /// A slice growth storm is more than this many slice growths at one
+    /// site within --storm-window-ms; each storm increments
+    /// gopulse_slice_growth_storms_total and logs one line.
+    #[arg(long, value_name = "N", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=u64::MAX))]
+    slice_storm_growths: u64,
+
     /// Most CPU the growth probes, and separately the sampled assignment
-    /// probes, may cost a process on average, as a fraction of one CPU
+    /// probes and the sampled slice growth probe, may cost a process on average, as a fraction of one CPU
     /// (hits times each probe's cost on this machine: its trap, timed at
     /// start-up, plus its run time from the kernel's BPF statistics). A
     /// group that spends its budget is detached: growth probes until it has
@@ -450,6 +476,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.assign_window_ms > args.assign_period_ms {
         anyhow::bail!("--assign-window-ms must not exceed --assign-period-ms");
     }
+    if args.slice_window_ms > args.slice_period_ms {
+        anyhow::bail!("--slice-window-ms must not exceed --slice-period-ms");
+    }
     if let Some(bad) = args.site_skip.iter().find(|p| p.is_empty()) {
         anyhow::bail!("--site-skip {bad:?}: a prefix must not be empty");
     }
@@ -511,12 +540,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         fraction: args.overhead_budget,
         window: Duration::from_millis(args.assign_window_ms),
     };
+    let slice_budget = Budget {
+        fraction: args.overhead_budget,
+        window: Duration::from_millis(args.slice_window_ms),
+    };
     let (probes, costs) = Probes::new(
         bpf,
         metrics.clone(),
         budget,
-        access_budget,
-        args.map_assign_probes,
+        (access_budget, args.map_assign_probes),
+        (slice_budget, args.slice_probes),
         args.bpf_stats,
     );
     let collector = Collector::new(
@@ -527,6 +560,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         StormRule {
             growths: args.storm_growths,
             window: Duration::from_millis(args.storm_window_ms),
+        },
+        SliceRule {
+            sampled: args.slice_probes == AccessMode::Sampled,
+            storm: StormRule {
+                growths: args.slice_storm_growths,
+                window: Duration::from_millis(args.storm_window_ms),
+            },
         },
     );
     let app = Arc::new(App {
@@ -619,6 +659,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Opening a sampling window wakes it at once.
     let govern_app = app.clone();
     let (wake_governor, woken) = std::sync::mpsc::channel::<()>();
+    let wake_for_slices = wake_governor.clone();
     std::thread::Builder::new()
         .name("governor".into())
         .spawn(move || {
@@ -671,6 +712,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             })
             .context("starting the sampling thread")?;
+    }
+
+    // The sampled slice growth probe: a window every period, on a thread
+    // of its own; each closed window's counts are scaled and folded in.
+    if args.slice_probes == AccessMode::Sampled {
+        let sample_app = app.clone();
+        let window = Duration::from_millis(args.slice_window_ms);
+        let period = Duration::from_millis(args.slice_period_ms);
+        std::thread::Builder::new()
+            .name("slice-sampler".into())
+            .spawn(move || {
+                loop {
+                    let start = std::time::Instant::now();
+                    let jobs = sample_app.with_probes(|p| p.open_slice_window());
+                    sample_app.run_jobs(jobs);
+                    let _ = wake_for_slices.send(());
+                    std::thread::sleep(window);
+                    let samples = sample_app.with_probes(|p| p.close_slice_window());
+                    sample_app.with_collector(|c| {
+                        c.sync();
+                        c.fold_slice_samples(&samples);
+                    });
+                    if let Some(rest) =
+                        (start + period).checked_duration_since(std::time::Instant::now())
+                    {
+                        std::thread::sleep(rest);
+                    }
+                }
+            })
+            .context("starting the slice sampling thread")?;
     }
 
     // OTLP: an export every interval, with fresh counters; a last one at

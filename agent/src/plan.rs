@@ -7,8 +7,9 @@ use gopulse_common::{
     MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
     PROG_GROW_CLASSIC, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE,
     PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE,
-    PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, PendingStw,
-    ProcConfig, START_ARGS_NONE, START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState, TABLE_HEADER_BYTES,
+    PROG_GROW_SLICE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits,
+    PendingStw, ProcConfig, START_ARGS_NONE, START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState,
+    TABLE_HEADER_BYTES, TYPE_HEADER_BYTES,
 };
 
 use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets, Symbolizer, symname};
@@ -38,6 +39,12 @@ pub const SWISS_PRUNE_FN: &str = "internal/runtime/maps.(*table).pruneTombstones
 /// table must grow: probed instead of them where they have no copy of their
 /// own (profile-guided builds inline them into it).
 pub const SWISS_REHASH_FN: &str = "internal/runtime/maps.(*table).rehash";
+
+/// Slice growth: every append past a slice's capacity, and `reflect`'s
+/// (`Value.Grow`, `Append`), goes through it; Go 1.26+'s `growsliceBuf`
+/// (a non-escaping slice's stack buffer) and `growsliceNoAlias` call it
+/// when they allocate. Hot: attached as `--slice-probes` says.
+pub const SLICE_GROWTH_FN: &str = "runtime.growslice";
 
 /// Map assignment and deletion: hot, attached only as `--map-assign-probes`
 /// says. Any of them may be absent (the linker keeps only what is used).
@@ -70,7 +77,7 @@ pub fn wanted_functions() -> Vec<&'static str> {
     for list in [CLASSIC_GROWTH, SWISS_GROWTH] {
         all.extend(list.iter().map(|(f, _)| *f));
     }
-    all.extend([SWISS_PRUNE_FN, SWISS_REHASH_FN]);
+    all.extend([SWISS_PRUNE_FN, SWISS_REHASH_FN, SLICE_GROWTH_FN]);
     all.extend_from_slice(ASSIGN_FUNCTIONS);
     all.extend_from_slice(DELETE_FUNCTIONS);
     all.extend_from_slice(EVACUATE_FUNCTIONS);
@@ -96,6 +103,8 @@ pub enum Group {
     Growth,
     /// Map assignment, deletion and evacuation: as `--map-assign-probes`.
     Access,
+    /// Slice growth: as `--slice-probes`.
+    Slice,
 }
 
 /// One BPF program of the eBPF object.
@@ -184,6 +193,12 @@ pub const PROGRAM_TABLE: [Program; PROGRAMS] = {
         Emulated,
         Growth,
         "a swiss table grows or splits (both inlined into rehash)",
+    );
+    t[PROG_GROW_SLICE] = prog(
+        "grow_slice",
+        Emulated,
+        Slice,
+        "an append past a slice's capacity: a new array, the old one copied",
     );
     t[PROG_MAP_ASSIGN] = prog(
         "map_assign",
@@ -356,6 +371,9 @@ pub struct Plan {
     pub coverage: Coverage,
     /// Assignment, deletion and evacuation probes (those the binary has).
     pub access: Vec<ProbeSite>,
+    /// The slice growth probe (none when `runtime.growslice` has inlined
+    /// copies, which it never has: said in `coverage`).
+    pub slice: Vec<ProbeSite>,
     /// The map probes' config, but for `exe_id` (set when registered).
     pub config: ProcConfig,
     /// The stop-the-world probes' state, idle.
@@ -399,6 +417,9 @@ pub struct Coverage {
     /// GC and stop-the-world functions also inlined somewhere (none in any
     /// build seen so far): what goes through their copies is missed.
     pub partial: Vec<&'static str>,
+    /// `runtime.growslice` cannot be probed whole (never seen): slice
+    /// growths are not counted.
+    pub slices_unwatched: bool,
     /// The build's `-pgo` profile, when it was profile-guided (the usual
     /// reason for the above).
     pub pgo: Option<String>,
@@ -422,7 +443,7 @@ impl Coverage {
     /// Something is not counted: a growth kind, or part of a GC or
     /// stop-the-world signal.
     pub fn misses(&self) -> bool {
-        !self.unwatched.is_empty() || !self.partial.is_empty()
+        !self.unwatched.is_empty() || !self.partial.is_empty() || self.slices_unwatched
     }
 }
 
@@ -685,11 +706,44 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
             config.table_local_depth = header_field("table.localDepth", table_local_depth, 1, T)?;
         }
     }
+    let slice = match whole(bin, SLICE_GROWTH_FN) {
+        Ok(f) => vec![ProbeSite {
+            program: PROG_GROW_SLICE,
+            function: SLICE_GROWTH_FN,
+            file_offset: entry_offset(f)?,
+        }],
+        Err(why) => {
+            coverage
+                .notes
+                .push(format!("slice growths not watched: {why}"));
+            coverage.slices_unwatched = true;
+            Vec::new()
+        }
+    };
+    let types = bin.offsets.types.context(
+        "no internal/abi.Type layout for this binary (neither in its DWARF nor in the table)",
+    )?;
+    const Y: usize = TYPE_HEADER_BYTES;
+    config.type_size = header_field("Type.Size_", types.size, 8, Y)?;
+    config.type_ptr_bytes = header_field("Type.PtrBytes", types.ptr_bytes, 8, Y)?;
+    // Go 1.22 put a malloc header in objects over 512 bytes with
+    // pointers (GOEXPERIMENT=allocheaders, on by default, the only way
+    // from 1.23).
+    config.malloc_header = u8::from(
+        bin.version.at_least(22)
+            && !(bin.version.minor == 22
+                && bin
+                    .build
+                    .settings
+                    .get("GOEXPERIMENT")
+                    .is_some_and(|x| x.split(',').any(|e| e == "noallocheaders"))),
+    );
     Ok(Plan {
         core,
         growth,
         coverage,
         access: plan_access(bin)?,
+        slice,
         config,
         stw,
     })
@@ -715,6 +769,7 @@ mod tests {
         }
         let functions = REQUIRED_FUNCTIONS
             .iter()
+            .chain(&[SLICE_GROWTH_FN])
             .chain(extra)
             .enumerate()
             .map(|(i, name)| {

@@ -79,9 +79,10 @@ fn by_site(m: &Metrics, metric: &str, pid: &str) -> BTreeMap<String, f64> {
 /// One run of the fixture under an agent with `flags`: the truth, and the
 /// last scrape once the map sites' counts agree with it (or time is up).
 fn run(bin: &Path, flags: &[&str]) -> (Truth, Metrics, String) {
+    let flags = flags.to_vec();
     let mut target = Target::spawn(bin, &[]);
     let mut args = vec!["--map-assign-probes", "off"];
-    args.extend_from_slice(flags);
+    args.extend_from_slice(&flags);
     let agent = Agent::spawn_with(&[target.pid], &args);
     agent.wait_ready(Duration::from_secs(30));
     target.send(&format!("go {ROUNDS}"));
@@ -90,10 +91,14 @@ fn run(bin: &Path, flags: &[&str]) -> (Truth, Metrics, String) {
     let pid = target.pid.to_string();
     let m = agent.scrape_until(Duration::from_secs(10), |m| {
         let got = by_site(m, "gopulse_map_growths_total", &pid);
+        let slices = by_site(m, "gopulse_slice_growths_total", &pid);
         truth
             .maps
             .iter()
             .all(|(site, &n)| got.get(site).copied().unwrap_or(0.0) >= n as f64)
+            && truth.slices.iter().all(|(site, &(n, _))| {
+                !flags.contains(&"always") || slices.get(site).copied().unwrap_or(0.0) >= n as f64
+            })
     });
     agent.stop();
     target.finish();
@@ -125,6 +130,21 @@ fn check_maps(what: &str, truth: &Truth, m: &Metrics, pid: &str) {
     }
 }
 
+/// The slice sites of a run with `--slice-probes always`: reallocations
+/// and bytes copied exact at the inlined functions.
+fn check_slices(what: &str, truth: &Truth, m: &Metrics, pid: &str) {
+    let got = by_site(m, "gopulse_slice_growths_total", pid);
+    let copied = by_site(m, "gopulse_slice_copied_bytes_total", pid);
+    println!("RESULT {what} slice sites: {got:?}");
+    for (site, &(n, bytes)) in &truth.slices {
+        assert_eq!(got.get(site).copied(), Some(n as f64), "{what}: {site}: {got:?}");
+        assert_eq!(copied.get(site).copied(), Some(bytes as f64), "{what}: {site}");
+    }
+    for site in ["main.fillPush", "main.fillPushName"] {
+        assert!(!got.contains_key(site), "{what}: slice growths at {site}: {got:?}");
+    }
+}
+
 fn check(version: &str) {
     if !support::have_root() {
         return;
@@ -142,8 +162,9 @@ fn check(version: &str) {
     for (kind, args) in [("plain", &[][..]), ("stripped", &["-ldflags=-s -w"][..])] {
         let bin = support::build_fixture("inlsites", &go, &format!("{version}-{kind}"), args);
         let what = format!("go{version} {kind}");
-        let (truth, m, pid) = run(&bin, &[]);
+        let (truth, m, pid) = run(&bin, &["--slice-probes", "always"]);
         check_maps(&what, &truth, &m, &pid);
+        check_slices(&what, &truth, &m, &pid);
     }
 }
 

@@ -85,6 +85,15 @@ pub struct ProcConfig {
     /// Swiss `Map.dirPtr`: the directory of tables, walked at a growth to
     /// count them.
     pub map_dir_ptr: u16,
+    /// `internal/abi.Type`: `Size_` and `PtrBytes`, the element type's
+    /// size and whether it holds pointers (offsets within the first
+    /// [`TYPE_HEADER_BYTES`]), for slice growth.
+    pub type_size: u16,
+    pub type_ptr_bytes: u16,
+    /// Go 1.22+: the allocator adds an 8-byte malloc header to objects of
+    /// more than 512 bytes with pointers (`roundupsize(size, noscan)`).
+    pub malloc_header: u8,
+    pub _pad2: [u8; 1],
 }
 
 /// What the map probes keep per process and CPU (`PROCS`, a per-CPU hash):
@@ -152,7 +161,9 @@ pub const PROG_PRUNE_BODY: usize = 12;
 /// their own (inlined into it, as profile-guided builds do): the table's
 /// capacity tells which of the two it does.
 pub const PROG_REHASH_TABLE: usize = 13;
-pub const PROGRAMS: usize = 14;
+/// `runtime.growslice`: an append past a slice's capacity.
+pub const PROG_GROW_SLICE: usize = 14;
+pub const PROGRAMS: usize = 15;
 
 /// Maps the assignment probes remember (kernel LRU, all processes).
 pub const MAX_TRACKED_MAPS: u32 = 65536;
@@ -279,6 +290,155 @@ pub const GROWTH_DIR_WALK: usize = 64;
 /// counted per process as unattributed.
 pub const MAX_GROWTH_KEYS: u32 = 32768;
 
+/// Bytes of an `internal/abi.Type` the slice growth probe reads in one go
+/// (`Size_` and `PtrBytes`, the first two words in every supported release).
+pub const TYPE_HEADER_BYTES: usize = 16;
+
+/// Buckets of the new capacities of grown slices, in bytes: bucket `i`
+/// holds capacities up to `64 << 2i` (64 B, 256 B, ... 64 MiB), the last one
+/// the rest.
+pub const SLICE_BUCKETS: usize = 12;
+/// log2 of the first bucket's bound.
+pub const SLICE_BUCKET_MIN_SHIFT: u32 = 6;
+
+/// The bucket of a new capacity of `bytes`.
+#[inline(always)]
+pub fn slice_bucket(bytes: u64) -> usize {
+    let mut i = 0;
+    while i < SLICE_BUCKETS - 1 {
+        if bytes <= 1u64 << (SLICE_BUCKET_MIN_SHIFT + 2 * i as u32) {
+            return i;
+        }
+        i += 1;
+    }
+    SLICE_BUCKETS - 1
+}
+
+/// Slice growths at one site of one process, counted in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SliceKey {
+    pub pid: u32,
+    /// `SITE_*`.
+    pub site_flags: u8,
+    pub _pad: [u8; 3],
+    /// Link-time return address into the site function.
+    pub site: u64,
+}
+
+/// What grew under one [`SliceKey`]; every field is added to atomically.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SliceCount {
+    /// Bytes copied from the old arrays (old length × element size).
+    pub copied: u64,
+    /// Growths by bucket of their new capacity in bytes ([`slice_bucket`]).
+    pub counts: [u64; SLICE_BUCKETS],
+    /// The new capacities' bytes summed, by bucket.
+    pub bytes: [u64; SLICE_BUCKETS],
+}
+
+/// Slice growth keys the kernel holds (all processes); past it growths are
+/// counted per process as unattributed.
+pub const MAX_SLICE_KEYS: u32 = 16384;
+
+/// When the slice growth probe of an executable counts (its index in
+/// `SLICE_WINDOWS` is its `exe_id`): CLOCK_MONOTONIC ns from `start` up to,
+/// not including, `end`. The agent opens a sampling window once the probe
+/// is attached and closes it before detaching, so what was counted covers
+/// exactly the time it says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SliceWindow {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// Go's `nextslicecap(newLen, oldCap)` (Go 1.22-1.27; inline in 1.21's
+/// growslice, the same rule): double below 256 elements, then grow by a
+/// quarter plus 192 until `new_len` fits. At most 4 steps: each is at
+/// least ×1.25 and the target is at most twice `old_cap`.
+#[inline(always)]
+pub fn next_slice_cap(new_len: i64, old_cap: i64) -> i64 {
+    let double = old_cap.wrapping_add(old_cap);
+    if new_len > double {
+        return new_len;
+    }
+    const THRESHOLD: i64 = 256;
+    if old_cap < THRESHOLD {
+        return double;
+    }
+    let mut cap = old_cap;
+    let mut i = 0;
+    while i < 8 {
+        cap = cap.wrapping_add((cap.wrapping_add(3 * THRESHOLD)) >> 2);
+        if (cap as u64) >= (new_len as u64) {
+            break;
+        }
+        i += 1;
+    }
+    if cap <= 0 { new_len } else { cap }
+}
+
+/// Go's `roundupsize(size, noscan)`: the bytes the allocator gives a
+/// request of `size`. From Go 1.22 (`malloc_header`) an object of more than
+/// 512 bytes with pointers carries an 8-byte header, which the size class
+/// must hold too; Go 1.21 has none. Pages are 8 KiB.
+#[inline(always)]
+pub fn round_up_size(size: u64, noscan: bool, malloc_header: bool) -> u64 {
+    const MAX_SMALL: u64 = 32768;
+    const PAGE: u64 = 8192;
+    let header = if malloc_header { 8 } else { 0 };
+    let small = if malloc_header {
+        size <= MAX_SMALL - 8
+    } else {
+        size < MAX_SMALL
+    };
+    if small {
+        let req = if !noscan && size > 512 { size + header } else { size };
+        // As Go computes it, in unsigned arithmetic (for req in (1016,
+        // 1024) the subtraction wraps around to index 0).
+        let class = if req <= 1024 - 8 {
+            SIZE_CLASS_BYTES8.get(req.div_ceil(8) as usize)
+        } else {
+            SIZE_CLASS_BYTES128
+                .get((req.wrapping_sub(1024).wrapping_add(127) / 128) as usize)
+        };
+        return match class {
+            Some(&c) => u64::from(c).wrapping_sub(req - size),
+            None => size,
+        };
+    }
+    let up = size.wrapping_add(PAGE - 1);
+    if up < size { size } else { up & !(PAGE - 1) }
+}
+
+/// What `runtime.growslice(oldPtr, newLen, oldCap, num, et)` allocates for
+/// elements of `elem` bytes: the new capacity in bytes (elements × size), as
+/// that release's runtime computes it; `None` where it would panic.
+#[inline(always)]
+pub fn grown_slice_bytes(
+    new_len: i64,
+    old_cap: i64,
+    elem: u64,
+    noscan: bool,
+    malloc_header: bool,
+) -> Option<u64> {
+    if elem == 0 || new_len < 0 {
+        return None;
+    }
+    // The runtime's maxAlloc on amd64 (48-bit addresses): past it growslice
+    // panics. (Not a checked_mul: the BPF target has no 128-bit multiply.)
+    const MAX_ALLOC: u64 = 1 << 48;
+    let cap = next_slice_cap(new_len, old_cap) as u64;
+    if cap > MAX_ALLOC / elem {
+        return None;
+    }
+    let mem = cap * elem;
+    let rounded = round_up_size(mem, noscan, malloc_header);
+    Some(rounded / elem * elem)
+}
+
 /// The map probes' counters of a process on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -312,6 +472,10 @@ pub struct ProcStats {
     /// way; swiss: a directory that does not fit the operation). The
     /// agent's offsets do not describe the map; the growth is not counted.
     pub map_layout: u64,
+    /// Slice growths counted, and those the kernel's slice table had no
+    /// room for (in `slice_growths`, under no site).
+    pub slice_growths: u64,
+    pub slices_unattributed: u64,
 }
 
 /// Stop-the-world programs, indices into [`StwState::hits`] as into
@@ -436,7 +600,98 @@ mod pod {
     unsafe impl aya::Pod for super::GrowthCount {}
     unsafe impl aya::Pod for super::PageKey {}
     unsafe impl aya::Pod for super::PageBits {}
+    unsafe impl aya::Pod for super::SliceKey {}
+    unsafe impl aya::Pod for super::SliceCount {}
+    unsafe impl aya::Pod for super::SliceWindow {}
     unsafe impl aya::Pod for super::MapKey {}
     unsafe impl aya::Pod for super::MapSeen {}
     unsafe impl aya::Pod for super::LifeEvent {}
+}
+
+/// Go's size classes (`runtime/sizeclasses.go`, `internal/runtime/gc` from
+/// Go 1.25; the same in 1.21 to 1.27, which a test checks against each
+/// toolchain's source): the bytes the allocator gives a small request of
+/// `size`, by `ceil(size / 8)` up to 1024 bytes ...
+pub const SIZE_CLASS_BYTES8: [u16; 129] = [
+    0, 8, 16, 24, 32, 48, 48, 64, 64, 80, 80, 96, 96, 112, 112, 128, 128, 144, 144, 160, 160, 176,
+    176, 192, 192, 208, 208, 224, 224, 240, 240, 256, 256, 288, 288, 288, 288, 320, 320, 320, 320,
+    352, 352, 352, 352, 384, 384, 384, 384, 416, 416, 416, 416, 448, 448, 448, 448, 480, 480, 480,
+    480, 512, 512, 512, 512, 576, 576, 576, 576, 576, 576, 576, 576, 640, 640, 640, 640, 640, 640,
+    640, 640, 704, 704, 704, 704, 704, 704, 704, 704, 768, 768, 768, 768, 768, 768, 768, 768, 896,
+    896, 896, 896, 896, 896, 896, 896, 896, 896, 896, 896, 896, 896, 896, 896, 1024, 1024, 1024,
+    1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024, 1024,
+];
+/// ... and by `ceil((size - 1024) / 128)` above, up to 32 KiB.
+pub const SIZE_CLASS_BYTES128: [u16; 249] = [
+    1024, 1152, 1280, 1408, 1536, 1792, 1792, 2048, 2048, 2304, 2304, 2688, 2688, 2688, 3072,
+    3072, 3072, 3200, 3456, 3456, 4096, 4096, 4096, 4096, 4096, 4864, 4864, 4864, 4864, 4864,
+    4864, 5376, 5376, 5376, 5376, 6144, 6144, 6144, 6144, 6144, 6144, 6528, 6528, 6528, 6784,
+    6784, 6912, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 8192, 9472, 9472, 9472,
+    9472, 9472, 9472, 9472, 9472, 9472, 9472, 9728, 9728, 10240, 10240, 10240, 10240, 10880,
+    10880, 10880, 10880, 10880, 12288, 12288, 12288, 12288, 12288, 12288, 12288, 12288, 12288,
+    12288, 12288, 13568, 13568, 13568, 13568, 13568, 13568, 13568, 13568, 13568, 13568, 14336,
+    14336, 14336, 14336, 14336, 14336, 16384, 16384, 16384, 16384, 16384, 16384, 16384, 16384,
+    16384, 16384, 16384, 16384, 16384, 16384, 16384, 16384, 18432, 18432, 18432, 18432, 18432,
+    18432, 18432, 18432, 18432, 18432, 18432, 18432, 18432, 18432, 18432, 18432, 19072, 19072,
+    19072, 19072, 19072, 20480, 20480, 20480, 20480, 20480, 20480, 20480, 20480, 20480, 20480,
+    20480, 21760, 21760, 21760, 21760, 21760, 21760, 21760, 21760, 21760, 21760, 24576, 24576,
+    24576, 24576, 24576, 24576, 24576, 24576, 24576, 24576, 24576, 24576, 24576, 24576, 24576,
+    24576, 24576, 24576, 24576, 24576, 24576, 24576, 27264, 27264, 27264, 27264, 27264, 27264,
+    27264, 27264, 27264, 27264, 27264, 27264, 27264, 27264, 27264, 27264, 27264, 27264, 27264,
+    27264, 27264, 28672, 28672, 28672, 28672, 28672, 28672, 28672, 28672, 28672, 28672, 28672,
+    32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768,
+    32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768, 32768,
+    32768, 32768, 32768, 32768, 32768, 32768,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_caps_follow_go() {
+        assert_eq!(next_slice_cap(1, 0), 1);
+        assert_eq!(next_slice_cap(5, 4), 8);
+        assert_eq!(next_slice_cap(20, 4), 20);
+        assert_eq!(next_slice_cap(257, 256), 512);
+        // 512 + (512+768)/4 = 832.
+        assert_eq!(next_slice_cap(513, 512), 832);
+        assert_eq!(next_slice_cap(1500, 1000), 1994);
+    }
+
+    #[test]
+    fn sizes_round_as_go_rounds_them() {
+        assert_eq!(round_up_size(1, true, true), 8);
+        assert_eq!(round_up_size(33, true, true), 48);
+        assert_eq!(round_up_size(1020, true, true), 1024);
+        assert_eq!(round_up_size(1025, true, true), 1152);
+        // With pointers, past 512 bytes the header takes 8 (1.22+).
+        assert_eq!(round_up_size(576, false, true), 632);
+        assert_eq!(round_up_size(576, false, false), 576);
+        assert_eq!(round_up_size(32768, true, true), 32768);
+        assert_eq!(round_up_size(32768, true, false), 32768);
+        assert_eq!(round_up_size(32761, false, true), 32768);
+        assert_eq!(round_up_size(32760, false, true), 32760);
+        assert_eq!(round_up_size(40000, true, true), 40960);
+        // append to []int64 from 0: 1, 2, 4, 8 elements.
+        assert_eq!(grown_slice_bytes(1, 0, 8, true, true), Some(8));
+        // []string of 5 after 4: 8 elements, 128 bytes.
+        assert_eq!(grown_slice_bytes(5, 4, 16, false, true), Some(128));
+        // 3-byte elements: 6 bytes round to 8, which hold 2.
+        assert_eq!(grown_slice_bytes(2, 1, 3, true, true), Some(6));
+        // 1000 int64 + 500: 1994 elements, 15952 bytes, 16 KiB: 2048.
+        assert_eq!(grown_slice_bytes(1500, 1000, 8, true, true), Some(16384));
+        assert_eq!(grown_slice_bytes(2, 1, 0, true, true), None);
+    }
+
+    #[test]
+    fn buckets() {
+        assert_eq!(slice_bucket(1), 0);
+        assert_eq!(slice_bucket(64), 0);
+        assert_eq!(slice_bucket(65), 1);
+        assert_eq!(slice_bucket(256), 1);
+        assert_eq!(slice_bucket(64 << 20), 10);
+        assert_eq!(slice_bucket((64 << 20) + 1), 11);
+        assert_eq!(slice_bucket(u64::MAX), 11);
+    }
 }

@@ -35,7 +35,7 @@ use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, raw_tracepoint, uprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
@@ -45,12 +45,13 @@ use gopulse_common::{
     LIFE_EXIT, LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS,
     MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_TRACKED_MAPS, MapKey, MapSeen,
     PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_TABLE,
-    PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
+    PROG_GROW_SLICE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
     PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
     PROG_STW_START_RET, PROG_STW_STOP, PageBits, PageKey, PendingStw, ProcConfig, ProcCpu,
     ProcStats, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE,
     STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG,
     SWISS_GROUP_SLOTS, SWISS_MAX_TABLE_CAPACITY, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
+    MAX_SLICE_KEYS, SliceCount, SliceKey, SliceWindow, grown_slice_bytes, slice_bucket,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -76,6 +77,20 @@ static PLUMBING: HashMap<PageKey, PageBits> = HashMap::with_max_entries(MAX_PLUM
 /// Map growths per (process, kind, site), with the largest map seen there.
 #[map]
 static GROWTHS: HashMap<GrowthKey, GrowthCount> = HashMap::with_max_entries(MAX_GROWTH_KEYS, 0);
+
+/// Slice growths per (process, site).
+#[map]
+static SLICES: HashMap<SliceKey, SliceCount> = HashMap::with_max_entries(MAX_SLICE_KEYS, 0);
+
+/// A zeroed [`SliceCount`], never written: what a new slice site starts
+/// from.
+#[map]
+static SLICE_ZERO: PerCpuArray<SliceCount> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per executable (`ProcConfig::exe_id`): when its slice growth probe
+/// counts. The agent sizes it for `--max-processes` at load time.
+#[map]
+static SLICE_WINDOWS: Array<SliceWindow> = Array::with_max_entries(MAX_PROCS, 0);
 
 /// The maps assignments and deletions touched: latest count, seed and site.
 #[map]
@@ -914,6 +929,91 @@ pub fn map_evacuate(ctx: ProbeContext) -> u32 {
     let top = read::<u8>(old.wrapping_add(oldbucket.wrapping_mul(size)));
     if !(2..=4).contains(&top) {
         p.stats.evacuations += 1;
+    }
+    0
+}
+
+/// `runtime.growslice(oldPtr, newLen, oldCap, num, et)`: RBX = newLen,
+/// RCX = oldCap, RDI = num, RSI = et. Counts the growth at its site (the
+/// caller of growslice, past plumbing such as `reflect`), with the bytes
+/// it copies (old length × element size) and the new capacity in bytes, as
+/// the runtime computes it (`grown_slice_bytes`). Counted only within the
+/// executable's window (sampled) or always.
+#[uprobe]
+pub fn grow_slice(ctx: ProbeContext) -> u32 {
+    let Some((pid, p)) = enter(PROG_GROW_SLICE) else {
+        return 0;
+    };
+    if will_restart(&ctx) {
+        return 0;
+    }
+    let Some(w) = SLICE_WINDOWS.get(p.config.exe_id) else {
+        return 0;
+    };
+    if w.end != u64::MAX {
+        // SAFETY: no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now < w.start || now >= w.end {
+            return 0;
+        }
+    }
+    let r = regs(&ctx);
+    let (new_len, old_cap, num, et) = (r.rbx as i64, r.rcx as i64, r.rdi as i64, r.rsi);
+    let Some(ty) = Header::<2>::read(et) else {
+        return read_failed(&ctx, pid, &mut p.stats, "slice element type", et);
+    };
+    let size = ty.field(p.config.type_size, 8);
+    let noscan = ty.field(p.config.type_ptr_bytes, 8) == 0;
+    let old_len = new_len.wrapping_sub(num);
+    // A zero-size element allocates nothing; a call the runtime would
+    // panic on grows nothing.
+    if old_len < 0 || (new_len as u64) <= (old_cap as u64) {
+        return 0;
+    }
+    let Some(bytes) = grown_slice_bytes(new_len, old_cap, size, noscan, p.config.malloc_header != 0)
+    else {
+        return 0;
+    };
+    p.stats.slice_growths += 1;
+    let (site, site_flags) = find_site(p, r, true);
+    if site_flags != SITE_FOUND {
+        p.stats.sites_outermost += 1;
+    }
+    let key = SliceKey {
+        pid,
+        site_flags,
+        _pad: [0; 3],
+        site,
+    };
+    let copied = (old_len as u64).wrapping_mul(size);
+    let bucket = slice_bucket(bytes);
+    let v = match SLICES.get_ptr_mut(key) {
+        Some(v) => v,
+        None => {
+            // A new site: a zeroed entry, inserted from map memory (a
+            // value on the stack would not fit it), then counted into.
+            if let Some(zero) = SLICE_ZERO.get(0) {
+                let _ = SLICES.insert(key, zero, BPF_NOEXIST as u64);
+            }
+            match SLICES.get_ptr_mut(key) {
+                Some(v) => v,
+                None => {
+                    p.stats.slices_unattributed += 1;
+                    return 0;
+                }
+            }
+        }
+    };
+    // SAFETY: a live value of the slice table, shared by every CPU: atomic
+    // adds only.
+    unsafe {
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*v).copied, copied);
+        if let Some(c) = (*v).counts.get_mut(bucket) {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(c, 1);
+        }
+        if let Some(b) = (*v).bytes.get_mut(bucket) {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(b, bytes);
+        }
     }
     0
 }

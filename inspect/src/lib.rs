@@ -21,7 +21,7 @@ use std::{
 pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
 pub use image::Image;
-pub use offsets::{MapImpl, MapOffsets, Offsets};
+pub use offsets::{MapImpl, MapOffsets, Offsets, TypeOffsets};
 pub use pclntab::{Source, Symbolizer};
 pub use quick::{Release, go_release, go_release_in};
 pub use version::GoVersion;
@@ -316,6 +316,11 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
             false,
         ),
     };
+    // A cut-down DWARF without internal/abi.Type: the release's own.
+    let mut offsets = offsets;
+    if offsets.types.is_none() {
+        offsets.types = offsets::from_table(&version, map_impl).and_then(|o| o.types);
+    }
     let pause_clock = match &structs {
         Some(s) if version.minor == 21 => pause_clock(&elf, s)?,
         _ => None,

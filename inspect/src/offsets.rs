@@ -42,6 +42,18 @@ pub struct Offsets {
     pub g_m: u16,
     /// `runtime.m.curg`
     pub m_curg: u16,
+    /// `internal/abi.Type` (a slice's element type): `None` from a DWARF
+    /// without it (only cut-down copies lack it), then taken from the
+    /// table.
+    pub types: Option<TypeOffsets>,
+}
+
+/// `internal/abi.Type`: its size and the bytes of it that can hold
+/// pointers (0 for a type without pointers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TypeOffsets {
+    pub size: u16,
+    pub ptr_bytes: u16,
 }
 
 /// Offsets of the map header (and, for Swiss maps, of a table). `size`
@@ -95,6 +107,7 @@ const SWISS_TABLE: &str = "internal/runtime/maps.table";
 const SWISS_GROUPS: &str = "internal/runtime/maps.groupsReference";
 const G: &str = "runtime.g";
 const M: &str = "runtime.m";
+const ABI_TYPE: &str = "internal/abi.Type";
 
 /// The offsets in the checked-in table for a release (`None` outside the
 /// supported range, for devel builds, and for a map implementation the
@@ -112,8 +125,8 @@ pub fn from_table(version: &GoVersion, imp: MapImpl) -> Option<Offsets> {
 /// The structs [`from_structs`] reads for `imp`.
 pub fn wanted(imp: MapImpl) -> &'static [&'static str] {
     match imp {
-        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
-        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
+        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M, ABI_TYPE],
+        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M, ABI_TYPE],
     }
 }
 
@@ -239,11 +252,19 @@ pub(crate) fn from_structs(structs: &Structs, imp: MapImpl) -> Result<Offsets, I
             }
         }
     };
+    let types = match structs.contains_key(ABI_TYPE) {
+        true => Some(TypeOffsets {
+            size: field(ABI_TYPE, "Size_")?,
+            ptr_bytes: field(ABI_TYPE, "PtrBytes")?,
+        }),
+        false => None,
+    };
     Ok(Offsets {
         map,
         g_goid: field(G, "goid")?,
         g_m: field(G, "m")?,
         m_curg: field(M, "curg")?,
+        types,
     })
 }
 
@@ -382,6 +403,7 @@ pub(crate) mod tests {
                 &[("Key", 48), ("BucketSize", 82)],
             ),
             ("runtime.g", 120, &[("stack", 0), ("m", 48), ("goid", 112)]),
+            ("internal/abi.Type", 48, &[("Size_", 0), ("PtrBytes", 8)]),
         ]);
         elf(&[(".debug_abbrev", &abbrevs()), (".debug_info", &info)])
     }
@@ -406,6 +428,10 @@ pub(crate) mod tests {
             g_goid: 112,
             g_m: 48,
             m_curg: 92,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         };
         assert_eq!(offsets, Some(expected));
     }

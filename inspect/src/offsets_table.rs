@@ -3,7 +3,7 @@
 //! from the DWARF of `agent/tests/fixtures/gcload` built with each
 //! toolchain below (linux/amd64).
 
-use super::{MapImpl, MapOffsets, Offsets};
+use super::{MapImpl, MapOffsets, Offsets, TypeOffsets};
 
 pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
     // go1.21.13
@@ -27,6 +27,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 152,
             g_m: 48,
             m_curg: 192,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.22.10
@@ -50,6 +54,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 152,
             g_m: 48,
             m_curg: 192,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.23.9
@@ -73,6 +81,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 160,
             g_m: 48,
             m_curg: 192,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.24.11
@@ -100,6 +112,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 160,
             g_m: 48,
             m_curg: 192,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.24.11 X:noswissmap
@@ -123,6 +139,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 160,
             g_m: 48,
             m_curg: 192,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.25.5
@@ -150,6 +170,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 152,
             g_m: 48,
             m_curg: 184,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.25.5 X:noswissmap
@@ -173,6 +197,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 152,
             g_m: 48,
             m_curg: 184,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.26.6
@@ -200,6 +228,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 152,
             g_m: 48,
             m_curg: 184,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
     // go1.27.3
@@ -227,6 +259,10 @@ pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[
             g_goid: 152,
             g_m: 48,
             m_curg: 184,
+            types: Some(TypeOffsets {
+                size: 0,
+                ptr_bytes: 8,
+            }),
         },
     ),
 ];

@@ -124,7 +124,7 @@ fn render(rows: &[Row]) -> String {
          //! Struct field offsets per Go release and map implementation, read\n\
          //! from the DWARF of `agent/tests/fixtures/gcload` built with each\n\
          //! toolchain below (linux/amd64).\n\n\
-         use super::{MapImpl, MapOffsets, Offsets};\n\n\
+         use super::{MapImpl, MapOffsets, Offsets, TypeOffsets};\n\n\
          pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[\n",
     );
     for row in rows {
@@ -174,9 +174,16 @@ fn render(rows: &[Row]) -> String {
                  table_groups_length_mask: {table_groups_length_mask}, table_size: {table_size} }}"
             ),
         };
+        let types = match o.types {
+            Some(t) => format!(
+                "Some(TypeOffsets {{ size: {}, ptr_bytes: {} }})",
+                t.size, t.ptr_bytes
+            ),
+            None => "None".to_owned(),
+        };
         let _ = write!(
             s,
-            "    // {}\n    ({}, MapImpl::{:?}, Offsets {{ map: {map}, g_goid: {}, g_m: {}, m_curg: {} }}),\n",
+            "    // {}\n    ({}, MapImpl::{:?}, Offsets {{ map: {map}, g_goid: {}, g_m: {}, m_curg: {}, types: {types} }}),\n",
             row.version, row.version.minor, row.imp, o.g_goid, o.g_m, o.m_curg
         );
     }

@@ -6,6 +6,7 @@
 mod gc;
 mod maps;
 pub mod names;
+mod slices;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -17,6 +18,8 @@ use gopulse_common::GrowthKey;
 use maps::MapRef;
 pub use maps::OTHER_SITE;
 pub use names::FunctionNames;
+pub use slices::SliceRule;
+use slices::SliceState;
 
 use crate::{
     bpf::{CollectorMaps, Counters},
@@ -67,6 +70,7 @@ struct Proc {
     /// Maps taken from the kernel LRU so far, and evictions reported.
     maps_taken: u64,
     maps_untracked: u64,
+    slices: SliceState,
 }
 
 pub struct Collector {
@@ -77,6 +81,7 @@ pub struct Collector {
     requested: BTreeSet<u32>,
     max_sites: usize,
     storm_rule: StormRule,
+    slice_rule: SliceRule,
 }
 
 impl Collector {
@@ -86,6 +91,7 @@ impl Collector {
         costs: Arc<Costs>,
         max_sites: usize,
         storm_rule: StormRule,
+        slice_rule: SliceRule,
     ) -> Self {
         Self {
             maps,
@@ -95,6 +101,7 @@ impl Collector {
             requested: BTreeSet::new(),
             max_sites,
             storm_rule,
+            slice_rule,
         }
     }
 
@@ -115,9 +122,14 @@ impl Collector {
             &m.maps_untracked,
             &m.map_growths_unattributed,
             &m.probe_overhead,
+            &m.slice_growths_unattributed,
+            &m.slice_sites_dropped,
         ] {
             f.create(&labels);
         }
+        // Exact counts from the start, or no estimate yet.
+        let ratio = if self.slice_rule.sampled { 0.0 } else { 1.0 };
+        m.slice_sample_ratio.set_float(&labels, ratio);
         for phase in [PHASE_SWEEP, PHASE_MARK] {
             m.gc_pause.create(&ProcAnd {
                 proc: &labels,
@@ -156,6 +168,7 @@ impl Collector {
                 map_offsets: p.map_offsets,
                 maps_taken: 0,
                 maps_untracked: 0,
+                slices: SliceState::default(),
             },
         );
     }
@@ -187,6 +200,7 @@ impl Collector {
     pub fn sync(&mut self) {
         let now = std::time::Instant::now();
         self.fold_growths(now);
+        self.fold_slices_exact(now);
         // Counters first, then the assignment probes' table: every map the
         // counters say was added is then either in the table or evicted, so
         // the eviction estimate never counts one still on its way in.
@@ -258,6 +272,16 @@ impl Collector {
             .collect();
         for k in stale {
             let _ = self.maps.growths.remove(&k);
+        }
+        let stale: Vec<gopulse_common::SliceKey> = self
+            .maps
+            .slices
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.pid == pid)
+            .collect();
+        for k in stale {
+            let _ = self.maps.slices.remove(&k);
         }
         // Without the pid label, replicas in one container share series:
         // they go with the last of them.

@@ -191,6 +191,7 @@ fn probes(bin: &GoBinary, plan: &Plan) -> Vec<Probe> {
                 Group::Core => "gc",
                 Group::Growth => "growth",
                 Group::Access => "access",
+                Group::Slice => "slice",
             },
             measures: program.what,
         }
@@ -199,6 +200,7 @@ fn probes(bin: &GoBinary, plan: &Plan) -> Vec<Probe> {
         .iter()
         .chain(&plan.growth)
         .chain(&plan.access)
+        .chain(&plan.slice)
         .map(one)
         .collect()
 }

@@ -508,8 +508,10 @@ impl Otlp {
                     return;
                 };
                 let attrs = attributes(d, values);
-                for x in xs {
-                    h.record(x, &attrs);
+                for (x, n) in xs {
+                    for _ in 0..n {
+                        h.record(x, &attrs);
+                    }
                 }
             },
         );

@@ -108,6 +108,13 @@ pub const LOAD_FACTOR_BUCKETS: [f64; 12] = [
     0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8125, 0.875, 1.0,
 ];
 
+/// New slice capacities in bytes: the kernel's own buckets
+/// (`gopulse_common::slice_bucket`), 64 B to 64 MiB in steps of 4.
+pub const SLICE_CAPACITY_BUCKETS: [f64; 11] = [
+    64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0,
+    67108864.0,
+];
+
 /// Exec-to-attached buckets in seconds: the target is 200 ms, the promise 1 s.
 pub const ATTACH_DELAY_BUCKETS: [f64; 10] =
     [0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.5, 10.0];
@@ -406,6 +413,108 @@ pub static MAP_EVACUATED_BUCKETS: Decl = Decl {
            (runtime.evacuate*), counted while the assignment probes are attached",
 };
 
+pub static SLICE_GROWTHS: Decl = Decl {
+    name: "slice_growths",
+    prom_unit: None,
+    otel: "gopulse.slice.growths",
+    otel_unit: "{growth}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Slice growths (appends past capacity: runtime.growslice) by the Go function that \
+           appended (site: the innermost function at the call, past the plumbing); with \
+           --slice-probes sampled an estimate from the sampling windows (see \
+           gopulse_slice_sample_ratio)",
+};
+
+pub static SLICE_COPIED: Decl = Decl {
+    name: "slice_copied",
+    prom_unit: Some("bytes"),
+    otel: "gopulse.slice.copied",
+    otel_unit: "By",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Bytes slice growths copied from the old arrays (old length × element size), by \
+           site; estimated as gopulse_slice_growths_total is",
+};
+
+pub static SLICE_CAPACITY: Decl = Decl {
+    name: "slice_capacity",
+    prom_unit: Some("bytes"),
+    otel: "gopulse.slice.capacity",
+    otel_unit: "By",
+    kind: Histogram(&SLICE_CAPACITY_BUCKETS),
+    scope: Process,
+    labels: &[SITE],
+    help: "New capacity in bytes of each grown slice (as the runtime sizes it: its growth \
+           rule, rounded up to the allocator's size class), by site; estimated as \
+           gopulse_slice_growths_total is",
+};
+
+pub static SLICE_GROWTH_STORMS: Decl = Decl {
+    name: "slice_growth_storms",
+    prom_unit: None,
+    otel: "gopulse.slice.growth.storms",
+    otel_unit: "{storm}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Slice growth storms: episodes of more than --slice-storm-growths slice growths at \
+           one site within --storm-window-ms (the rate a sampling window measured, in \
+           sampled mode)",
+};
+
+pub static SLICE_GROWTHS_UNATTRIBUTED: Decl = Decl {
+    name: "slice_growths_unattributed",
+    prom_unit: None,
+    otel: "gopulse.slice.growths.unattributed",
+    otel_unit: "{growth}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Slice growths counted without a site because the kernel's slice table (16384 \
+           sites for all processes) was full",
+};
+
+pub static SLICE_SITES_DROPPED: Decl = Decl {
+    name: "slice_sites_dropped",
+    prom_unit: None,
+    otel: "gopulse.slice.sites.dropped",
+    otel_unit: "{growth}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Slice growths counted under site=\"other\" because the process reached \
+           --max-map-sites slice sites",
+};
+
+pub static SLICE_PROBES_ATTACHED: Decl = Decl {
+    name: "slice_probes_attached",
+    prom_unit: None,
+    otel: "gopulse.slice.probes.attached",
+    otel_unit: "1",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[],
+    help: "1 while the slice growth probe is attached to the process (a sampling window is \
+           open, or --slice-probes always)",
+};
+
+pub static SLICE_SAMPLE_RATIO: Decl = Decl {
+    name: "slice_sample_ratio",
+    prom_unit: None,
+    otel: "gopulse.slice.sample_ratio",
+    otel_unit: "1",
+    kind: Gauge(Float),
+    scope: Process,
+    labels: &[],
+    help: "The part of the time the slice growth counts were measured, for the last \
+           estimate: 1 with --slice-probes always (exact counts), the sampling window over \
+           the time since the previous one with sampled (the counts were scaled by its \
+           inverse), 0 before the first",
+};
+
 pub static PROBE_HIT_COST: Decl = Decl {
     name: "probe_hit_cost",
     prom_unit: Some("seconds"),
@@ -563,7 +672,7 @@ pub static OTLP_POINTS_DROPPED: Decl = Decl {
 };
 
 /// Every metric, in the order `/metrics` lists them.
-pub static ALL: [&Decl; 37] = [
+pub static ALL: [&Decl; 45] = [
     &GC_CYCLES,
     &GC_PAUSE,
     &STW_PAUSE,
@@ -588,6 +697,14 @@ pub static ALL: [&Decl; 37] = [
     &MAPS_UNTRACKED,
     &MAP_EVACUATED_BUCKETS,
     &BPF_ANOMALIES,
+    &SLICE_GROWTHS,
+    &SLICE_COPIED,
+    &SLICE_CAPACITY,
+    &SLICE_GROWTH_STORMS,
+    &SLICE_GROWTHS_UNATTRIBUTED,
+    &SLICE_SITES_DROPPED,
+    &SLICE_PROBES_ATTACHED,
+    &SLICE_SAMPLE_RATIO,
     &PROBE_HIT_COST,
     &UPROBES_ATTACHED,
     &EXECUTABLES_PROBED,

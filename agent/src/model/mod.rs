@@ -47,8 +47,8 @@ pub struct Hist {
     /// Per bucket of the declaration (not cumulative), then the +Inf one.
     pub buckets: Vec<u64>,
     /// Observations since the OTLP exporter last took them (only kept while
-    /// it runs).
-    pub pending: Vec<f64>,
+    /// it runs): values, each with how many times it was observed.
+    pub pending: Vec<(f64, u64)>,
 }
 
 /// A series' value.
@@ -222,7 +222,7 @@ impl Model {
     pub fn take_pending(
         &self,
         mut take: impl FnMut(&Group) -> bool,
-        mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<f64>),
+        mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<(f64, u64)>),
     ) {
         let mut tables = self.lock();
         for (group, t) in tables.groups.iter_mut() {
@@ -259,7 +259,7 @@ impl Model {
             .iter()
             .flat_map(|t| t.values())
             .map(|v| match v {
-                Value::Hist(h) => h.pending.len() as u64,
+                Value::Hist(h) => h.pending.iter().map(|(_, n)| n).sum(),
                 _ => 0,
             })
             .sum();
@@ -432,11 +432,44 @@ impl<L: LabelKind> Family<L> {
             if !keep {
                 0
             } else if h.pending.len() < MAX_PENDING {
-                h.pending.push(x);
+                h.pending.push((x, 1));
                 0
             } else {
                 1
             }
+        });
+    }
+
+    /// Adds observations counted in the histogram's own buckets already
+    /// (the kernel's): `counts[i]` in bucket `i` (the last one +Inf),
+    /// summing to `sums[i]`. OTLP gets each bucket's observations at their
+    /// mean, so its sums and counts agree with `/metrics`.
+    pub fn observe_buckets(&self, l: &L::Of<'_>, counts: &[u64], sums: &[f64]) {
+        let Kind::Histogram(bounds) = self.decl.kind else {
+            debug_assert!(false, "{} is not a histogram", self.decl.name);
+            return;
+        };
+        debug_assert_eq!(counts.len(), bounds.len() + 1, "{}", self.decl.name);
+        self.model.with(self.id, l.key(), |v, keep| {
+            let Value::Hist(h) = v else { return 0 };
+            let mut dropped = 0;
+            for (i, (&n, &sum)) in counts.iter().zip(sums).enumerate() {
+                if n == 0 {
+                    continue;
+                }
+                h.count += n;
+                h.sum += sum;
+                if let Some(b) = h.buckets.get_mut(i) {
+                    *b += n;
+                }
+                if !keep {
+                } else if h.pending.len() < MAX_PENDING {
+                    h.pending.push((sum / n as f64, n));
+                } else {
+                    dropped += n;
+                }
+            }
+            dropped
         });
     }
 
@@ -503,8 +536,37 @@ mod tests {
         let mut taken = Vec::new();
         m.take_pending(|_| false, |_, _, _, _| panic!("not asked for"));
         m.take_pending(|_| true, |_, _, _, xs| taken.extend(xs));
-        assert_eq!(taken, vec![0.3]);
+        assert_eq!(taken, vec![(0.3, 1)]);
         m.take_pending(|_| true, |_, _, _, _| panic!("taken twice"));
+    }
+
+    #[test]
+    fn bucketed_observations_keep_counts_sums_and_means() {
+        let m = Model::new();
+        m.keep_observations(true);
+        let h = m.family::<ProcLabels>(&decl::MAP_LOAD_FACTOR_RATIO);
+        let p = proc("3");
+        let mut counts = vec![0; decl::LOAD_FACTOR_BUCKETS.len() + 1];
+        let mut sums = vec![0.0; counts.len()];
+        counts[2] = 4;
+        sums[2] = 0.6;
+        counts[12] = 1;
+        sums[12] = 3.0;
+        h.observe_buckets(&p, &counts, &sums);
+        m.visit(|d, t| {
+            if std::ptr::eq(d, &decl::MAP_LOAD_FACTOR_RATIO) {
+                for (_, _, v) in t.iter() {
+                    let Value::Hist(v) = v else { panic!() };
+                    assert_eq!((v.count, v.buckets[2], v.buckets[12]), (5, 4, 1));
+                    assert!((v.sum - 3.6).abs() < 1e-9);
+                }
+            }
+        });
+        let mut taken = Vec::new();
+        m.take_pending(|_| true, |_, _, _, xs| taken.extend(xs));
+        assert_eq!(taken.len(), 2);
+        assert!((taken[0].0 - 0.15).abs() < 1e-9 && taken[0].1 == 4);
+        assert_eq!(taken[1], (3.0, 1));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct NewExe {
     pub(super) growth: Links,
     /// With the access probes, if they were on when planned.
     pub(super) access: Option<Links>,
+    /// With the slice growth probe, with `--slice-probes always`.
+    pub(super) slice: Option<Links>,
 }
 
 /// What attaching a new executable needs ([`Probes::attach`](super::Probes::attach) says).
@@ -61,6 +63,7 @@ pub struct NewExe {
 pub struct Prepare {
     pub(super) attacher: Attacher,
     pub(super) access: bool,
+    pub(super) slice: bool,
 }
 
 /// Why [`Probes::attach`](super::Probes::attach) did not attach.
@@ -103,12 +106,19 @@ impl NewExe {
                 .inspect_err(|e| tracing::warn!("attaching map assignment probes: {e:#}"))
                 .ok()
         });
+        let slice = prepare.slice.then(|| {
+            attacher
+                .attach_sites(&path, &plan.slice)
+                .inspect_err(|e| tracing::warn!("attaching the slice growth probe: {e:#}"))
+                .ok()
+        });
         Ok(Self {
             file,
             leased,
             core,
             growth,
             access: access.flatten(),
+            slice: slice.flatten(),
         })
     }
 
@@ -117,6 +127,7 @@ impl NewExe {
         let mut links = self.core.into_inner();
         links.extend(self.growth.into_inner());
         links.extend(self.access.map(Links::into_inner).unwrap_or_default());
+        links.extend(self.slice.map(Links::into_inner).unwrap_or_default());
         drop_then_close(links, self.file);
     }
 }

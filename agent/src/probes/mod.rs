@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::bail;
-use gopulse_common::{PROGRAMS, PageBits};
+use gopulse_common::{PROGRAMS, PageBits, SliceWindow};
 
 pub mod handoff;
 mod jobs;
@@ -26,6 +26,7 @@ use lease::{LEASE_BREAK, drop_then_close, handle_sigio, lease_broken};
 use crate::{
     bpf::{Attacher, Bpf, Links},
     cost::{self, Costs, TrapCost},
+    discover::events::monotonic_ns,
     governor::{Budget, TokenBucket},
     metrics::{Metrics, ProcLabels},
     plan::{Group, PROGRAM_TABLE, Plan, ProbeSite},
@@ -66,6 +67,24 @@ pub enum AccessMode {
 }
 
 pub use crate::discover::exe::ExeKey;
+
+/// What one sampling window of the slice growth probe measured of a
+/// process: its growths were counted for `counted` of the `span` since the
+/// last estimate (the collector scales them by `span / counted`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SliceSample {
+    pub pid: u32,
+    pub counted: Duration,
+    pub span: Duration,
+}
+
+/// The slice probe's window in the kernel: counting from `start` (ns) on.
+fn open_from(start: u64) -> SliceWindow {
+    SliceWindow {
+        start,
+        end: u64::MAX,
+    }
+}
 
 /// What the attach stage needs to watch one process.
 pub struct Target<'a> {
@@ -123,11 +142,31 @@ struct Exe {
     core: Links,
     growth: Cuttable,
     access: Cuttable,
+    slice: Cuttable,
+    /// Sampled slice probe: when its window opened (CLOCK_MONOTONIC ns),
+    /// while it counts.
+    slice_open: Option<u64>,
+    /// The window it counted in since the last estimate, once closed.
+    slice_done: Option<(u64, u64)>,
 }
 
 impl Exe {
     fn probe_count(&self) -> usize {
-        self.core.len() + self.growth.len() + self.access.len()
+        self.core.len() + self.growth.len() + self.access.len() + self.slice.len()
+    }
+
+    /// Stops the slice probe counting (its window ends now) and detaches it.
+    fn end_slice_window(&mut self, bpf: &mut Bpf, now: u64) {
+        if let Some(start) = self.slice_open.take() {
+            let w = SliceWindow { start, end: now };
+            if let Err(e) = bpf.set_slice_window(self.id, w) {
+                tracing::warn!("{e:#}");
+            }
+            self.slice_done = Some((start, now));
+        }
+        if let Some(links) = self.slice.links.take() {
+            links.detach();
+        }
     }
 
     /// A job attaching one of its groups (the group marked pending).
@@ -135,6 +174,7 @@ impl Exe {
         let cuttable = match group {
             Group::Growth => &mut self.growth,
             Group::Access => &mut self.access,
+            Group::Slice => &mut self.slice,
             Group::Core => return None,
         };
         let file = match self.file.try_clone() {
@@ -162,6 +202,10 @@ struct Attached {
     exe: ExeKey,
     growth: TokenBucket,
     access: TokenBucket,
+    slice: TokenBucket,
+    /// Where the span of its next slice growth estimate starts
+    /// (CLOCK_MONOTONIC ns).
+    slice_since: u64,
     /// Hits per program at the last check.
     hits: [u64; PROGRAMS],
 }
@@ -178,6 +222,10 @@ pub struct Probes {
     access_mode: AccessMode,
     /// Whether a sampling window is open (or the mode is `always`).
     access_on: bool,
+    /// The same for the slice growth probe (`--slice-probes`).
+    slice_budget: Budget,
+    slice_mode: AccessMode,
+    slice_on: bool,
     /// When the programs' costs were last refreshed from the kernel.
     costs_read: Option<Instant>,
     exes: BTreeMap<ExeKey, Exe>,
@@ -201,8 +249,8 @@ impl Probes {
         bpf: Bpf,
         metrics: Metrics,
         budget: Budget,
-        access_budget: Budget,
-        access_mode: AccessMode,
+        (access_budget, access_mode): (Budget, AccessMode),
+        (slice_budget, slice_mode): (Budget, AccessMode),
         stats_mode: StatsMode,
     ) -> (Self, Arc<Costs>) {
         let kernel_stats = match stats_mode {
@@ -260,6 +308,9 @@ impl Probes {
             access_budget,
             access_mode,
             access_on: access_mode == AccessMode::Always,
+            slice_budget,
+            slice_mode,
+            slice_on: slice_mode == AccessMode::Always,
             costs_read: None,
             exes: BTreeMap::new(),
             procs: BTreeMap::new(),
@@ -295,6 +346,7 @@ impl Probes {
                 return Err(AttachError::NeedExe(Prepare {
                     attacher: self.attacher.clone(),
                     access: self.access_on,
+                    slice: self.slice_mode == AccessMode::Always,
                 }));
             }
         }
@@ -319,6 +371,8 @@ impl Probes {
             exe: t.exe,
             growth: TokenBucket::new(self.budget, now),
             access: TokenBucket::new(self.access_budget, now),
+            slice: TokenBucket::new(self.slice_budget, now),
+            slice_since: monotonic_ns(),
             hits: [0; PROGRAMS],
         };
         let n = exe.probe_count();
@@ -354,6 +408,20 @@ impl Probes {
             }
             a => a,
         };
+        // Always on: counting from the start; sampled: when a window opens.
+        let window = match self.slice_mode {
+            AccessMode::Always => open_from(0),
+            _ => SliceWindow::default(),
+        };
+        let slice = match (n.slice, self.bpf.set_slice_window(id, window)) {
+            (Some(links), Ok(())) => Some(links),
+            (links, Err(e)) => {
+                tracing::warn!("{e:#}; slice growths of this executable are not counted");
+                links.map(Links::detach);
+                None
+            }
+            (None, Ok(())) => None,
+        };
         // A break that came while the probes were attached off the lock
         // found no executable to yield: look again at the next check.
         if n.leased && lease_broken(&n.file) {
@@ -370,6 +438,9 @@ impl Probes {
             core: n.core,
             growth: Cuttable::new(&t.plan.growth, Some(n.growth)),
             access: Cuttable::new(&t.plan.access, access),
+            slice: Cuttable::new(&t.plan.slice, slice),
+            slice_open: None,
+            slice_done: None,
         };
         self.exes.insert(t.exe, exe);
         Ok(())
@@ -381,12 +452,14 @@ impl Probes {
             return;
         };
         let mut links = Vec::new();
-        for group in [Some(exe.core), exe.growth.links, exe.access.links]
+        for group in [Some(exe.core), exe.growth.links, exe.access.links, exe.slice.links]
             .into_iter()
             .flatten()
         {
             links.extend(group.into_inner());
         }
+        // The next executable given its id starts closed.
+        let _ = self.bpf.set_slice_window(exe.id, SliceWindow::default());
         self.bpf.remove_exe(exe.id, exe.pages);
         // The lease (the file) goes last: see `lease`.
         drop_then_close(links, exe.file);
@@ -440,7 +513,7 @@ impl Probes {
         // Closed after the links: see `lease`.
         let mut files = Vec::new();
         for (_, exe) in std::mem::take(&mut self.exes) {
-            for group in [Some(exe.core), exe.growth.links, exe.access.links]
+            for group in [Some(exe.core), exe.growth.links, exe.access.links, exe.slice.links]
                 .into_iter()
                 .flatten()
             {
@@ -499,6 +572,72 @@ impl Probes {
         self.publish_node();
     }
 
+    /// Opens a sampling window of the slice growth probe: the jobs that
+    /// attach it, for every executable whose processes all have budget
+    /// left (it counts once attached, from [`Probes::install`] on).
+    pub fn open_slice_window(&mut self) -> Vec<Job> {
+        if self.slice_mode != AccessMode::Sampled || self.closed {
+            return Vec::new();
+        }
+        self.slice_on = true;
+        let now = Instant::now();
+        let mut jobs = Vec::new();
+        for (&key, exe) in &mut self.exes {
+            if exe.slice.links.is_some() || exe.slice.pending || exe.slice.sites.is_empty() {
+                continue;
+            }
+            let funded = exe.pids.iter().all(|pid| {
+                self.procs
+                    .get_mut(pid)
+                    .is_none_or(|a| a.slice.spend(now, 0.0))
+            });
+            if funded {
+                jobs.extend(exe.job(key, Group::Slice, &self.attacher));
+            }
+        }
+        jobs
+    }
+
+    /// Closes the slice probe's sampling window: it stops counting and is
+    /// detached. Returns, per process, what the window measured since the
+    /// last estimate: a process whose executable counted nothing (its
+    /// budget was spent) carries its span over to the next window.
+    pub fn close_slice_window(&mut self) -> Vec<SliceSample> {
+        if self.slice_mode != AccessMode::Sampled {
+            return Vec::new();
+        }
+        self.slice_on = false;
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        let keys: Vec<ExeKey> = self.exes.keys().copied().collect();
+        for key in keys {
+            let Some(exe) = self.exes.get_mut(&key) else {
+                continue;
+            };
+            exe.end_slice_window(&mut self.bpf, now);
+            let done = exe.slice_done.take();
+            for pid in &exe.pids {
+                let Some(a) = self.procs.get_mut(pid) else {
+                    continue;
+                };
+                // The part of the window the process was watched for.
+                let counted = done.map_or(0, |(start, end)| end.saturating_sub(start.max(a.slice_since)));
+                if counted == 0 {
+                    continue;
+                }
+                out.push(SliceSample {
+                    pid: *pid,
+                    counted: Duration::from_nanos(counted),
+                    span: Duration::from_nanos(now.saturating_sub(a.slice_since)),
+                });
+                a.slice_since = now;
+            }
+            self.publish_exe(key);
+        }
+        self.publish_node();
+        out
+    }
+
     /// Takes back what a [`Job`] attached: its links go to the executable
     /// that planned it if the group is still wanted there, and are
     /// detached otherwise (the window closed, the executable went, the
@@ -520,16 +659,26 @@ impl Probes {
         let (wanted, group) = match job.group {
             Group::Growth => (exe.growth.cut, &mut exe.growth),
             Group::Access => (self.access_on, &mut exe.access),
+            Group::Slice => (self.slice_on, &mut exe.slice),
             Group::Core => return,
         };
         group.pending = false;
         let what = match job.group {
             Group::Growth => "map growth",
+            Group::Slice => "slice growth",
             _ => "map assignment",
         };
         match links {
             Ok(links) if wanted && group.links.is_none() => {
                 group.links = Some(links);
+                if job.group == Group::Slice {
+                    // Attached: it counts from now until the window closes.
+                    let now = monotonic_ns();
+                    match self.bpf.set_slice_window(exe.id, open_from(now)) {
+                        Ok(()) => exe.slice_open = Some(now),
+                        Err(e) => tracing::warn!("{e:#}"),
+                    }
+                }
                 if job.group == Group::Growth {
                     group.cut = false;
                     tracing::info!(
@@ -573,14 +722,14 @@ impl Probes {
         }
         let mut next = IDLE_CHECK;
         let mut jobs = Vec::new();
-        // Per executable: some process ran dry (growth, access), and every
-        // process is full again (growth).
-        let mut dry: BTreeMap<ExeKey, (bool, bool, bool)> = BTreeMap::new();
+        // Per executable: some process ran dry (growth, access, slice),
+        // and every process is full again (growth).
+        let mut dry: BTreeMap<ExeKey, (bool, bool, bool, bool)> = BTreeMap::new();
         for (&pid, a) in &mut self.procs {
             let Ok(stats) = self.bpf.counters(pid) else {
                 continue;
             };
-            let mut spent = [0.0f64; 3];
+            let mut spent = [0.0f64; 4];
             for (i, (&now_hits, then)) in stats.hits.iter().zip(a.hits.iter_mut()).enumerate() {
                 let new = now_hits.saturating_sub(*then);
                 *then = now_hits;
@@ -597,16 +746,18 @@ impl Probes {
             );
             let growth_left = a.growth.spend(now, spent[Group::Growth as usize]);
             let access_left = a.access.spend(now, spent[Group::Access as usize]);
+            let slice_left = a.slice.spend(now, spent[Group::Slice as usize]);
             let full = a.growth.full(now);
-            let e = dry.entry(a.exe).or_insert((false, false, true));
+            let e = dry.entry(a.exe).or_insert((false, false, true, false));
             e.0 |= !growth_left;
             e.1 |= !access_left;
             e.2 &= full;
+            e.3 |= !slice_left;
             if a.growth.tokens() < self.budget.capacity_s() / 2.0 {
                 next = next.min(BUSY_CHECK);
             }
         }
-        for (key, (growth_dry, access_dry, all_full)) in dry {
+        for (key, (growth_dry, access_dry, all_full, slice_dry)) in dry {
             let Some(exe) = self.exes.get_mut(&key) else {
                 continue;
             };
@@ -641,6 +792,20 @@ impl Probes {
                          detached until the next window",
                         self.access_budget.fraction * 100.0,
                         self.access_budget.window
+                    );
+                }
+            }
+            if self.slice_mode == AccessMode::Sampled && exe.slice.links.is_some() {
+                next = BUSY_CHECK;
+                if slice_dry {
+                    exe.end_slice_window(&mut self.bpf, monotonic_ns());
+                    changed = true;
+                    tracing::debug!(
+                        exe = exe_name(exe, &self.procs),
+                        "slice growth probe spent its budget ({:.2}% of a CPU over {:?}): \
+                         detached until the next window (the estimate uses the time it counted)",
+                        self.slice_budget.fraction * 100.0,
+                        self.slice_budget.window
                     );
                 }
             }
@@ -700,6 +865,8 @@ impl Probes {
                 .set(&a.labels, i64::from(exe.access.links.is_some()));
             m.map_growth_attached
                 .set(&a.labels, i64::from(exe.growth.links.is_some()));
+            m.slice_probes_attached
+                .set(&a.labels, i64::from(exe.slice.links.is_some()));
         }
     }
 
