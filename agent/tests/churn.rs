@@ -23,7 +23,7 @@ use std::{
 
 use gopulse_agent::{
     bpf::Bpf,
-    collector::Collector,
+    collector::{Collector, SliceRule},
     discover::Naming,
     governor::Budget,
     metrics::{LabelChoice, Metrics},
@@ -63,7 +63,14 @@ fn load_with(access: AccessMode) -> Lib {
         fraction: 1.0,
         window: Duration::from_secs(10),
     };
-    let (probes, costs) = Probes::new(bpf, metrics.clone(), budget, budget, access, StatsMode::Off);
+    let (probes, costs) = Probes::new(
+        bpf,
+        metrics.clone(),
+        budget,
+        (budget, access),
+        (budget, AccessMode::Off),
+        StatsMode::Off,
+    );
     let collector = Collector::new(
         maps,
         metrics,
@@ -72,6 +79,13 @@ fn load_with(access: AccessMode) -> Lib {
         StormRule {
             growths: 100,
             window: Duration::from_secs(10),
+        },
+        SliceRule {
+            sampled: false,
+            storm: StormRule {
+                growths: 1_000_000,
+                window: Duration::from_secs(10),
+            },
         },
     );
     Lib {

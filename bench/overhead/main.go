@@ -1,5 +1,5 @@
 // Command overhead is the workload of `cargo xtask bench overhead`: map
-// inserts and deletes in phases, each timed on its own, so the cost of
+// inserts and deletes, and appends, in phases, each timed on its own, so the cost of
 // gopulse's probes can be read per kind of map traffic. The protocol and
 // the report are package harness's.
 //
@@ -22,6 +22,9 @@ var (
 	strSink   map[string]int64
 	growSink  map[int64]int64
 	stormSink [1024]map[int64]int64
+
+	appendIntSink []int64
+	appendStrSink []string
 )
 
 // strKeys turns int keys into 20-byte strings, made before anything is timed.
@@ -105,6 +108,24 @@ func growHeavy(keys []int64, rounds int) {
 	}
 }
 
+// appendHeavy builds rounds slices of n int64s and of n strings from
+// empty, without a size hint: every append past capacity calls
+// runtime.growslice (1, 2, 4, ... elements: 7 growths per 64 appends), the
+// slice growth probe's worst case short of a storm.
+//
+//go:noinline
+func appendHeavy(words []string, n, rounds int) {
+	for r := 0; r < rounds; r++ {
+		var ints []int64
+		var strs []string
+		for i := 0; i < n; i++ {
+			ints = append(ints, int64(i))
+			strs = append(strs, words[i])
+		}
+		appendIntSink, appendStrSink = ints, strs
+	}
+}
+
 // stormMaps makes n heap maps of 9 entries each, nonstop: an explicit
 // growth storm. Each grows exactly once, on its 9th insert: growToTable on
 // swiss tables (the first group of 8 is full), hashGrow on classic maps
@@ -127,6 +148,8 @@ const (
 	smallMapCount = 6_500_000
 	growEntries   = 100_000
 	growRounds    = 170
+	appendLen     = 64
+	appendRounds  = 1_500_000
 	// stormEntries is what makes one growth per map.
 	stormEntries  = 9
 	stormMapCount = 1_500_000
@@ -165,6 +188,9 @@ func phases(scale float64) []harness.Phase {
 	gk, gr := allInts[:growEntries], scaled(growRounds)
 	ps = append(ps, harness.Phase{Name: "grow-heavy", Ops: int64(growEntries * gr),
 		Run: func() { growHeavy(gk, gr) }})
+	ak, ar := allStrs[:appendLen], scaled(appendRounds)
+	ps = append(ps, harness.Phase{Name: "append-heavy", Ops: int64(2 * appendLen * ar),
+		Run: func() { appendHeavy(ak, appendLen, ar) }})
 	// Last, so that whatever the governor does about the storm cannot
 	// change what the agent attaches during the other phases.
 	nStorm := scaled(stormMapCount)

@@ -42,19 +42,24 @@ var (
 	allocated atomic.Int64 // bytes of garbage made so far
 	bursts    atomic.Int64 // map bursts done
 	sink      atomic.Pointer[node]
+	nodes     atomic.Pointer[[]*node]
 )
 
 // churn allocates about 3 MiB/s of short-lived garbage, half of it
-// pointer-rich so marking has something to walk.
+// pointer-rich so marking has something to walk, and grows a slice of its
+// nodes from empty (nine slice growths a tick).
 func churn() {
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
 	for range tick.C {
 		var list *node
+		var all []*node // no size hint: it grows as it fills
 		for i := 0; i < 256; i++ {
 			list = &node{next: list}
+			all = append(all, list)
 		}
 		sink.Store(list)
+		nodes.Store(&all)
 		buf := make([]byte, 16<<10)
 		buf[0] = 1
 		allocated.Add(int64(256*64 + len(buf)))

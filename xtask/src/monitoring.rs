@@ -210,6 +210,28 @@ fn fleet() -> Board {
             )],
         ),
         panel(
+            "Slice bytes copied per second by process (top 10)",
+            Timeseries,
+            "Bps",
+            12,
+            "Bytes slice growths copied from their old arrays, by process (estimated from sampling windows unless --slice-probes always)",
+            &[(
+                "topk(10, sum by (namespace, pod, exe, pid) (rate(gopulse_slice_copied_bytes_total{sel}[$__rate_interval])))",
+                "{{exe}} {{pid}} {{pod}}",
+            )],
+        ),
+        panel(
+            "Slice growths per second by process (top 10)",
+            Timeseries,
+            "ops",
+            12,
+            "Appends past capacity (runtime.growslice), by process",
+            &[(
+                "topk(10, sum by (namespace, pod, exe, pid) (rate(gopulse_slice_growths_total{sel}[$__rate_interval])))",
+                "{{exe}} {{pid}} {{pod}}",
+            )],
+        ),
+        panel(
             "Probe overhead by process",
             Timeseries,
             "percentunit",
@@ -329,6 +351,56 @@ fn process() -> Board {
                     "{{site}} overflow buckets",
                 ),
                 ("max by (site) (gopulse_map_tables{sel})", "{{site}} tables"),
+            ],
+        ),
+        panel(
+            "Slice growths per second by site",
+            Timeseries,
+            "ops",
+            12,
+            "Appends past capacity (runtime.growslice) by the Go function that appended; estimated from sampling windows unless the sample ratio is 1",
+            &[(
+                "sum by (site) (rate(gopulse_slice_growths_total{sel}[$__rate_interval]))",
+                "{{site}}",
+            )],
+        ),
+        panel(
+            "Slice bytes copied per second by site",
+            Timeseries,
+            "Bps",
+            12,
+            "Bytes those growths copied from the old arrays (old length × element size)",
+            &[(
+                "sum by (site) (rate(gopulse_slice_copied_bytes_total{sel}[$__rate_interval]))",
+                "{{site}}",
+            )],
+        ),
+        panel(
+            "Top slice growth sites by bytes copied (range)",
+            Table,
+            "bytes",
+            12,
+            "The sites whose appends copied most over the dashboard's range",
+            &[(
+                "topk(10, sum by (site) (increase(gopulse_slice_copied_bytes_total{sel}[$__range])))",
+                "{{site}}",
+            )],
+        ),
+        panel(
+            "Slice growth: p90 new capacity by site, sample ratio",
+            Timeseries,
+            "bytes",
+            12,
+            "How big grown slices get (90th percentile of the new capacity in bytes), and the part of the time the probe counted (1: exact)",
+            &[
+                (
+                    "histogram_quantile(0.9, sum by (le, site) (rate(gopulse_slice_capacity_bytes_bucket{sel}[$__rate_interval])))",
+                    "p90 {{site}}",
+                ),
+                (
+                    "max by (exe, pid) (gopulse_slice_sample_ratio{sel})",
+                    "sample ratio {{exe}} {{pid}}",
+                ),
             ],
         ),
         panel(

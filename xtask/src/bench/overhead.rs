@@ -55,7 +55,7 @@ pub struct OverheadArgs {
     #[arg(long, value_name = "F", default_value_t = 1.0)]
     scale: f64,
     /// Only these phases, comma-separated (small, int-8, ..., grow-heavy,
-    /// storm).
+    /// append-heavy, storm).
     #[arg(long, value_name = "LIST")]
     phases: Option<String>,
     /// Only these configurations besides `none`, comma-separated (default,
@@ -430,11 +430,18 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
             // phase's time without the agent: resolves what the throughput
             // ratio cannot on a noisy machine.
             let probe_s: Vec<f64> = phases.iter().filter_map(|q| q.probe_s).collect();
+            let phase_s = base_med * p.ops as f64 / 1e9;
+            let pct: Vec<f64> = probe_s.iter().map(|s| 100.0 * s / phase_s).collect();
             let accounted = median(&probe_s).map_or_else(
                 || "-".to_string(),
                 |secs| {
-                    let phase_s = base_med * p.ops as f64 / 1e9;
-                    format!("{:.1} ms ({:.2}%)", secs * 1e3, 100.0 * secs / phase_s)
+                    // With its spread over the rounds: sampled probes (the
+                    // slice probe's windows) land in some rounds' phases
+                    // and not others'.
+                    let range = spread(&pct).map_or_else(String::new, |s| {
+                        format!(", {:.2}–{:.2}%", s.min, s.max)
+                    });
+                    format!("{:.1} ms ({:.2}%{range})", secs * 1e3, 100.0 * secs / phase_s)
                 },
             );
             let agent_cpu = agent_cpu_percent(phases.iter().map(|q| q.agent_cpu));
