@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, bail};
 use gopulse_common::{
     MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
-    PROG_GROW_CLASSIC, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE,
-    PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE,
-    PROG_GROW_SLICE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits,
+    PROG_GROW_CLASSIC, PROG_GROW_SLICE, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN,
+    PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE,
+    PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits,
     PendingStw, ProcConfig, START_ARGS_NONE, START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState,
     TABLE_HEADER_BYTES, TYPE_HEADER_BYTES,
 };
@@ -255,19 +255,31 @@ pub struct Plumbing {
     keep: Vec<String>,
 }
 
-/// The runtime and what only carries a caller's map to it: `reflect`
-/// (`Value.SetMapIndex`; the runtime's `reflect.mapassign*`), decoders of the
-/// standard library (`encoding/json`, `encoding/gob`, ...), the `maps`
-/// package, `sync` (`sync.Map` before Go 1.24), and the standard library's
-/// internal packages.
+/// The runtime and what only carries a caller's map or slice to it:
+/// `reflect` (`Value.SetMapIndex`; the runtime's `reflect.mapassign*`,
+/// `reflect.growslice`), decoders of the standard library
+/// (`encoding/json`, `encoding/gob`, ...), the `maps` and `slices`
+/// packages, `sync` (`sync.Map` before Go 1.24), the standard library's
+/// internal packages, and its byte and string builders, whose growths are
+/// their callers' (`bytes.Buffer`, `strings.Builder`, `bytes.ToLower`,
+/// `strconv.AppendInt`, `fmt.Fprintf` into a caller's buffer, `io.ReadAll`,
+/// `unicode/utf8.AppendRune`): measured, without them `bytes.ToLower` and
+/// `bytes.growSlice` were Hugo's top slice growth sites.
 pub const DEFAULT_PLUMBING: &[&str] = &[
     "runtime.",
     "internal/",
     "reflect.",
     "encoding/",
     "maps.",
+    "slices.",
     "sync.",
     "sync/atomic.",
+    "bytes.",
+    "strings.",
+    "strconv.",
+    "fmt.",
+    "io.",
+    "unicode/",
 ];
 
 /// Methods of the standard library's map types that only write into their
@@ -950,6 +962,10 @@ mod tests {
             "encoding/json.(*decodeState).object",
             "maps.Copy[go.shape.map[string]int,string,int]",
             "sync.(*Map).Store",
+            "bytes.ToLower",
+            "bytes.(*Buffer).grow",
+            "strings.(*Builder).WriteString",
+            "slices.Grow[go.shape.[]int,int]",
             "gopkg.in/yaml.v3.(*decoder).mapping",
             "example.com/a.b.Decode",
         ] {

@@ -137,11 +137,22 @@ fn check_slices(what: &str, truth: &Truth, m: &Metrics, pid: &str) {
     let copied = by_site(m, "gopulse_slice_copied_bytes_total", pid);
     println!("RESULT {what} slice sites: {got:?}");
     for (site, &(n, bytes)) in &truth.slices {
-        assert_eq!(got.get(site).copied(), Some(n as f64), "{what}: {site}: {got:?}");
-        assert_eq!(copied.get(site).copied(), Some(bytes as f64), "{what}: {site}");
+        assert_eq!(
+            got.get(site).copied(),
+            Some(n as f64),
+            "{what}: {site}: {got:?}"
+        );
+        assert_eq!(
+            copied.get(site).copied(),
+            Some(bytes as f64),
+            "{what}: {site}"
+        );
     }
     for site in ["main.fillPush", "main.fillPushName"] {
-        assert!(!got.contains_key(site), "{what}: slice growths at {site}: {got:?}");
+        assert!(
+            !got.contains_key(site),
+            "{what}: slice growths at {site}: {got:?}"
+        );
     }
 }
 
@@ -216,7 +227,11 @@ fn header_set_is_its_callers() {
     let got = by_site(&m, "gopulse_map_growths_total", &pid);
     println!("RESULT go{version} header, --site-keep net/http.Header.: {got:?}");
     let n = truth.maps["main.fillHeaderCalled"] as f64;
-    assert_eq!(got.get("net/http.Header.Set").copied(), Some(2.0 * n), "{got:?}");
+    assert_eq!(
+        got.get("net/http.Header.Set").copied(),
+        Some(2.0 * n),
+        "{got:?}"
+    );
     assert!(
         !got.contains_key("main.fillHeaderCalled") && !got.contains_key("main.fillHeader"),
         "{got:?}"

@@ -46,12 +46,7 @@ fn exact(version: &str) {
     agent.wait_ready(Duration::from_secs(30));
     let pid = target.pid.to_string();
     let l = [("pid", pid.as_str())];
-    assert_eq!(
-        agent
-            .scrape()
-            .value("gopulse_slice_sample_ratio", &l),
-        1.0
-    );
+    assert_eq!(agent.scrape().value("gopulse_slice_sample_ratio", &l), 1.0);
     target.send("go 30");
     let truth: Truth =
         serde_json::from_str(&target.read_line(Duration::from_secs(60))).expect("truth JSON");
@@ -71,9 +66,21 @@ fn exact(version: &str) {
         assert!(n > 0, "{what}: the fixture grew nothing");
         report.push(format!("{site} {n}/{bytes}B/{cap}B"));
         assert_eq!(growths.get(site).copied(), Some(n as f64), "{what} growths");
-        assert_eq!(copied.get(site).copied(), Some(bytes as f64), "{what} copied");
-        assert_eq!(sums.get(site).copied(), Some(cap as f64), "{what} capacities");
-        assert_eq!(counts.get(site).copied(), Some(n as f64), "{what} histogram");
+        assert_eq!(
+            copied.get(site).copied(),
+            Some(bytes as f64),
+            "{what} copied"
+        );
+        assert_eq!(
+            sums.get(site).copied(),
+            Some(cap as f64),
+            "{what} capacities"
+        );
+        assert_eq!(
+            counts.get(site).copied(),
+            Some(n as f64),
+            "{what} histogram"
+        );
     }
     assert_eq!(m.value("gopulse_slice_probes_attached", &l), 1.0);
     assert_eq!(m.value("gopulse_slice_growths_unattributed_total", &l), 0.0);
@@ -167,8 +174,14 @@ fn sampled_estimates_within_ten_percent() {
         let truth = (n3 - t1[site].0) as f64;
         let estimate = e3.get(site).copied().unwrap_or(0.0) - e1.get(site).copied().unwrap_or(0.0);
         let err = (estimate - truth).abs() / truth;
-        println!("RESULT {site}: estimated {estimate}, counted {truth} ({:.1}%)", err * 100.0);
-        assert!(truth > 10_000.0, "{site}: too few growths to judge ({truth})");
+        println!(
+            "RESULT {site}: estimated {estimate}, counted {truth} ({:.1}%)",
+            err * 100.0
+        );
+        assert!(
+            truth > 10_000.0,
+            "{site}: too few growths to judge ({truth})"
+        );
         assert!(err <= 0.10, "{site}: estimate {estimate} against {truth}");
     }
     let secs = at3.duration_since(*at1).as_secs_f64();

@@ -43,15 +43,15 @@ use gopulse_common::{
     GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
     GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GROWTH_DIR_WALK, GrowthCount, GrowthKey, LIFE_EXEC,
     LIFE_EXIT, LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS,
-    MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_TRACKED_MAPS, MapKey, MapSeen,
-    PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_TABLE,
-    PROG_GROW_SLICE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
-    PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
+    MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_SLICE_KEYS, MAX_TRACKED_MAPS, MapKey,
+    MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_SLICE,
+    PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE,
+    PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
     PROG_STW_START_RET, PROG_STW_STOP, PageBits, PageKey, PendingStw, ProcConfig, ProcCpu,
     ProcStats, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE,
     STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG,
-    SWISS_GROUP_SLOTS, SWISS_MAX_TABLE_CAPACITY, SiteCache, StwEvent, StwState, TABLE_HEADER_BYTES,
-    MAX_SLICE_KEYS, SliceCount, SliceKey, SliceWindow, grown_slice_bytes, slice_bucket,
+    SWISS_GROUP_SLOTS, SWISS_MAX_TABLE_CAPACITY, SiteCache, SliceCount, SliceKey, SliceWindow,
+    StwEvent, StwState, TABLE_HEADER_BYTES, grown_slice_bytes, slice_bucket,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -970,7 +970,8 @@ pub fn grow_slice(ctx: ProbeContext) -> u32 {
     if old_len < 0 || (new_len as u64) <= (old_cap as u64) {
         return 0;
     }
-    let Some(bytes) = grown_slice_bytes(new_len, old_cap, size, noscan, p.config.malloc_header != 0)
+    let Some(bytes) =
+        grown_slice_bytes(new_len, old_cap, size, noscan, p.config.malloc_header != 0)
     else {
         return 0;
     };

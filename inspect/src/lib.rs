@@ -290,7 +290,8 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     };
     // Sites are named through the inline trees: the symbolizer reads them
     // from the file, where go:func.* is a part of `data`.
-    if let Some(offset) = gofunc.and_then(|g| (g.as_ptr() as usize).checked_sub(data.as_ptr() as usize))
+    if let Some(offset) =
+        gofunc.and_then(|g| (g.as_ptr() as usize).checked_sub(data.as_ptr() as usize))
         && let Some(g) = gofunc
     {
         symbolizer.set_gofunc(offset as u64, g.len() as u64);

@@ -524,7 +524,9 @@ impl Symbolizer {
             read_exact(src, &mut b, at)?;
             Some(u32::from_le_bytes(b))
         };
-        let slot = self.ftab.checked_add(u64::try_from(i).ok()?.checked_mul(8)?)?;
+        let slot = self
+            .ftab
+            .checked_add(u64::try_from(i).ok()?.checked_mul(8)?)?;
         let funcoff = word(slot.checked_add(4)?)?;
         let func = self.ftab.checked_add(u64::from(funcoff))?;
         let mut head = [0u8; FUNC_HEADER];
@@ -536,9 +538,8 @@ impl Symbolizer {
             return Some(None);
         }
         let pcdata = word(func + FUNC_HEADER as u64 + 4 * PCDATA_INL_TREE_INDEX as u64)?;
-        let funcdata = word(
-            func + FUNC_HEADER as u64 + 4 * (u64::from(npcdata) + FUNCDATA_INL_TREE as u64),
-        )?;
+        let funcdata =
+            word(func + FUNC_HEADER as u64 + 4 * (u64::from(npcdata) + FUNCDATA_INL_TREE as u64))?;
         if pcdata == 0 || funcdata == u32::MAX {
             return Some(None);
         }

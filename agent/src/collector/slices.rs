@@ -184,7 +184,9 @@ impl Collector {
             }
             metrics.slice_growths.inc_by(&labels, growths);
             metrics.slice_copied.inc_by(&labels, copied);
-            metrics.slice_capacity.observe_buckets(&labels, &counts, &sums);
+            metrics
+                .slice_capacity
+                .observe_buckets(&labels, &counts, &sums);
         }
         // Storms at the real site: the rate over the storm window (in a
         // sampled estimate, the window's share of the span it covers).

@@ -452,9 +452,14 @@ impl Probes {
             return;
         };
         let mut links = Vec::new();
-        for group in [Some(exe.core), exe.growth.links, exe.access.links, exe.slice.links]
-            .into_iter()
-            .flatten()
+        for group in [
+            Some(exe.core),
+            exe.growth.links,
+            exe.access.links,
+            exe.slice.links,
+        ]
+        .into_iter()
+        .flatten()
         {
             links.extend(group.into_inner());
         }
@@ -513,9 +518,14 @@ impl Probes {
         // Closed after the links: see `lease`.
         let mut files = Vec::new();
         for (_, exe) in std::mem::take(&mut self.exes) {
-            for group in [Some(exe.core), exe.growth.links, exe.access.links, exe.slice.links]
-                .into_iter()
-                .flatten()
+            for group in [
+                Some(exe.core),
+                exe.growth.links,
+                exe.access.links,
+                exe.slice.links,
+            ]
+            .into_iter()
+            .flatten()
             {
                 links.extend(group.into_inner());
             }
@@ -621,7 +631,9 @@ impl Probes {
                     continue;
                 };
                 // The part of the window the process was watched for.
-                let counted = done.map_or(0, |(start, end)| end.saturating_sub(start.max(a.slice_since)));
+                let counted = done.map_or(0, |(start, end)| {
+                    end.saturating_sub(start.max(a.slice_since))
+                });
                 if counted == 0 {
                     continue;
                 }

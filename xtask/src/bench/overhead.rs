@@ -438,10 +438,13 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
                     // With its spread over the rounds: sampled probes (the
                     // slice probe's windows) land in some rounds' phases
                     // and not others'.
-                    let range = spread(&pct).map_or_else(String::new, |s| {
-                        format!(", {:.2}–{:.2}%", s.min, s.max)
-                    });
-                    format!("{:.1} ms ({:.2}%{range})", secs * 1e3, 100.0 * secs / phase_s)
+                    let range = spread(&pct)
+                        .map_or_else(String::new, |s| format!(", {:.2}–{:.2}%", s.min, s.max));
+                    format!(
+                        "{:.1} ms ({:.2}%{range})",
+                        secs * 1e3,
+                        100.0 * secs / phase_s
+                    )
                 },
             );
             let agent_cpu = agent_cpu_percent(phases.iter().map(|q| q.agent_cpu));
