@@ -417,7 +417,9 @@ impl Probes {
             (Some(links), Ok(())) => Some(links),
             (links, Err(e)) => {
                 tracing::warn!("{e:#}; slice growths of this executable are not counted");
-                links.map(Links::detach);
+                if let Some(links) = links {
+                    links.detach();
+                }
                 None
             }
             (None, Ok(())) => None,
