@@ -26,16 +26,23 @@ fn per_site(m: &Metrics, metric: &str, pid: &str) -> BTreeMap<String, f64> {
     out
 }
 
-fn fixture(version: &str) -> Option<std::path::PathBuf> {
+/// The fixture built with Go `version`, under its own `tag` (tests running
+/// at once each run a build of their own).
+fn fixture(version: &str, tag: &str) -> Option<std::path::PathBuf> {
     if !support::have_root() {
         return None;
     }
     let go = support::go_or_skip(version)?;
-    Some(support::build_fixture("slices", &go, version, &[]))
+    Some(support::build_fixture(
+        "slices",
+        &go,
+        &format!("{version}-{tag}"),
+        &[],
+    ))
 }
 
 fn exact(version: &str) {
-    let Some(bin) = fixture(version) else {
+    let Some(bin) = fixture(version, "exact") else {
         return;
     };
     let mut target = Target::spawn(&bin, &[]);
@@ -122,7 +129,7 @@ const ROUNDS_PER_SECOND: &str = "80";
 #[test]
 fn sampled_estimates_within_ten_percent() {
     let version = "1.27.3";
-    let Some(bin) = fixture(version) else {
+    let Some(bin) = fixture(version, "paced") else {
         return;
     };
     let mut target = Target::spawn(&bin, &[]);
