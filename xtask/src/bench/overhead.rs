@@ -513,7 +513,8 @@ fn report(configs: &[Config], runs: &[RunResult]) -> Result<String> {
          is not told apart from run-to-run noise. Probe CPU, accounted: the rise of \
          gopulse_probe_overhead_seconds_total over the phase (each hit at its trap, timed by \
          the agent, plus its program's run time from the kernel's statistics; median of the \
-         rounds), and that against the phase's time without the agent. Agent's own CPU: \
+         rounds), and that against the phase's time without the agent, with its range over \
+         the rounds. Agent's own CPU: \
          the agent process's utime + stime (/proc/PID/stat, every thread) from the scrape \
          before the phase to the scrape after it (the phase and the settle after it), over \
          that wall time; median of the rounds.\n",
@@ -602,7 +603,7 @@ mod tests {
         assert!(
             table.contains(
                 "| small | 1000 | 2 | 105 | 128 | 0.824 (0.80–0.85, sd 0.033) | 50 | 0.45 µs | \
-                 0.0 ms (4.76%) | 1.00% |"
+                 0.0 ms (4.76%, 4.76–4.76%) | 1.00% |"
             ),
             "{table}"
         );
@@ -615,7 +616,7 @@ mod tests {
         ];
         let table = report(&configs(""), &runs).unwrap();
         assert!(
-            table.contains("| 50 | 0.00 µs † | 0.0 ms (4.76%) | 1.00% |"),
+            table.contains("| 50 | 0.00 µs † | 0.0 ms (4.76%, 4.76–4.76%) | 1.00% |"),
             "{table}"
         );
     }
