@@ -219,6 +219,14 @@ struct Args {
     #[arg(long, value_name = "PREFIX")]
     site_skip: Vec<String>,
 
+    /// How uprobes are attached: `auto` (uprobe_multi links where the kernel
+    /// has working ones, tried at start-up; else perf-event uprobes),
+    /// `multi` (those links or refuse to start), `perf` (perf-event uprobes
+    /// only). Default: $GOPULSE_UPROBE_MODE, else auto. For tests and for
+    /// kernels whose multi links misbehave; DEVELOPERS.md says more.
+    #[arg(long, value_enum, value_name = "MODE", hide = true)]
+    uprobe_mode: Option<bpf::UprobeMode>,
+
     /// How often, in milliseconds, to fold kernel counters into the metrics.
     #[arg(long, value_name = "MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(50..=60_000))]
@@ -360,16 +368,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     // Name a missing capability now rather than let it fail later as a
-    // bare EPERM.
-    match (caps::check(), args.capability_check) {
-        (Ok(()), _) => {}
+    // bare EPERM: what every way of attaching needs now, what the way the
+    // kernel allows needs once it is known (after loading).
+    let capability_check = |needs: Result<(), caps::CapError>| match (needs, args.capability_check)
+    {
+        (Ok(()), _) => Ok(()),
         (Err(e), caps::CheckMode::Enforce) => {
-            return Err(anyhow::Error::new(e).context("--capability-check enforce"));
+            Err(anyhow::Error::new(e).context("--capability-check enforce"))
         }
         (Err(e), caps::CheckMode::Warn) => {
             tracing::warn!("{e}; going on (--capability-check warn)");
+            Ok(())
         }
-    }
+    };
+    capability_check(caps::check(None))?;
+    let uprobe_mode = match args.uprobe_mode {
+        Some(m) => m,
+        None => bpf::UprobeMode::from_env()?,
+    };
     if !(args.overhead_budget > 0.0 && args.overhead_budget <= 1.0) {
         anyhow::bail!(
             "--overhead-budget must be in (0, 1], got {}",
@@ -411,7 +427,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let max_processes =
         u32::try_from(args.max_processes.max(args.pids.len() as u64)).unwrap_or(u32::MAX);
-    let (bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug)?;
+    let (bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug, uprobe_mode)?;
+    capability_check(caps::check(Some(bpf.attacher().path())))?;
     let discovering = args.pids.is_empty();
     // Exec events with --pid too: a named process that runs exec must not
     // keep the series (or the counts) of the program it left.

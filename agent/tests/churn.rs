@@ -55,7 +55,8 @@ fn load() -> Lib {
 }
 
 fn load_with(access: AccessMode) -> Lib {
-    let (bpf, maps, _life) = Bpf::load(64, false).expect("loading the eBPF object");
+    let mode = gopulse_agent::bpf::UprobeMode::from_env().expect("GOPULSE_UPROBE_MODE");
+    let (bpf, maps, _life) = Bpf::load(64, false, mode).expect("loading the eBPF object");
     let model = Model::new();
     let registry = gopulse_agent::export::prometheus::registry(&model);
     let metrics = Metrics::new(&model);
