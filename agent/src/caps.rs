@@ -182,13 +182,28 @@ pub fn check(path: Option<UprobePath>) -> Result<(), CapError> {
     }
 }
 
-/// Why loading BPF programs may have failed: ` (...)` when the agent lacks
-/// what the kernel asks for, else empty.
-pub fn bpf_load_hint() -> &'static str {
-    match effective() {
-        Ok(e) if has(e, CAP_SYS_ADMIN) || (has(e, CAP_BPF) && has(e, CAP_PERFMON)) => "",
-        _ => " (loading BPF programs needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+/// Why loading BPF programs may have failed: ` (...)` naming what the agent
+/// lacks of what the kernel asks for, else empty.
+pub fn bpf_load_hint() -> String {
+    let Ok(e) = effective() else {
+        return String::new();
+    };
+    if has(e, CAP_SYS_ADMIN) {
+        return String::new();
     }
+    let lacking: Vec<&str> = NEEDED_TO_LOAD
+        .iter()
+        .filter(|n| !has(e, n.cap))
+        .map(|n| n.cap.name)
+        .collect();
+    if lacking.is_empty() {
+        return String::new();
+    }
+    format!(
+        " (loading BPF programs needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN; the agent lacks \
+         {})",
+        lacking.join(" and ")
+    )
 }
 
 /// Why creating a uprobe may have been refused: ` (...)` when the error is

@@ -291,6 +291,11 @@ pub fn follow(app: &App, f: Follow) {
             }
             next_rescan = Some(Instant::now() + rescan_every);
         }
+        // Before waiting: with --pid the named processes are watched before
+        // the loop starts, and nothing may come to wake it.
+        metrics
+            .processes_watched
+            .set(&(), app.with_collector(|c| c.count()) as i64);
         let wait = next_rescan.map_or(IDLE_WAIT, |due| {
             due.saturating_duration_since(Instant::now()).min(IDLE_WAIT)
         });
@@ -364,9 +369,6 @@ pub fn follow(app: &App, f: Follow) {
                 next_rescan = Some(Instant::now());
             }
         }
-        metrics
-            .processes_watched
-            .set(&(), app.with_collector(|c| c.count()) as i64);
         if let Some(d) = &discovery {
             let counted = metrics.executables_judged.get(&());
             metrics

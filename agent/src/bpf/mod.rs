@@ -322,7 +322,9 @@ impl Bpf {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?;
             let started = std::time::Instant::now();
-            load(prog).with_context(|| format!("loading program {name}"))?;
+            load(prog).with_context(|| {
+                format!("loading program {name}{}", crate::caps::bpf_load_hint())
+            })?;
             let insns = prog
                 .info()
                 .ok()
