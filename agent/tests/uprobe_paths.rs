@@ -230,64 +230,63 @@ fn shutdown_with_fifty_executables() {
     // One path (the one the environment picks): the perf-event path's
     // shutdown waits out hundreds of removals (run it with
     // GOPULSE_UPROBE_MODE=perf).
-    for mode in [UprobeMode::from_env().expect("GOPULSE_UPROBE_MODE")] {
-        let env = match mode {
-            UprobeMode::Auto => "auto",
-            UprobeMode::Multi => "multi",
-            UprobeMode::Perf => "perf",
-        };
-        let regex = format!("^{prefix}");
-        let mut agent = support::Agent::spawn_env(
-            &[],
-            &["--exe-regex", &regex],
-            &[("GOPULSE_UPROBE_MODE", env)],
+    let mode = UprobeMode::from_env().expect("GOPULSE_UPROBE_MODE");
+    let env = match mode {
+        UprobeMode::Auto => "auto",
+        UprobeMode::Multi => "multi",
+        UprobeMode::Perf => "perf",
+    };
+    let regex = format!("^{prefix}");
+    let mut agent = support::Agent::spawn_env(
+        &[],
+        &["--exe-regex", &regex],
+        &[("GOPULSE_UPROBE_MODE", env)],
+    );
+    let path = if agent.logged("uprobes: uprobe_multi links") {
+        UprobePath::Multi
+    } else {
+        UprobePath::Perf
+    };
+    let m = agent.scrape_until(support::scaled(Duration::from_secs(120)), |m| {
+        m.value("gopulse_executables_probed", &[]) == EXECUTABLES as f64
+    });
+    assert_eq!(
+        m.value("gopulse_executables_probed", &[]),
+        EXECUTABLES as f64
+    );
+    let uprobes = m.value("gopulse_uprobes_attached", &[]);
+    let (progs, maps) = (agent.bpf_prog_ids(), agent.bpf_map_ids());
+    let sent = Instant::now();
+    agent.signal(libc::SIGTERM);
+    let status = agent
+        .wait_exit(support::scaled(Duration::from_secs(180)))
+        .expect("gopulse did not exit within 180 s of SIGTERM");
+    let exited = sent.elapsed();
+    assert!(status.success(), "exit status {status}");
+    let (left, _) = support::kernel_cleared(
+        &bpftool,
+        &progs,
+        &maps,
+        &copies[0],
+        support::scaled(Duration::from_secs(120)),
+    );
+    let cleared = sent.elapsed();
+    assert!(left.is_empty(), "left in the kernel:\n{}", left.join("\n"));
+    eprintln!(
+        "RESULT {path}: {EXECUTABLES} executables ({uprobes} uprobes): exit {:.0} ms after \
+         SIGTERM, the kernel clear {:.0} ms after it",
+        ms(exited),
+        ms(cleared)
+    );
+    // Perf-event uprobes: an exit waits for the removals already under
+    // way (a closing sampling window's), one grace period per uprobe.
+    if path == UprobePath::Multi {
+        let bound = support::scaled(Duration::from_secs(2));
+        assert!(exited <= bound, "exit took {exited:?} (bound {bound:?})");
+        assert!(
+            cleared <= bound,
+            "the kernel clear took {cleared:?} (bound {bound:?})"
         );
-        let path = if agent.logged("uprobes: uprobe_multi links") {
-            UprobePath::Multi
-        } else {
-            UprobePath::Perf
-        };
-        let m = agent.scrape_until(support::scaled(Duration::from_secs(120)), |m| {
-            m.value("gopulse_executables_probed", &[]) == EXECUTABLES as f64
-        });
-        assert_eq!(
-            m.value("gopulse_executables_probed", &[]),
-            EXECUTABLES as f64
-        );
-        let uprobes = m.value("gopulse_uprobes_attached", &[]);
-        let (progs, maps) = (agent.bpf_prog_ids(), agent.bpf_map_ids());
-        let sent = Instant::now();
-        agent.signal(libc::SIGTERM);
-        let status = agent
-            .wait_exit(support::scaled(Duration::from_secs(180)))
-            .expect("gopulse did not exit within 180 s of SIGTERM");
-        let exited = sent.elapsed();
-        assert!(status.success(), "exit status {status}");
-        let (left, _) = support::kernel_cleared(
-            &bpftool,
-            &progs,
-            &maps,
-            &copies[0],
-            support::scaled(Duration::from_secs(120)),
-        );
-        let cleared = sent.elapsed();
-        assert!(left.is_empty(), "left in the kernel:\n{}", left.join("\n"));
-        eprintln!(
-            "RESULT {path}: {EXECUTABLES} executables ({uprobes} uprobes): exit {:.0} ms after \
-             SIGTERM, the kernel clear {:.0} ms after it",
-            ms(exited),
-            ms(cleared)
-        );
-        // Perf-event uprobes: an exit waits for the removals already under
-        // way (a closing sampling window's), one grace period per uprobe.
-        if path == UprobePath::Multi {
-            let bound = support::scaled(Duration::from_secs(2));
-            assert!(exited <= bound, "exit took {exited:?} (bound {bound:?})");
-            assert!(
-                cleared <= bound,
-                "the kernel clear took {cleared:?} (bound {bound:?})"
-            );
-        }
     }
     drop(targets);
 }
