@@ -31,8 +31,9 @@ use gopulse_agent::{
 };
 
 /// Watches Go processes with eBPF uprobes and serves their GC and
-/// stop-the-world pause metrics. Needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE
-/// and CAP_DAC_READ_SEARCH (deploy/README.md).
+/// stop-the-world pause metrics. Needs root, or CAP_BPF, CAP_PERFMON,
+/// CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_LEASE, and CAP_SYS_ADMIN on a
+/// kernel without uprobe_multi links (deploy/README.md).
 #[derive(Debug, Parser)]
 #[command(name = "gopulse", version, about, long_about = None)]
 struct Args {
@@ -204,10 +205,12 @@ struct Args {
     #[arg(long)]
     bpf_debug: bool,
 
-    /// At start-up the agent checks it holds CAP_SYS_ADMIN (uprobes),
-    /// CAP_SYS_PTRACE (other users' processes) and CAP_DAC_READ_SEARCH
-    /// (executables its user cannot read): `enforce` refuses to start
-    /// without them, naming each; `warn` logs what is missing and goes on.
+    /// At start-up the agent checks it holds CAP_BPF and CAP_PERFMON (or
+    /// CAP_SYS_ADMIN), CAP_SYS_PTRACE (other users' processes),
+    /// CAP_DAC_READ_SEARCH (executables its user cannot read) and CAP_LEASE,
+    /// and CAP_SYS_ADMIN where uprobes go in as perf-event uprobes (no
+    /// uprobe_multi links): `enforce` refuses to start without them, naming
+    /// each; `warn` logs what is missing and goes on.
     #[arg(long, value_enum, default_value_t = caps::CheckMode::Enforce)]
     capability_check: caps::CheckMode,
 
