@@ -166,7 +166,10 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     assign_window_ms: u64,
 
-    /// The sampling period of the assignment probes.
+    /// The sampling period of the assignment probes: one window in each,
+    /// the first at start-up, each later one at a random point of its
+    /// period (so that bursts keeping time with the period are not missed
+    /// every time).
     #[arg(long, value_name = "MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     assign_period_ms: u64,
@@ -595,8 +598,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("sampler".into())
             .spawn(move || {
+                // The first window opens at once (a new agent sees the
+                // shapes of maps soon); the others at a random point of
+                // their period (see WindowPhase).
+                let mut phase = gopulse_agent::probes::WindowPhase::new(
+                    gopulse_agent::probes::WindowPhase::seed(),
+                );
+                let mut first = true;
                 loop {
                     let start = std::time::Instant::now();
+                    if !std::mem::take(&mut first) {
+                        std::thread::sleep(phase.lead(period, window));
+                    }
                     let jobs = sample_app.with_probes(|p| p.open_window());
                     sample_app.run_jobs(jobs);
                     let _ = wake_governor.send(());

@@ -280,7 +280,11 @@ impl Bpf {
                 None
             }
             UprobeMode::Auto | UprobeMode::Multi => {
-                let loaded = multi::probe().map_err(anyhow::Error::from).and_then(|()| {
+                // A kernel without the links says so at the probe (info); one
+                // that has them but refuses our programs for them is a fault
+                // to look into (warn). Either way the fallback takes over.
+                let probed = multi::probe();
+                let loaded = probed.as_ref().map_err(|e| anyhow!("{e}")).and_then(|()| {
                     multi::Programs::load(object(), &ebpf, uprobe_names(), |n, t, i| {
                         verified.note(n, t, i);
                     })
@@ -297,6 +301,15 @@ impl Bpf {
                         return Err(
                             e.context("--uprobe-mode multi: uprobe_multi links are not available")
                         );
+                    }
+                    Err(e) if probed.is_ok() => {
+                        tracing::warn!(
+                            "uprobes: {} (the kernel has uprobe_multi links, but loading the \
+                             programs for them failed: {e:#})",
+                            UprobePath::Perf
+                        );
+                        verified = Verified::default();
+                        None
                     }
                     Err(e) => {
                         tracing::info!(
