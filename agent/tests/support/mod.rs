@@ -1022,6 +1022,21 @@ pub fn kernel_cleared(
 
 /// A copy of `bin` under a name of its own (`<dir>/<name>`), so that
 /// kernel objects naming it are this test's, whatever else runs.
+/// The fixture's sites without what its hash seed decides: how full a
+/// map was when it last grew (which swiss table split last, which classic
+/// bucket overflowed) differs between any two runs, agent or not.
+pub fn seed_free(sites: &serde_json::Value) -> serde_json::Value {
+    let mut sites = sites.clone();
+    if let Some(sites) = sites.as_object_mut() {
+        for site in sites.values_mut() {
+            if let Some(site) = site.as_object_mut() {
+                site.remove("at_last_growth");
+            }
+        }
+    }
+    sites
+}
+
 pub fn private_copy(bin: &Path, name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("private-{}-{name}", std::process::id()));
