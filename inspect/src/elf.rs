@@ -17,6 +17,21 @@ const MD_FUNCNAMETAB: u64 = 8;
 const MD_FTAB: u64 = 128;
 const MD_FTAB_LEN: u64 = 136;
 const MD_TEXT: u64 = 176;
+/// `bss`, `ebss`, `noptrbss`, `enoptrbss` (the same in Go 1.21 to 1.27; the
+/// `offsets_table` test checks them against each release's DWARF).
+pub const MD_BSS: u64 = 224;
+pub const MD_EBSS: u64 = 232;
+pub const MD_NOPTRBSS: u64 = 240;
+pub const MD_ENOPTRBSS: u64 = 248;
+
+/// Go's zeroed data sections, link-time addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataSections {
+    /// `.bss`: zeroed data with pointers.
+    pub bss: std::ops::Range<u64>,
+    /// `.noptrbss`: zeroed data without pointers.
+    pub noptrbss: std::ops::Range<u64>,
+}
 
 /// A PT_LOAD segment.
 #[derive(Clone, Copy, Debug)]
@@ -182,11 +197,9 @@ impl<'a> Elf<'a> {
         })
     }
 
-    /// `runtime.moduledata.text`: found as the data word pointing at pclntab
-    /// whose neighbours point at pclntab's tables. This is what the runtime
-    /// itself uses; pclntab's own textStart is 0 from Go 1.26 on, and the
-    /// `.text` section also holds C code in cgo builds.
-    pub fn moduledata_text(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
+    /// Where `runtime.moduledata` is: the data word pointing at pclntab
+    /// whose neighbours point at pclntab's tables.
+    fn moduledata(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
         let h = pcln.table.header();
         let names = pcln.vaddr.checked_add(h.funcname_offset as u64)?;
         let ftab = pcln.vaddr.checked_add(h.pcln_offset as u64)?;
@@ -203,7 +216,7 @@ impl<'a> Elf<'a> {
             .filter(|&(_, &v)| v == pcln.vaddr)
             .map(|(&at, _)| at)
             .find(|&md| check(md));
-        let found = from_relocs.or_else(|| {
+        from_relocs.or_else(|| {
             let needle = pcln.vaddr.to_le_bytes();
             self.segments
                 .iter()
@@ -218,8 +231,30 @@ impl<'a> Elf<'a> {
                         .filter_map(|i| s.vaddr.checked_add(i as u64))
                         .find(|&md| check(md))
                 })
-        })?;
-        word(found, MD_TEXT)
+        })
+    }
+
+    /// `runtime.moduledata.text`. This is what the runtime itself uses;
+    /// pclntab's own textStart is 0 from Go 1.26 on, and the `.text`
+    /// section also holds C code in cgo builds.
+    pub fn moduledata_text(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
+        self.word(self.moduledata(pcln)?.checked_add(MD_TEXT)?)
+    }
+
+    /// Go's zeroed data sections as `runtime.moduledata` bounds them
+    /// (`bss`/`ebss`, `noptrbss`/`enoptrbss`), link-time addresses: where
+    /// the runtime's globals must lie.
+    pub fn moduledata_bss(&self, pcln: &PclnLocation<'_>) -> Option<DataSections> {
+        let md = self.moduledata(pcln)?;
+        let word = |field: u64| self.word(md.checked_add(field)?);
+        let range = |lo: u64, hi: u64| {
+            let (lo, hi) = (word(lo)?, word(hi)?);
+            (lo <= hi).then_some(lo..hi)
+        };
+        Some(DataSections {
+            bss: range(MD_BSS, MD_EBSS)?,
+            noptrbss: range(MD_NOPTRBSS, MD_ENOPTRBSS)?,
+        })
     }
 
     /// pclntab's textStart as the loaded program sees it (relocated in PIE).

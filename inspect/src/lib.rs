@@ -4,6 +4,8 @@
 pub mod buildinfo;
 mod disasm;
 mod elf;
+pub mod globals;
+pub mod layout;
 pub mod offsets;
 pub mod pclntab;
 mod quick;
@@ -17,6 +19,8 @@ use std::{
 
 pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
+pub use globals::{Global, GlobalError, Globals};
+pub use layout::RuntimeOffsets;
 pub use offsets::{MapImpl, MapOffsets, Offsets};
 pub use pclntab::Symbolizer;
 pub use quick::{Release, go_release};
@@ -112,6 +116,20 @@ pub struct GoBinary {
     /// Go 1.21 only, when the binary has symbols and DWARF: where the
     /// runtime keeps its own GC pause timestamps.
     pub pause_clock: Option<PauseClock>,
+    /// Where the runtime's state is, for reading it from a process.
+    pub runtime: RuntimeLayout,
+}
+
+/// Where the runtime keeps the state the agent reads from a process's
+/// memory ([`layout`], [`globals`]).
+#[derive(Clone, Debug)]
+pub struct RuntimeLayout {
+    /// Its structs' field offsets, or why they are unknown for this build.
+    pub offsets: Result<RuntimeOffsets, String>,
+    /// Whether [`RuntimeLayout::offsets`] came from the binary's own DWARF.
+    pub offsets_from_dwarf: bool,
+    /// Its globals.
+    pub globals: Globals,
 }
 
 /// Link-time addresses of Go 1.21's pause bookkeeping: `work.pauseStart`
@@ -161,6 +179,17 @@ fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
 
 /// [`inspect`] on bytes already read.
 pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectError> {
+    inspect_with(data, wanted, true)
+}
+
+/// The runtime's globals as the machine code alone gives them, as for a
+/// stripped binary even when this one has symbols (to check the rules
+/// against the symbols).
+pub fn globals_from_code(data: &[u8]) -> Result<Globals, InspectError> {
+    Ok(inspect_with(data, &[], false)?.runtime.globals)
+}
+
+fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary, InspectError> {
     let elf = elf::Elf::parse(data)?;
     let build = elf.build_info()?;
     let version = supported_version(&build)?;
@@ -188,14 +217,23 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     }
 
     let mut functions = BTreeMap::new();
+    let mut runtime_code = Vec::new();
     for f in pcln.table.functions() {
         let (name, entry, end) = f?;
-        if !wanted.contains(&name) || functions.contains_key(name) {
-            continue;
-        }
         // Bounds were checked when the symbolizer was built.
         let address = text_start + entry;
         let size = end - entry;
+        if let Some(&known) = globals::ANCHORS
+            .iter()
+            .chain(globals::CALLEES)
+            .find(|&&n| n == name)
+            && let Ok(code) = elf.code(address, size)
+        {
+            runtime_code.push((known, address, code));
+        }
+        if !wanted.contains(&name) || functions.contains_key(name) {
+            continue;
+        }
         if let Some(sym) = elf.symtab_address(name)
             && sym != address
         {
@@ -238,17 +276,39 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
         );
     }
     let map_impl = map_impl(&symbolizer, &version);
-    let (offsets, offsets_from_dwarf) = match offsets::from_dwarf(data, map_impl)? {
-        Some(o) => (o, true),
-        None => (
-            offsets::from_table(&version, map_impl).ok_or_else(|| {
-                InspectError::UnsupportedVersion {
-                    version: format!("{} ({map_impl:?} maps)", version.raw),
-                    range: version::supported_range(),
-                }
-            })?,
-            false,
+    let (offsets, runtime_offsets, offsets_from_dwarf) =
+        match offsets::all_from_dwarf(data, map_impl)? {
+            Some((o, runtime)) => (o, runtime.map_err(|e| e.to_string()), true),
+            None => (
+                offsets::from_table(&version, map_impl).ok_or_else(|| {
+                    InspectError::UnsupportedVersion {
+                        version: format!("{} ({map_impl:?} maps)", version.raw),
+                        range: version::supported_range(),
+                    }
+                })?,
+                layout::from_table(&version).ok_or_else(|| {
+                    format!(
+                        "no DWARF, and no table row for {} (an experiment not known to leave \
+                         the runtime's layout alone)",
+                        version.raw
+                    )
+                }),
+                false,
+            ),
+        };
+    let runtime_offsets = runtime_offsets.and_then(|o| {
+        o.check()
+            .map(|()| o)
+            .map_err(|e| format!("unexpected runtime layout: {e}"))
+    });
+    let globals = match &runtime_offsets {
+        Ok(o) => globals::locate(
+            &globals::Text::new(runtime_code),
+            |name| symbols.then(|| elf.symtab_data_address(name)).flatten(),
+            o,
+            elf.moduledata_bss(&pcln).as_ref(),
         ),
+        Err(e) => Globals::none(GlobalError::NoOffsets(e.clone())),
     };
     let pause_clock = if version.minor == 21 {
         pause_clock(&elf, data)?
@@ -268,6 +328,11 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
         map_impl,
         offsets,
         offsets_from_dwarf,
+        runtime: RuntimeLayout {
+            offsets: runtime_offsets,
+            offsets_from_dwarf,
+            globals,
+        },
     })
 }
 

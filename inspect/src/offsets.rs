@@ -5,11 +5,15 @@
 use std::{borrow::Cow, collections::HashMap};
 
 use gimli::{
-    AttributeValue, DebugAbbrev, DebugAbbrevOffset, DebugInfo, DebugStr, EndianSlice, RunTimeEndian,
+    AttributeValue, DebugAbbrev, DebugAbbrevOffset, DebugInfo, DebugInfoOffset, DebugStr,
+    EndianSlice, RunTimeEndian,
 };
 use object::{Object, ObjectSection};
 
-use crate::{GoVersion, InspectError};
+use crate::{
+    GoVersion, InspectError,
+    layout::{self, RuntimeOffsets},
+};
 
 #[path = "offsets_table.rs"]
 mod table;
@@ -123,31 +127,67 @@ pub fn from_table(version: &GoVersion, imp: MapImpl) -> Option<Offsets> {
 /// or lacks a struct or field (e.g. `imp` is not the binary's map
 /// implementation).
 pub fn from_dwarf(data: &[u8], imp: MapImpl) -> Result<Option<Offsets>, InspectError> {
-    let wanted: &[&str] = match imp {
-        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
-        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
-    };
-    match read_structs(data, wanted)? {
+    match read_structs(data, probe_structs(imp))? {
         Some(structs) => Ok(Some(offsets(&structs, imp)?)),
         None => Ok(None),
     }
 }
 
+/// The structs the probes' offsets come from.
+fn probe_structs(imp: MapImpl) -> &'static [&'static str] {
+    match imp {
+        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
+        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
+    }
+}
+
+/// The runtime state's offsets ([`crate::layout`]) from the executable's
+/// DWARF: `Ok(None)` without DWARF, an error when a struct or field is
+/// missing.
+pub fn runtime_from_dwarf(data: &[u8]) -> Result<Option<RuntimeOffsets>, InspectError> {
+    match Dwarf::load(data, layout::STRUCTS)? {
+        Some(d) => Ok(Some(layout::from_dwarf(&d)?)),
+        None => Ok(None),
+    }
+}
+
+/// The probes' offsets, and the runtime state's or why they are missing.
+pub(crate) type AllOffsets = (Offsets, Result<RuntimeOffsets, InspectError>);
+
+/// The probes' offsets and the runtime state's from one read of the
+/// executable's DWARF (`Ok(None)` without DWARF). The runtime's may fail on
+/// their own: then only what is read from the process's memory is lost.
+pub(crate) fn all_from_dwarf(
+    data: &[u8],
+    imp: MapImpl,
+) -> Result<Option<AllOffsets>, InspectError> {
+    let wanted: Vec<&str> = probe_structs(imp)
+        .iter()
+        .chain(layout::STRUCTS)
+        .copied()
+        .collect();
+    let Some(d) = Dwarf::load(data, &wanted)? else {
+        return Ok(None);
+    };
+    let probes = offsets(&d.structs, imp)?;
+    Ok(Some((probes, layout::from_dwarf(&d))))
+}
+
+/// The runtime state's offsets of every release, as generated.
+pub(crate) fn runtime_table() -> &'static [(u32, Option<&'static str>, RuntimeOffsets)] {
+    table::RUNTIME_TABLE
+}
+
 /// The offset of one field of a struct type from the executable's DWARF;
 /// `Ok(None)` when the binary has no DWARF, an error when it lacks the field.
 pub fn field_offset(data: &[u8], strukt: &str, field: &str) -> Result<Option<u64>, InspectError> {
-    let Some(structs) = read_structs(data, &[strukt])? else {
+    let Some(dwarf) = Dwarf::load(data, &[strukt])? else {
         return Ok(None);
     };
-    let member = structs
-        .get(strukt)
-        .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
-        .members
-        .get(field)
-        .copied()
-        .flatten()
-        .ok_or_else(|| InspectError::MissingType(format!("{strukt}.{field}")))?;
-    Ok(Some(member))
+    dwarf
+        .path_offset(strukt, field)?
+        .map(Some)
+        .ok_or_else(|| InspectError::MissingType(format!("{strukt}.{field}")))
 }
 
 /// The named struct types of the executable's DWARF (`None`: no DWARF).
@@ -155,36 +195,126 @@ fn read_structs(
     data: &[u8],
     wanted: &[&str],
 ) -> Result<Option<HashMap<String, Struct>>, InspectError> {
-    if !data.starts_with(b"\x7fELF") {
-        return Err(InspectError::NotElf);
+    Ok(Dwarf::load(data, wanted)?.map(|d| d.structs))
+}
+
+/// The DWARF of an executable, decompressed, with the struct types asked
+/// for; nested fields are resolved through the member types on demand.
+pub(crate) struct Dwarf<'a> {
+    info: Cow<'a, [u8]>,
+    abbrev: Cow<'a, [u8]>,
+    strings: Cow<'a, [u8]>,
+    endian: RunTimeEndian,
+    structs: HashMap<String, Struct>,
+}
+
+impl<'a> Dwarf<'a> {
+    /// Reads the struct types named `wanted`; `None` when the executable
+    /// has no DWARF.
+    pub(crate) fn load(data: &'a [u8], wanted: &[&str]) -> Result<Option<Self>, InspectError> {
+        if !data.starts_with(b"\x7fELF") {
+            return Err(InspectError::NotElf);
+        }
+        let file = object::File::parse(data).map_err(|e| InspectError::Corrupt {
+            section: "ELF header",
+            detail: e.to_string(),
+        })?;
+        let Some(info) = section(&file, ".debug_info")? else {
+            return Ok(None);
+        };
+        let abbrev = section(&file, ".debug_abbrev")?.ok_or_else(|| InspectError::Corrupt {
+            section: ".debug_abbrev",
+            detail: "missing while .debug_info is present".to_owned(),
+        })?;
+        let strings = section(&file, ".debug_str")?.unwrap_or_default();
+        let endian = if file.is_little_endian() {
+            RunTimeEndian::Little
+        } else {
+            RunTimeEndian::Big
+        };
+        let mut dwarf = Dwarf {
+            info,
+            abbrev,
+            strings,
+            endian,
+            structs: HashMap::new(),
+        };
+        dwarf.structs = dwarf.sections().structs(wanted).map_err(corrupt_info)?;
+        Ok(Some(dwarf))
     }
-    let file = object::File::parse(data).map_err(|e| InspectError::Corrupt {
-        section: "ELF header",
-        detail: e.to_string(),
-    })?;
-    let Some(info) = section(&file, ".debug_info")? else {
-        return Ok(None);
-    };
-    let abbrev = section(&file, ".debug_abbrev")?.ok_or_else(|| InspectError::Corrupt {
-        section: ".debug_abbrev",
-        detail: "missing while .debug_info is present".to_owned(),
-    })?;
-    let strings = section(&file, ".debug_str")?.unwrap_or_default();
-    let endian = if file.is_little_endian() {
-        RunTimeEndian::Little
-    } else {
-        RunTimeEndian::Big
-    };
-    let dwarf = Sections {
-        info: DebugInfo::new(&info, endian),
-        abbrev: DebugAbbrev::new(&abbrev, endian),
-        strings: DebugStr::new(&strings, endian),
-    };
-    let structs = dwarf.structs(wanted).map_err(|e| InspectError::Corrupt {
+
+    fn sections(&self) -> Sections<'_> {
+        Sections {
+            info: DebugInfo::new(&self.info, self.endian),
+            abbrev: DebugAbbrev::new(&self.abbrev, self.endian),
+            strings: DebugStr::new(&self.strings, self.endian),
+        }
+    }
+
+    /// The byte size of a struct type that was asked for.
+    pub(crate) fn size(&self, strukt: &str) -> Result<u64, InspectError> {
+        self.structs
+            .get(strukt)
+            .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
+            .size
+            .ok_or_else(|| InspectError::MissingType(format!("size of {strukt}")))
+    }
+
+    /// The offset of `path` (`gFree.stack.size`: fields of fields) in the
+    /// struct type `strukt`, which must have been asked for; `Ok(None)`
+    /// when a field on the path does not exist (another release's layout).
+    pub(crate) fn path_offset(
+        &self,
+        strukt: &str,
+        path: &str,
+    ) -> Result<Option<u64>, InspectError> {
+        let mut owned;
+        let mut current = self
+            .structs
+            .get(strukt)
+            .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?;
+        let mut total = 0u64;
+        let mut parts = path.split('.').peekable();
+        while let Some(part) = parts.next() {
+            let Some(member) = current.members.get(part) else {
+                return Ok(None);
+            };
+            let offset = member.offset.ok_or_else(|| InspectError::Corrupt {
+                section: ".debug_info",
+                detail: format!("{strukt}.{path} has no constant offset"),
+            })?;
+            total = total
+                .checked_add(offset)
+                .ok_or_else(|| InspectError::Corrupt {
+                    section: ".debug_info",
+                    detail: format!("{strukt}.{path} lies past the end of the address space"),
+                })?;
+            if parts.peek().is_none() {
+                break;
+            }
+            let ty = member.ty.ok_or_else(|| InspectError::Corrupt {
+                section: ".debug_info",
+                detail: format!("{strukt}.{path}: {part} has no type"),
+            })?;
+            owned = self
+                .sections()
+                .struct_at(ty)
+                .map_err(corrupt_info)?
+                .ok_or_else(|| InspectError::Corrupt {
+                    section: ".debug_info",
+                    detail: format!("{strukt}.{path}: {part} is not a struct"),
+                })?;
+            current = &owned;
+        }
+        Ok(Some(total))
+    }
+}
+
+fn corrupt_info(e: gimli::Error) -> InspectError {
+    InspectError::Corrupt {
         section: ".debug_info",
         detail: e.to_string(),
-    })?;
-    Ok(Some(structs))
+    }
 }
 
 /// A section's bytes, decompressed; `None` when absent.
@@ -219,9 +349,20 @@ fn section<'a>(
 #[derive(Default)]
 struct Struct {
     size: Option<u64>,
-    /// Member name → byte offset (`None` when not a constant).
-    members: HashMap<String, Option<u64>>,
+    members: HashMap<String, Member>,
 }
+
+/// A struct member: its byte offset (`None` when not a constant) and where
+/// its type is described.
+#[derive(Clone, Copy, Default)]
+struct Member {
+    offset: Option<u64>,
+    ty: Option<DebugInfoOffset<usize>>,
+}
+
+/// Typedefs followed from a member to its struct type: Go writes one (the
+/// named type) in front of each struct; more is a loop in corrupt DWARF.
+const MAX_TYPEDEFS: usize = 8;
 
 type Slice<'a> = EndianSlice<'a, RunTimeEndian>;
 
@@ -291,11 +432,9 @@ impl<'a> Sections<'a> {
                         let Some(name) = self.name(entry)? else {
                             continue;
                         };
-                        let offset = entry
-                            .attr(gimli::DW_AT_data_member_location)?
-                            .and_then(|a| a.udata_value());
+                        let member = self.member(&unit, entry)?;
                         if let Some(s) = found.get_mut(owner) {
-                            s.members.entry(name).or_insert(offset);
+                            s.members.entry(name).or_insert(member);
                         }
                     }
                     _ => {}
@@ -307,6 +446,86 @@ impl<'a> Sections<'a> {
             }
         }
         Ok(found)
+    }
+
+    /// A member's offset and type.
+    fn member(
+        &self,
+        unit: &gimli::UnitHeader<Slice<'a>>,
+        entry: &gimli::DebuggingInformationEntry<Slice<'a>>,
+    ) -> gimli::Result<Member> {
+        let offset = entry
+            .attr(gimli::DW_AT_data_member_location)?
+            .and_then(|a| a.udata_value());
+        let ty = match entry.attr_value(gimli::DW_AT_type)? {
+            Some(AttributeValue::UnitRef(at)) => at.to_debug_info_offset(unit),
+            Some(AttributeValue::DebugInfoRef(at)) => Some(at),
+            _ => None,
+        };
+        Ok(Member { offset, ty })
+    }
+
+    /// The struct type described at `at` (through typedefs), with its
+    /// members; `None` when it is no struct.
+    fn struct_at(&self, mut at: DebugInfoOffset<usize>) -> gimli::Result<Option<Struct>> {
+        for _ in 0..MAX_TYPEDEFS {
+            let mut units = self.info.units();
+            let unit = loop {
+                let Some(unit) = units.next()? else {
+                    return Ok(None);
+                };
+                if at.to_unit_offset(&unit).is_some() {
+                    break unit;
+                }
+            };
+            let Some(offset) = at.to_unit_offset(&unit) else {
+                return Ok(None);
+            };
+            let abbrevs = unit.abbreviations(&self.abbrev)?;
+            let mut cursor = unit.entries_at_offset(&abbrevs, offset)?;
+            let Some((_, entry)) = cursor.next_dfs()? else {
+                return Ok(None);
+            };
+            match entry.tag() {
+                gimli::DW_TAG_typedef => {
+                    let next = match entry.attr_value(gimli::DW_AT_type)? {
+                        Some(AttributeValue::UnitRef(r)) => r.to_debug_info_offset(&unit),
+                        Some(AttributeValue::DebugInfoRef(r)) => Some(r),
+                        _ => None,
+                    };
+                    match next {
+                        Some(n) => at = n,
+                        None => return Ok(None),
+                    }
+                }
+                gimli::DW_TAG_structure_type => {
+                    let mut s = Struct {
+                        size: entry
+                            .attr(gimli::DW_AT_byte_size)?
+                            .and_then(|a| a.udata_value()),
+                        ..Struct::default()
+                    };
+                    let mut depth = 0isize;
+                    while let Some((delta, entry)) = cursor.next_dfs()? {
+                        depth += delta;
+                        if depth <= 0 {
+                            break;
+                        }
+                        if depth != 1 || entry.tag() != gimli::DW_TAG_member {
+                            continue;
+                        }
+                        let Some(name) = self.name(entry)? else {
+                            continue;
+                        };
+                        let member = self.member(&unit, entry)?;
+                        s.members.entry(name).or_insert(member);
+                    }
+                    return Ok(Some(s));
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
     }
 
     /// `DW_AT_name` as a string (Go writes it inline; `.debug_str` handled too).
@@ -338,8 +557,8 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
     };
     let field = |owner: &str, name: &str| -> Result<u16, InspectError> {
         let what = format!("{owner}.{name}");
-        match get(owner)?.members.get(name) {
-            Some(Some(v)) => small(what, *v),
+        match get(owner)?.members.get(name).map(|m| m.offset) {
+            Some(Some(v)) => small(what, v),
             Some(None) => Err(InspectError::Corrupt {
                 section: ".debug_info",
                 detail: format!("{what} has no constant offset"),
