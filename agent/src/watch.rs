@@ -20,7 +20,7 @@ use crate::{
     metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
     probes::{AttachError, NewExe, Target},
-    procfs,
+    procfs, runtime_state,
     server::App,
     stw,
 };
@@ -32,6 +32,8 @@ pub struct Inspected {
     bin: GoBinary,
     symbolizer: Arc<Symbolizer>,
     pages: Arc<BTreeMap<u32, gopulse_common::PageBits>>,
+    /// Where its runtime keeps its state, or why that is unknown.
+    runtime: Result<Arc<runtime_state::Layout>, String>,
 }
 
 /// Executables read lately, kept while the file is unchanged: a Go program
@@ -68,10 +70,12 @@ impl Binaries {
         drop(data);
         let symbolizer = Arc::new(std::mem::take(&mut bin.symbolizer));
         let pages = Arc::new(plumbing.pages(&symbolizer));
+        let runtime = runtime_state::Layout::of(&bin).map(Arc::new);
         let found = Arc::new(Inspected {
             bin,
             symbolizer,
             pages,
+            runtime,
         });
         if self.entries.len() >= BINARIES_KEPT
             && let Some(oldest) = self
@@ -139,6 +143,9 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
         app.with_probes(|p| p.detach(pid));
         return Err(Changed.into());
     }
+    if read {
+        log_runtime_layout(pid, &labels.exe, &found);
+    }
     tracing::info!(
         pid,
         exe = %labels.exe,
@@ -161,9 +168,48 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             start_time,
             symbolizer: found.symbolizer.clone(),
             map_offsets: bin.offsets.map,
+            runtime: found
+                .runtime
+                .as_ref()
+                .ok()
+                .map(|layout| runtime_state::Reader::new(layout.clone(), load_bias)),
         })
     });
     Ok(())
+}
+
+/// Says once per executable what of its runtime state cannot be read, and
+/// so which Go runtime metrics its processes lack.
+fn log_runtime_layout(pid: u32, exe: &str, found: &Inspected) {
+    let rt = &found.bin.runtime;
+    match &found.runtime {
+        Err(e) => tracing::warn!(
+            pid,
+            exe,
+            "the Go runtime's state cannot be read from this executable ({e}): its go_* \
+             runtime metrics are absent"
+        ),
+        Ok(_) => {
+            let missing = rt.globals.missing();
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.iter().map(|(g, e)| format!("{g}: {e}")).collect();
+                tracing::warn!(
+                    pid,
+                    exe,
+                    "runtime globals not found, the Go runtime metrics that need them are \
+                     absent: {}",
+                    list.join("; ")
+                );
+            }
+            tracing::debug!(
+                pid,
+                exe,
+                offsets_from_dwarf = rt.offsets_from_dwarf,
+                globals_from_symbols = rt.globals.from_symbols,
+                "the Go runtime's state is read from the process"
+            );
+        }
+    }
 }
 
 /// How long the follower lets events gather after a wakeup.

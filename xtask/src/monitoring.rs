@@ -183,7 +183,7 @@ fn fleet() -> Board {
             12,
             "Completed GC cycles per second, by process",
             &[(
-                "sum by (namespace, pod, exe, pid) (rate(gopulse_gc_cycles_total{sel}[$__rate_interval]))",
+                "sum by (namespace, pod, exe, pid) (rate(go_memory_gc_cycles_total{sel}[$__rate_interval]))",
                 "{{exe}} {{pid}} {{pod}}",
             )],
         ),
@@ -412,7 +412,7 @@ fn datasource() -> Value {
 }
 
 fn variable(label: &str) -> Value {
-    let query = format!("label_values(gopulse_gc_cycles_total, {label})");
+    let query = format!("label_values(gopulse_probes_attached, {label})");
     json!({
         "type": "query",
         "name": label,

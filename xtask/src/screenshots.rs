@@ -325,7 +325,7 @@ fn progress(agent: &str, web: &str) -> String {
         Ok(s) => format!(
             "{} processes watched, {} GC cycles, {} map growths",
             sum(&s, "gopulse_processes_watched"),
-            sum(&s, "gopulse_gc_cycles_total"),
+            sum(&s, "go_memory_gc_cycles_total"),
             sum(&s, "gopulse_map_growths_total")
         ),
         Err(err) => format!("agent scrape failed: {err:#}"),

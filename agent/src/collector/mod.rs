@@ -1,10 +1,12 @@
 //! The collection stage: kernel counters, tables and events become metrics,
 //! per watched process: GC and stop-the-world pauses (`gc`), map growth,
-//! sites and shapes (`maps`), and probe hits and what they cost. It reads
-//! the kernel maps through its own handles; attaching, detaching and the
-//! budget belong to the attach stage (`crate::probes`).
+//! sites and shapes (`maps`), the Go runtime's own state read from the
+//! process's memory (`runtime`), and probe hits and what they cost. It
+//! reads the kernel maps through its own handles; attaching, detaching and
+//! the budget belong to the attach stage (`crate::probes`).
 mod gc;
 mod maps;
+mod runtime;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -37,6 +39,9 @@ pub struct NewProc {
     /// one executable).
     pub symbolizer: Arc<Symbolizer>,
     pub map_offsets: MapOffsets,
+    /// Reads the Go runtime's state from the process; `None` when its
+    /// executable's runtime layout is unknown.
+    pub runtime: Option<crate::runtime_state::Reader>,
 }
 
 /// A watched process, as collection sees it.
@@ -63,6 +68,7 @@ struct Proc {
     /// Maps taken from the kernel LRU so far, and evictions reported.
     maps_taken: u64,
     maps_untracked: u64,
+    runtime: Option<runtime::RuntimeProc>,
 }
 
 pub struct Collector {
@@ -105,7 +111,6 @@ impl Collector {
         // Create the series now, so they read 0 rather than being absent.
         let m = &self.metrics;
         for f in [
-            &m.gc_cycles,
             &m.events_lost,
             &m.map_sites_dropped,
             &m.maps_untracked,
@@ -143,6 +148,7 @@ impl Collector {
                 map_offsets: p.map_offsets,
                 maps_taken: 0,
                 maps_untracked: 0,
+                runtime: p.runtime.map(runtime::RuntimeProc::new),
             },
         );
     }
@@ -203,8 +209,6 @@ impl Collector {
             fold_hits(&self.metrics, &self.costs, p, &stats);
             let m = &self.metrics;
             let d = |now: u64, then: u64| now.saturating_sub(then);
-            m.gc_cycles
-                .inc_by(&p.labels, d(stats.gc_cycles, p.synced.gc_cycles));
             m.map_growths_unattributed.inc_by(
                 &p.labels,
                 d(stats.growths_unattributed, p.synced.growths_unattributed),
@@ -214,6 +218,11 @@ impl Collector {
             maps::refresh_shapes(&self.metrics, pid, p);
             fold_anomalies(&self.metrics, pid, p, &stats);
             p.synced = stats;
+        }
+        // The runtime's state is read whether or not the kernel's counters
+        // were (a process is read here, not in the kernel).
+        for (&pid, p) in &mut self.procs {
+            runtime::fold(&self.metrics, pid, p);
         }
     }
 
