@@ -264,6 +264,11 @@ pub fn follow(app: &App, f: Follow) {
         .filter_map(|&pid| Some((pid, procfs::start_time(pid).ok()?)))
         .collect();
     let mut lost = 0u64;
+    // The processes named with --pid are watched already: say so before
+    // the first wait.
+    metrics
+        .processes_watched
+        .set(&(), app.with_collector(|c| c.count()) as i64);
     // With --pid nothing is due but events: the loop sleeps in `wait`.
     let mut next_rescan = discovery.as_ref().map(|_| Instant::now());
     loop {
