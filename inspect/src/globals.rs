@@ -325,8 +325,7 @@ fn slice_pair(text: &Text, function: &str) -> Option<u64> {
         .filter_map(|(k, i)| Some((k, rip_target(i)?)))
         .collect();
     for (a, &(ka, ta)) in loads.iter().enumerate() {
-        for &(kb, tb) in loads[a + 1..].iter().take_while(|(kb, _)| kb - ka <= 6) {
-            let _ = kb;
+        for &(_, tb) in loads[a + 1..].iter().take_while(|(kb, _)| kb - ka <= 6) {
             if tb == ta.wrapping_add(8) {
                 return Some(ta);
             }
@@ -348,12 +347,12 @@ fn atomic_store_of_load(text: &Text, function: &str) -> Vec<(u64, u64)> {
         if i.mnemonic() != Mnemonic::Xchg || i.op_count() != 2 {
             continue;
         }
-        let (mem, reg) = match (i.op0_kind(), i.op1_kind()) {
-            (OpKind::Memory, OpKind::Register) => (0, 1),
-            (OpKind::Register, OpKind::Memory) => (1, 0),
+        // The register operand; the other is the memory one.
+        let reg = match (i.op0_kind(), i.op1_kind()) {
+            (OpKind::Memory, OpKind::Register) => 1,
+            (OpKind::Register, OpKind::Memory) => 0,
             _ => continue,
         };
-        let _ = mem;
         if i.memory_displacement64() != 0 || i.memory_index() != Register::None {
             continue;
         }

@@ -79,6 +79,8 @@ pub struct Collector {
     requested: BTreeSet<u32>,
     max_sites: usize,
     storm_rule: StormRule,
+    /// Where each process's runtime state is read into, in turn.
+    scratch: crate::runtime_state::Scratch,
 }
 
 impl Collector {
@@ -97,6 +99,7 @@ impl Collector {
             requested: BTreeSet::new(),
             max_sites,
             storm_rule,
+            scratch: crate::runtime_state::Scratch::default(),
         }
     }
 
@@ -222,7 +225,7 @@ impl Collector {
         // The runtime's state is read whether or not the kernel's counters
         // were (a process is read here, not in the kernel).
         for (&pid, p) in &mut self.procs {
-            runtime::fold(&self.metrics, pid, p);
+            runtime::fold(&self.metrics, &mut self.scratch, pid, p);
         }
     }
 

@@ -9,7 +9,7 @@ use crate::{
     metrics::{
         CPU_STATES, MEMORY_OTHER, MEMORY_STACK, Metrics, ProcAnd, ProcLabels, RuntimeMetrics,
     },
-    runtime_state::{Fault, Process, Reader, Reading, latency},
+    runtime_state::{Fault, Process, Reader, Reading, Scratch, latency},
 };
 
 /// A process's runtime state reader and what collection keeps of it.
@@ -55,12 +55,12 @@ fn int(n: u64) -> i64 {
 }
 
 /// Reads the process's runtime state and sets (or removes) its series.
-pub(super) fn fold(metrics: &Metrics, pid: u32, p: &mut Proc) {
+pub(super) fn fold(metrics: &Metrics, scratch: &mut Scratch, pid: u32, p: &mut Proc) {
     let Some(rt) = p.runtime.as_mut() else {
         return;
     };
     let before = rt.reader.last_latency().map(|c| Box::new(*c));
-    let reading = rt.reader.read(&Process(pid));
+    let reading = rt.reader.read(&Process(pid), scratch);
     set(
         &metrics.runtime,
         &p.labels,

@@ -272,14 +272,17 @@ const KINDS_PER_PROCESS: usize = 4;
 /// its labels: the SDK sizes each instrument's table for its limit up
 /// front (its default, 2,000, cost about 190 KB a process and 10 KB a site
 /// series), and a set past the limit goes to an overflow series. Sites
-/// are bounded by `max_sites` (plus `other`); the other labels (stop
-/// reasons, GC phases, probes) have a few dozen values at most.
+/// are bounded by `max_sites` (plus `other`); the Go runtime's memory types
+/// and CPU states are two and four; the other labels (stop reasons, GC
+/// phases, probes) have a few dozen values at most.
 fn cardinality_limit(d: &Decl, max_sites: usize) -> usize {
     d.labels
         .iter()
         .map(|l| match l.prom {
             "site" => max_sites.saturating_add(1),
             "kind" => KINDS_PER_PROCESS,
+            "go_memory_type" => 2,
+            "go_cpu_state" => 4,
             _ => 32,
         })
         .fold(1usize, usize::saturating_mul)

@@ -182,13 +182,15 @@ impl Reading {
     }
 
     /// Keeps each value already read right; takes `other`'s otherwise.
-    /// Whether every value is now read right or can never be.
+    /// Whether every value is now read right or cannot be by reading again
+    /// (only a failed check can pass on a second read: the runtime was
+    /// caught between two writes).
     fn merge(&mut self, other: Reading) -> bool {
         fn keep<T>(a: &mut Result<T, Fault>, b: Result<T, Fault>) -> bool {
             if a.is_err() {
                 *a = b;
             }
-            !matches!(a, Err(Fault::Check(_) | Fault::Read(_)))
+            !matches!(a, Err(Fault::Check(_)))
         }
         // Every one, not stopping at the first still failing.
         [
@@ -245,14 +247,21 @@ enum Piece {
 }
 
 /// One piece: where it is (link-time; the load bias is added at read),
-/// where it starts in its struct, and how long.
+/// where it starts in its struct, how long, and where it goes in the
+/// scratch buffer.
 #[derive(Clone, Copy, Debug)]
 struct Span {
     piece: Piece,
     addr: u64,
     start: u64,
     len: usize,
+    at: usize,
 }
+
+/// The buffer reads land in, shared by every process a collector reads
+/// (one process at a time): about 10 KB, not 10 KB a process.
+#[derive(Default)]
+pub struct Scratch(Vec<u8>);
 
 /// `[min, max + size)` of some fields, relative to their struct.
 fn range(fields: &[u16], size: usize) -> (u64, usize) {
@@ -262,12 +271,13 @@ fn range(fields: &[u16], size: usize) -> (u64, usize) {
 }
 
 /// Reads one process's runtime state; keeps what is needed between
-/// collections (the last latency counts, the allocation count reported).
+/// collections (the last latency counts).
 pub struct Reader {
     layout: std::sync::Arc<Layout>,
     bias: u64,
     spans: Vec<Span>,
-    bufs: Vec<Vec<u8>>,
+    /// The pieces' bytes in all.
+    total: usize,
     /// Latency counts at the last reading, to check they only grow.
     last_latency: Option<Box<[u64; LATENCY_COUNTS]>>,
 }
@@ -277,6 +287,7 @@ impl Reader {
     pub fn new(layout: std::sync::Arc<Layout>, bias: u64) -> Self {
         let o = &layout.offsets;
         let mut spans = Vec::new();
+        let mut total = 0;
         let mut add = |piece: Piece, global: Option<u64>, (start, len): (u64, usize)| {
             if let Some(base) = global {
                 spans.push(Span {
@@ -284,7 +295,9 @@ impl Reader {
                     addr: base.wrapping_add(start),
                     start,
                     len,
+                    at: total,
                 });
+                total += len;
             }
         };
         let gc = layout.global(Global::GcController);
@@ -352,21 +365,24 @@ impl Reader {
         add(Piece::Allglen, layout.global(Global::Allglen), (0, 8));
         add(Piece::AllgsLen, layout.allgs, (8, 8));
         add(Piece::Gomaxprocs, layout.global(Global::Gomaxprocs), (0, 4));
-        let bufs = spans.iter().map(|s| vec![0u8; s.len]).collect();
         Self {
             layout,
             bias,
             spans,
-            bufs,
+            total,
             last_latency: None,
         }
     }
 
     /// Reads the process's state now.
-    pub fn read(&mut self, mem: &impl Memory) -> Reading {
-        let mut reading = self.read_once(mem);
+    pub fn read(&mut self, mem: &impl Memory, scratch: &mut Scratch) -> Reading {
+        if scratch.0.len() < self.total {
+            scratch.0.resize(self.total, 0);
+        }
+        let buf = &mut scratch.0[..self.total];
+        let mut reading = self.read_once(mem, buf);
         for _ in 1..ATTEMPTS {
-            if reading.merge(self.read_once(mem)) {
+            if reading.merge(self.read_once(mem, buf)) {
                 break;
             }
         }
@@ -391,21 +407,23 @@ impl Reader {
         self.last_latency.as_deref()
     }
 
-    fn read_once(&mut self, mem: &impl Memory) -> Reading {
+    fn read_once(&self, mem: &impl Memory, buf: &mut [u8]) -> Reading {
         let bias = self.bias;
-        let mut pieces: Vec<(u64, &mut [u8])> = self
-            .spans
-            .iter()
-            .zip(self.bufs.iter_mut())
-            .map(|(s, b)| (s.addr.wrapping_add(bias), &mut b[..]))
-            .collect();
+        // The spans lie one after another in `buf`, in order.
+        let mut pieces: Vec<(u64, &mut [u8])> = Vec::with_capacity(self.spans.len());
+        let mut rest = &mut buf[..];
+        for s in &self.spans {
+            let (piece, tail) = std::mem::take(&mut rest).split_at_mut(s.len);
+            pieces.push((s.addr.wrapping_add(bias), piece));
+            rest = tail;
+        }
         if let Err(e) = mem.read(&mut pieces) {
             return Reading::failed(Fault::Read(e.to_string()));
         }
         drop(pieces);
         let view = View {
             spans: &self.spans,
-            bufs: &self.bufs,
+            buf,
         };
         let o = &self.layout.offsets;
         let missing = |g: Global| Fault::Missing(g);
@@ -544,21 +562,19 @@ impl Reader {
     }
 }
 
-/// The buffers of one read, by piece.
+/// What one read put in the scratch buffer, by piece.
 struct View<'a> {
     spans: &'a [Span],
-    bufs: &'a [Vec<u8>],
+    buf: &'a [u8],
 }
 
 impl View<'_> {
     fn get(&self, piece: Piece) -> Option<Part<'_>> {
-        self.spans
-            .iter()
-            .position(|s| s.piece == piece)
-            .map(|i| Part {
-                start: self.spans[i].start as usize,
-                bytes: &self.bufs[i][..],
-            })
+        let s = self.spans.iter().find(|s| s.piece == piece)?;
+        Some(Part {
+            start: s.start as usize,
+            bytes: self.buf.get(s.at..s.at + s.len)?,
+        })
     }
 }
 

@@ -193,7 +193,7 @@ fn reader(version: &str) -> Reader {
 fn reads_every_value_as_the_runtime_computes_it() {
     for version in ["go1.21.13", "go1.24.11", "go1.25.5", "go1.26.6", "go1.27.3"] {
         let mem = process(version);
-        let r = reader(version).read(&mem);
+        let r = reader(version).read(&mem, &mut Scratch::default());
         assert_eq!(
             r.gc,
             Ok(GcValues {
@@ -327,7 +327,7 @@ fn checks_keep_foreign_numbers_out() {
     // A heap minimum GOGC does not give: not gcController as we know it.
     let mut mem = process(version);
     mem.u64(GC + u64::from(o.heap_minimum), 123);
-    let r = reader(version).read(&mem);
+    let r = reader(version).read(&mem, &mut Scratch::default());
     assert!(matches!(r.gc, Err(Fault::Check(_))), "{:?}", r.gc);
     assert!(r.memory.is_ok() && r.goroutines.is_ok());
     // GOGC=off: the heap minimum wraps as the runtime's uint64 does.
@@ -337,17 +337,24 @@ fn checks_keep_foreign_numbers_out() {
         GC + u64::from(o.heap_minimum),
         (4 * MIB).wrapping_mul(u64::MAX) / 100,
     );
-    assert_eq!(reader(version).read(&mem).gc.unwrap().gogc, -1);
+    assert_eq!(
+        reader(version)
+            .read(&mem, &mut Scratch::default())
+            .gc
+            .unwrap()
+            .gogc,
+        -1
+    );
     // GOMAXPROCS is not len(allp) (procresize caught halfway, three times).
     let mut mem = process(version);
     mem.u32(GOMAXPROCS, 3);
-    let r = reader(version).read(&mem);
+    let r = reader(version).read(&mem, &mut Scratch::default());
     assert!(matches!(r.gomaxprocs, Err(Fault::Check(_))));
     // More cycles completed than started.
     let mut mem = process(version);
     mem.u32(WORK + u64::from(o.work_cycles), 1);
     assert!(matches!(
-        reader(version).read(&mem).memory,
+        reader(version).read(&mem, &mut Scratch::default()).memory,
         Err(Fault::Check(_))
     ));
     // The two copies of the ring disagree: caught mid-merge.
@@ -366,7 +373,7 @@ fn checks_keep_foreign_numbers_out() {
         }
     }
     let torn = Torn(process(version), Cell::new(0));
-    let r = reader(version).read(&torn);
+    let r = reader(version).read(&torn, &mut Scratch::default());
     assert!(matches!(r.memory, Err(Fault::Check(_))), "{:?}", r.memory);
     assert_eq!(torn.1.get(), 3, "read three times before giving up");
     assert!(r.gc.is_ok());
@@ -374,7 +381,9 @@ fn checks_keep_foreign_numbers_out() {
     let mut mem = process(version);
     mem.u64(ALLGS + 8, 31);
     assert!(matches!(
-        reader(version).read(&mem).goroutines,
+        reader(version)
+            .read(&mem, &mut Scratch::default())
+            .goroutines,
         Err(Fault::Check(_))
     ));
 }
@@ -387,14 +396,14 @@ fn missing_globals_and_failed_reads() {
     layout.globals[Global::Allp as usize] = None;
     let mut r = Reader::new(Arc::new(layout), 0);
     let mem = process(version);
-    let got = r.read(&mem);
+    let got = r.read(&mem, &mut Scratch::default());
     assert_eq!(got.cpu, Err(Fault::Missing(Global::Work)));
     assert_eq!(got.goroutines, Err(Fault::Missing(Global::Allp)));
     assert_eq!(got.gomaxprocs, Err(Fault::Missing(Global::Allp)));
     // Without work, the memory values stand on memstats' own checks.
     assert!(got.memory.is_ok() && got.gc.is_ok() && got.latency.is_ok());
     mem.fail.set(true);
-    let got = r.read(&mem);
+    let got = r.read(&mem, &mut Scratch::default());
     assert!(matches!(got.gc, Err(Fault::Read(_))));
     assert!(matches!(got.latency, Err(Fault::Read(_))));
 }
@@ -408,7 +417,7 @@ fn load_bias_moves_every_piece() {
         *g -= 0x1000;
     }
     layout.allgs = layout.allgs.map(|a| a - 0x1000);
-    let r = Reader::new(Arc::new(layout), 0x1000).read(&mem);
+    let r = Reader::new(Arc::new(layout), 0x1000).read(&mem, &mut Scratch::default());
     assert_eq!(r.gomaxprocs, Ok(2));
     assert_eq!(r.gc.unwrap().heap_goal, 8 * MIB);
 }
@@ -420,12 +429,18 @@ fn latency_counts_only_grow() {
     let count = SCHED + u64::from(o.sched_time_to_run) + u64::from(o.hist_counts) + 8 * 20;
     let mut mem = process(version);
     let mut r = reader(version);
-    assert!(r.read(&mem).latency.is_ok());
+    assert!(r.read(&mem, &mut Scratch::default()).latency.is_ok());
     mem.u64(count, 45);
-    assert_eq!(r.read(&mem).latency.unwrap()[21], 45);
+    assert_eq!(
+        r.read(&mem, &mut Scratch::default()).latency.unwrap()[21],
+        45
+    );
     assert_eq!(r.last_latency().unwrap()[21], 45);
     mem.u64(count, 44);
-    assert!(matches!(r.read(&mem).latency, Err(Fault::Check(_))));
+    assert!(matches!(
+        r.read(&mem, &mut Scratch::default()).latency,
+        Err(Fault::Check(_))
+    ));
     // The baseline stays the last good reading.
     assert_eq!(r.last_latency().unwrap()[21], 45);
 }
