@@ -738,3 +738,71 @@ fn classic_and_swiss_again() {
         4,
     );
 }
+
+/// A build whose layout the table does not know (`GOEXPERIMENT=
+/// staticlockranking` grows every runtime mutex): with its DWARF the
+/// agent reads it right; stripped, it reads nothing of its runtime state,
+/// says so once, and watches it for the rest as usual.
+#[test]
+fn unknown_layout_is_read_only_with_dwarf() {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip(SWISS) else {
+        return;
+    };
+    let env = [("GOEXPERIMENT", "staticlockranking")];
+    let build = |kind: &str, args: &[&str]| {
+        support::build_fixture_env(
+            "runtime",
+            &go,
+            &format!("{SWISS}-staticlockranking-{kind}"),
+            args,
+            &env,
+        )
+    };
+    let (full_bin, stripped_bin) = (build("default", &[]), build("stripped", STRIPPED));
+    let mut full = Target::spawn(&full_bin, &[]);
+    let mut stripped = Target::spawn(&stripped_bin, &[]);
+    let mut agent = Agent::spawn(&[full.pid, stripped.pid]);
+    agent.wait_ready(Duration::from_secs(60));
+    full.send("next");
+    stripped.send("next");
+    let (_, truth) = Truth::parse(&full.read_line(Duration::from_secs(60)));
+    let _ = stripped.read_line(Duration::from_secs(60));
+    let m = agent.scrape();
+    let (f, s) = (full.pid.to_string(), stripped.pid.to_string());
+    for (name, _, want) in exact_values(&truth) {
+        assert_eq!(exact(&m, name, &[("pid", &f)]), want, "with DWARF: {name}");
+    }
+    let theirs: Vec<&str> = m
+        .samples
+        .iter()
+        .filter(|x| x.labels.get("pid") == Some(&s))
+        .map(|x| x.name.as_str())
+        .filter(|n| {
+            n.starts_with("go_")
+                || n.starts_with("gopulse_gc_heap")
+                || n.starts_with("gopulse_goroutine")
+        })
+        .collect();
+    assert!(theirs.is_empty(), "stripped, read anyway: {theirs:?}");
+    assert!(m.value("gopulse_probes_attached", &[("pid", &s)]) >= 3.0);
+    let line = agent.wait_log(
+        "cannot be read from this executable",
+        Duration::from_secs(5),
+    );
+    assert!(line.contains("staticlockranking"), "{line}");
+    let lines = agent
+        .log_lines()
+        .iter()
+        .filter(|l| l.contains("cannot be read from this executable"))
+        .count();
+    assert_eq!(lines, 1, "one line for the executable");
+    agent.stop();
+    for t in [&mut full, &mut stripped] {
+        t.send("exit");
+    }
+    full.finish();
+    stripped.finish();
+}
