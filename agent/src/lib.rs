@@ -8,8 +8,10 @@
 pub mod bpf;
 pub mod caps;
 pub mod collector;
+pub mod commands;
 pub mod cost;
 pub mod discover;
+pub mod exe_map;
 pub mod export;
 pub mod governor;
 pub mod mapshape;

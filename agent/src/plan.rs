@@ -6,9 +6,9 @@ use anyhow::{Context as _, bail};
 use gopulse_common::{
     MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAP_IMPL_SWISS, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
     PROG_GROW_CLASSIC, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE,
-    PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
-    PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, PendingStw, ProcConfig, START_ARGS_NONE,
-    START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState, TABLE_HEADER_BYTES,
+    PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE,
+    PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP, PROGRAMS, PageBits, PendingStw,
+    ProcConfig, START_ARGS_NONE, START_ARGS_WORLDSTOP, STW_FLAG_IDLE, StwState, TABLE_HEADER_BYTES,
 };
 
 use crate::inspect::{Function, GoBinary, MapImpl, MapOffsets, Symbolizer, symname};
@@ -34,6 +34,10 @@ pub const SWISS_GROWTH: &[(&str, usize)] = &[
 ];
 /// Go 1.25+ prunes tombstones before growing a table.
 pub const SWISS_PRUNE_FN: &str = "internal/runtime/maps.(*table).pruneTombstones";
+/// The only caller of `grow` and `split` (Go 1.24-1.27), called only when a
+/// table must grow: probed instead of them where they have no copy of their
+/// own (profile-guided builds inline them into it).
+pub const SWISS_REHASH_FN: &str = "internal/runtime/maps.(*table).rehash";
 
 /// Map assignment and deletion: hot, attached only as `--map-assign-probes`
 /// says. Any of them may be absent (the linker keeps only what is used).
@@ -66,7 +70,7 @@ pub fn wanted_functions() -> Vec<&'static str> {
     for list in [CLASSIC_GROWTH, SWISS_GROWTH] {
         all.extend(list.iter().map(|(f, _)| *f));
     }
-    all.push(SWISS_PRUNE_FN);
+    all.extend([SWISS_PRUNE_FN, SWISS_REHASH_FN]);
     all.extend_from_slice(ASSIGN_FUNCTIONS);
     all.extend_from_slice(DELETE_FUNCTIONS);
     all.extend_from_slice(EVACUATE_FUNCTIONS);
@@ -101,31 +105,104 @@ pub struct Program {
     pub name: &'static str,
     pub trap: Trap,
     pub group: Group,
+    /// What a hit measures (`gopulse inspect` says it).
+    pub what: &'static str,
 }
 
-const fn prog(name: &'static str, trap: Trap, group: Group) -> Program {
-    Program { name, trap, group }
+const fn prog(name: &'static str, trap: Trap, group: Group, what: &'static str) -> Program {
+    Program {
+        name,
+        trap,
+        group,
+        what,
+    }
 }
 
 /// Every program, by its `PROG_*` index.
 pub const PROGRAM_TABLE: [Program; PROGRAMS] = {
     use Group::*;
     use Trap::*;
-    let mut t = [prog("", Emulated, Core); PROGRAMS];
-    t[PROG_STW_STOP] = prog("stw_stop", Emulated, Core);
-    t[PROG_STW_START_ENTRY] = prog("stw_start_entry", Emulated, Core);
-    t[PROG_STW_START_RET] = prog("stw_start_ret", SingleStep, Core);
-    t[PROG_GC_MARK_TERM] = prog("gc_mark_termination", Emulated, Core);
-    t[PROG_GROW_CLASSIC] = prog("grow_classic", Emulated, Growth);
-    t[PROG_GROW_TO_TABLE] = prog("grow_to_table", Emulated, Growth);
-    t[PROG_GROW_TABLE] = prog("grow_table", Emulated, Growth);
-    t[PROG_SPLIT_TABLE] = prog("split_table", Emulated, Growth);
-    t[PROG_PRUNE_TABLE] = prog("prune_table", Emulated, Growth);
+    let mut t = [prog("", Emulated, Core, ""); PROGRAMS];
+    t[PROG_STW_STOP] = prog(
+        "stw_stop",
+        Emulated,
+        Core,
+        "a stop of the world begins, and why (Go 1.21)",
+    );
+    t[PROG_STW_START_ENTRY] = prog(
+        "stw_start_entry",
+        Emulated,
+        Core,
+        "the world restarts: the stop's time and reason, as Go passes them (1.22+)",
+    );
+    t[PROG_STW_START_RET] = prog(
+        "stw_start_ret",
+        SingleStep,
+        Core,
+        "the world has restarted: the pause ends, by Go's own clock",
+    );
+    t[PROG_GC_MARK_TERM] = prog("gc_mark_termination", Emulated, Core, "a GC cycle ends");
+    t[PROG_GROW_CLASSIC] = prog(
+        "grow_classic",
+        Emulated,
+        Growth,
+        "a classic map doubles or grows at the same size",
+    );
+    t[PROG_GROW_TO_TABLE] = prog(
+        "grow_to_table",
+        Emulated,
+        Growth,
+        "a small swiss map becomes a table",
+    );
+    t[PROG_GROW_TABLE] = prog(
+        "grow_table",
+        Emulated,
+        Growth,
+        "a swiss table grows to twice its capacity",
+    );
+    t[PROG_SPLIT_TABLE] = prog(
+        "split_table",
+        Emulated,
+        Growth,
+        "a full swiss table splits in two",
+    );
+    t[PROG_PRUNE_TABLE] = prog(
+        "prune_table",
+        Emulated,
+        Growth,
+        "a swiss table reclaims deleted slots instead of growing",
+    );
     // On the first jump of the body past the guard: emulated.
-    t[PROG_PRUNE_BODY] = prog("prune_body", Emulated, Growth);
-    t[PROG_MAP_ASSIGN] = prog("map_assign", Emulated, Access);
-    t[PROG_MAP_DELETE] = prog("map_delete", Emulated, Access);
-    t[PROG_MAP_EVACUATE] = prog("map_evacuate", Emulated, Access);
+    t[PROG_PRUNE_BODY] = prog(
+        "prune_body",
+        Emulated,
+        Growth,
+        "a swiss table reclaims deleted slots instead of growing",
+    );
+    t[PROG_REHASH_TABLE] = prog(
+        "rehash_table",
+        Emulated,
+        Growth,
+        "a swiss table grows or splits (both inlined into rehash)",
+    );
+    t[PROG_MAP_ASSIGN] = prog(
+        "map_assign",
+        Emulated,
+        Access,
+        "a map write: which maps exist, their sites and load factors",
+    );
+    t[PROG_MAP_DELETE] = prog(
+        "map_delete",
+        Emulated,
+        Access,
+        "a map delete: which maps exist, their sites and load factors",
+    );
+    t[PROG_MAP_EVACUATE] = prog(
+        "map_evacuate",
+        Emulated,
+        Access,
+        "a classic map moves an old bucket after growing",
+    );
     t
 };
 
@@ -208,9 +285,10 @@ impl Plumbing {
     }
 
     /// The executable's plumbing as the kernel holds it: per page of text
-    /// (link-time address >> 12), a bit per 16-byte block.
-    pub fn pages(&self, symbolizer: &Symbolizer) -> BTreeMap<u32, PageBits> {
-        pages(&symbolizer.ranges(|n| self.class(n)))
+    /// (link-time address >> 12), a bit per 16-byte block. Names from the
+    /// executable's bytes `exe`.
+    pub fn pages(&self, symbolizer: &Symbolizer, exe: &[u8]) -> BTreeMap<u32, PageBits> {
+        pages(&symbolizer.ranges(exe, |n| self.class(n)))
     }
 }
 
@@ -240,6 +318,9 @@ pub struct Plan {
     pub core: Vec<ProbeSite>,
     /// Map growth probes.
     pub growth: Vec<ProbeSite>,
+    /// The growth kinds they cannot count, and how they count the others
+    /// when not each through its own function.
+    pub coverage: Coverage,
     /// Assignment, deletion and evacuation probes (those the binary has).
     pub access: Vec<ProbeSite>,
     /// The map probes' config, but for `exe_id` (set when registered).
@@ -268,6 +349,164 @@ fn plan_access(bin: &GoBinary) -> anyhow::Result<Vec<ProbeSite>> {
         }
     }
     Ok(sites)
+}
+
+/// What the growth probes of an executable cannot count, and how they
+/// count what its runtime does not do through a function of its own (and
+/// any GC or stop-the-world function only partly seen). Growth counts stay
+/// exact: a kind is counted through functions that see every growth of it,
+/// or not at all (and said so).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Coverage {
+    /// Growth kinds (`kind` label values) no probe counts here.
+    pub unwatched: Vec<&'static str>,
+    /// One sentence for each kind not counted through its own function:
+    /// how it is counted, or why it cannot be.
+    pub notes: Vec<String>,
+    /// GC and stop-the-world functions also inlined somewhere (none in any
+    /// build seen so far): what goes through their copies is missed.
+    pub partial: Vec<&'static str>,
+    /// The build's `-pgo` profile, when it was profile-guided (the usual
+    /// reason for the above).
+    pub pgo: Option<String>,
+}
+
+impl Coverage {
+    fn unwatch(&mut self, kinds: &[&'static str], why: String) {
+        self.unwatched.extend_from_slice(kinds);
+        self.notes.push(format!(
+            "{} growths not watched: {why}",
+            kinds.join(" and ")
+        ));
+    }
+
+    /// Every kind counted through its own function, every probed function
+    /// whole.
+    pub fn is_plain(&self) -> bool {
+        self.notes.is_empty()
+    }
+
+    /// Something is not counted: a growth kind, or part of a GC or
+    /// stop-the-world signal.
+    pub fn misses(&self) -> bool {
+        !self.unwatched.is_empty() || !self.partial.is_empty()
+    }
+}
+
+impl std::fmt::Display for Coverage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.notes.join("; "))?;
+        match &self.pgo {
+            Some(profile) if !self.is_plain() => {
+                write!(f, " (a profile-guided build: -pgo={profile})")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `name`, if a probe on its entry sees every call: it is in the
+/// executable and no other function holds an inlined copy of it. Else why
+/// not.
+fn whole<'a>(bin: &'a GoBinary, name: &str) -> Result<&'a Function, String> {
+    let copies: Vec<&str> = bin.inlined_into(name).collect();
+    match bin.functions.get(name) {
+        Some(f) if copies.is_empty() => Ok(f),
+        Some(_) => Err(format!(
+            "{name} is also inlined into {}, where no probe sees it",
+            copies.join(", ")
+        )),
+        None if copies.is_empty() => Err(format!("{name} is not in the executable")),
+        None => Err(format!("{name} is inlined into {}", copies.join(", "))),
+    }
+}
+
+/// The growth probes of this binary, and what they cannot count.
+fn plan_growth(bin: &GoBinary) -> anyhow::Result<(Vec<ProbeSite>, Coverage)> {
+    let mut sites = Vec::new();
+    let mut coverage = Coverage::default();
+    let mut probe = |program, function: &'static str, f: &Function| -> anyhow::Result<()> {
+        sites.push(ProbeSite {
+            program,
+            function,
+            file_offset: entry_offset(f)?,
+        });
+        Ok(())
+    };
+    if bin.map_impl == MapImpl::Classic {
+        let [(function, program)] = CLASSIC_GROWTH else {
+            unreachable!("one classic growth function");
+        };
+        match whole(bin, function) {
+            Ok(f) => probe(*program, function, f)?,
+            Err(why) => coverage.unwatch(&["double", "same_size"], why),
+        }
+        return Ok((sites, coverage));
+    }
+    let [to_table, grow, split] = SWISS_GROWTH else {
+        unreachable!("three swiss growth functions");
+    };
+    match whole(bin, to_table.0) {
+        Ok(f) => probe(to_table.1, to_table.0, f)?,
+        Err(why) => coverage.unwatch(&["to_table"], why),
+    }
+    // grow and split: each through its own function, else both through
+    // rehash (their only caller), else each that can be.
+    match (whole(bin, grow.0), whole(bin, split.0)) {
+        (Ok(g), Ok(s)) => {
+            probe(grow.1, grow.0, g)?;
+            probe(split.1, split.0, s)?;
+        }
+        (g, s) => {
+            let whys: Vec<String> = [&g, &s]
+                .into_iter()
+                .filter_map(|r| r.clone().err())
+                .collect();
+            match whole(bin, SWISS_REHASH_FN) {
+                Ok(r) => {
+                    probe(PROG_REHASH_TABLE, SWISS_REHASH_FN, r)?;
+                    coverage.notes.push(format!(
+                        "grow and split growths counted through {SWISS_REHASH_FN} (their only \
+                         caller), by the table's capacity: {}",
+                        whys.join(", ")
+                    ));
+                }
+                Err(rehash) => {
+                    for ((function, program), found, kind) in
+                        [(grow, g, "grow"), (split, s, "split")]
+                    {
+                        match found {
+                            Ok(f) => probe(*program, function, f)?,
+                            Err(why) => coverage.unwatch(&[kind], format!("{why}, and {rehash}")),
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // The runtime calls pruneTombstones before every grow and split, and it
+    // returns at once unless a tenth of the table is tombstones: probed
+    // past that return, only the prunes that happen trap; where the code has
+    // another shape, at the entry, with the runtime's test in the probe.
+    if bin.version.at_least(25) {
+        match whole(bin, SWISS_PRUNE_FN) {
+            Ok(f) => sites.push(match f.guarded_body {
+                Some(body) => ProbeSite {
+                    program: PROG_PRUNE_BODY,
+                    function: SWISS_PRUNE_FN,
+                    file_offset: body,
+                },
+                None => ProbeSite {
+                    program: PROG_PRUNE_TABLE,
+                    function: SWISS_PRUNE_FN,
+                    file_offset: entry_offset(f)?,
+                },
+            }),
+            Err(why) => coverage.unwatch(&["prune"], why),
+        }
+    }
+    coverage.pgo = bin.build.settings.get("-pgo").cloned();
+    Ok((sites, coverage))
 }
 
 /// A header field the probes read, checked to lie within what they read.
@@ -345,38 +584,29 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         stw.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
         stw.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);
     }
-    let growth_functions: &[(&'static str, usize)] = match bin.map_impl {
-        MapImpl::Classic => CLASSIC_GROWTH,
-        MapImpl::Swiss => SWISS_GROWTH,
-    };
-    let mut growth = Vec::new();
-    for &(function, program) in growth_functions {
-        let f = bin.function(function)?;
-        growth.push(ProbeSite {
-            program,
-            function,
-            file_offset: entry_offset(f)?,
-        });
-    }
-    // The runtime calls pruneTombstones before every grow and split, and it
-    // returns at once unless a tenth of the table is tombstones: probed
-    // past that return, only the prunes that happen trap; where the code has
-    // another shape, at the entry, with the runtime's test in the probe.
-    if bin.map_impl == MapImpl::Swiss
-        && let Some(f) = bin.functions.get(SWISS_PRUNE_FN)
-    {
-        growth.push(match f.guarded_body {
-            Some(body) => ProbeSite {
-                program: PROG_PRUNE_BODY,
-                function: SWISS_PRUNE_FN,
-                file_offset: body,
-            },
-            None => ProbeSite {
-                program: PROG_PRUNE_TABLE,
-                function: SWISS_PRUNE_FN,
-                file_offset: entry_offset(f)?,
-            },
-        });
+    let (growth, mut coverage) = plan_growth(bin)?;
+    // The core functions have always been whole; were one inlined
+    // somewhere too, what passes through that copy is missed: said so.
+    let probed_core = [
+        (MARK_TERM_FN, "GC cycles completed there are not counted"),
+        (START_FN, "pauses ended there are not seen"),
+        (
+            STOP_FN,
+            "pauses begun there are seen as stw_unmatched anomalies",
+        ),
+    ];
+    for (function, missed) in probed_core {
+        if function == STOP_FN && start_args != START_ARGS_NONE {
+            continue; // not probed
+        }
+        let copies: Vec<&str> = bin.inlined_into(function).collect();
+        if !copies.is_empty() {
+            coverage.partial.push(function);
+            coverage.notes.push(format!(
+                "{function} is also inlined into {}, where no probe sees it: {missed}",
+                copies.join(", ")
+            ));
+        }
     }
     const M: usize = MAP_HEADER_BYTES;
     const T: usize = TABLE_HEADER_BYTES;
@@ -402,6 +632,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         MapOffsets::Swiss {
             map_used,
             map_seed,
+            map_dir_ptr,
             map_dir_len,
             map_global_depth,
             table_used,
@@ -412,6 +643,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         } => {
             config.map_used = header_field("Map.used", map_used, 8, M)?;
             config.map_seed = header_field("Map.seed", map_seed, 8, M)?;
+            config.map_dir_ptr = header_field("Map.dirPtr", map_dir_ptr, 8, M)?;
             config.map_dir_len = header_field("Map.dirLen", map_dir_len, 8, M)?;
             config.map_global_depth = header_field("Map.globalDepth", map_global_depth, 1, M)?;
             config.table_used = header_field("table.used", table_used, 2, T)?;
@@ -423,6 +655,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
     Ok(Plan {
         core,
         growth,
+        coverage,
         access: plan_access(bin)?,
         config,
         stw,
@@ -432,11 +665,191 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inspect::{
+        BuildInfo, GlobalError, Globals, GoVersion, RuntimeLayout, StackCheck, offsets,
+    };
+
+    const GROW: &str = "internal/runtime/maps.(*table).grow";
+    const SPLIT: &str = "internal/runtime/maps.(*table).split";
+    const TO_TABLE: &str = "internal/runtime/maps.(*Map).growToTable";
+
+    /// A binary of Go `version` with `functions` (each with a stack check),
+    /// where each `(callee, holder)` of `inlined` has a copy of callee.
+    fn binary(version: &str, extra: &[&str], inlined: &[(&str, &str)], pgo: bool) -> GoBinary {
+        let version = GoVersion::parse(version).unwrap();
+        let map_impl = MapImpl::of(&version);
+        let mut settings = BTreeMap::new();
+        if pgo {
+            settings.insert("-pgo".to_owned(), "default.pgo".to_owned());
+        }
+        let functions = REQUIRED_FUNCTIONS
+            .iter()
+            .chain(extra)
+            .enumerate()
+            .map(|(i, name)| {
+                let address = 0x1000 * (i as u64 + 1);
+                let f = Function {
+                    name: (*name).to_owned(),
+                    address,
+                    size: 0x100,
+                    file_offset: address,
+                    ret_offsets: vec![address + 0x80],
+                    stack_check: Some(StackCheck {
+                        cmp: address + 4,
+                        jump: address + 8,
+                    }),
+                    guarded_body: None,
+                };
+                ((*name).to_owned(), f)
+            })
+            .collect();
+        let mut copies: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+        for (callee, holder) in inlined {
+            copies
+                .entry((*callee).to_owned())
+                .or_default()
+                .insert((*holder).to_owned());
+        }
+        GoBinary {
+            build: BuildInfo {
+                version: version.raw.clone(),
+                settings,
+                ..BuildInfo::default()
+            },
+            offsets: offsets::from_table(&version, map_impl).unwrap(),
+            version,
+            functions,
+            text_start: 0,
+            pie: false,
+            image_base: 0,
+            stripped: false,
+            symbolizer: Symbolizer::default(),
+            map_impl,
+            offsets_from_dwarf: false,
+            pause_clock: None,
+            inlined: Some(copies),
+            runtime: RuntimeLayout {
+                offsets: Err("not read".to_owned()),
+                offsets_from_dwarf: false,
+                globals: Globals::none(GlobalError::NoSections),
+            },
+        }
+    }
+
+    fn programs(p: &Plan) -> Vec<&'static str> {
+        p.growth
+            .iter()
+            .map(|s| PROGRAM_TABLE[s.program].name)
+            .collect()
+    }
+
+    #[test]
+    fn ordinary_builds_count_each_kind_through_its_own_function() {
+        let b = binary(
+            "go1.27.3",
+            &[TO_TABLE, GROW, SPLIT, SWISS_REHASH_FN, SWISS_PRUNE_FN],
+            &[],
+            false,
+        );
+        let p = plan(&b, 0).unwrap();
+        assert_eq!(
+            programs(&p),
+            ["grow_to_table", "grow_table", "split_table", "prune_table"]
+        );
+        assert!(p.coverage.is_plain() && !p.coverage.misses());
+        assert_eq!(p.coverage.to_string(), "");
+        let classic = binary("go1.23.9", &[CLASSIC_GROWTH[0].0], &[], false);
+        assert_eq!(programs(&plan(&classic, 0).unwrap()), ["grow_classic"]);
+    }
+
+    #[test]
+    fn grow_and_split_inlined_into_rehash_are_counted_through_it() {
+        // Both gone (Go's own compile, 1.24-1.27), or one kept: rehash
+        // sees both, and neither is probed besides (no double count).
+        for kept in [&[][..], &[GROW][..], &[SPLIT][..]] {
+            let mut functions = vec![TO_TABLE, SWISS_REHASH_FN, SWISS_PRUNE_FN];
+            functions.extend_from_slice(kept);
+            let inlined: Vec<(&str, &str)> = [GROW, SPLIT]
+                .iter()
+                .map(|f| (*f, SWISS_REHASH_FN))
+                .collect();
+            let b = binary("go1.26.6", &functions, &inlined, true);
+            let p = plan(&b, 0).unwrap();
+            assert_eq!(
+                programs(&p),
+                ["grow_to_table", "rehash_table", "prune_table"],
+                "kept {kept:?}"
+            );
+            assert!(p.coverage.unwatched.is_empty() && !p.coverage.misses());
+            let said = p.coverage.to_string();
+            assert!(
+                said.starts_with("grow and split growths counted through ")
+                    && said.ends_with("(a profile-guided build: -pgo=default.pgo)"),
+                "{said}"
+            );
+        }
+    }
+
+    #[test]
+    fn kinds_nothing_sees_whole_are_unwatched_and_said_so() {
+        // rehash inlined into a mapassign too, grow gone: split keeps its
+        // own probe, grow is not counted at all.
+        let b = binary(
+            "go1.25.5",
+            &[TO_TABLE, SPLIT, SWISS_REHASH_FN],
+            &[
+                (GROW, SWISS_REHASH_FN),
+                (SWISS_REHASH_FN, "runtime.mapassign_fast64"),
+                (SWISS_PRUNE_FN, "runtime.mapassign_fast64"),
+            ],
+            true,
+        );
+        let p = plan(&b, 0).unwrap();
+        assert_eq!(programs(&p), ["grow_to_table", "split_table"]);
+        assert_eq!(p.coverage.unwatched, ["grow", "prune"]);
+        assert!(p.coverage.misses());
+        let said = p.coverage.to_string();
+        assert!(said.contains("grow growths not watched: internal/runtime/maps.(*table).grow is inlined into internal/runtime/maps.(*table).rehash, and internal/runtime/maps.(*table).rehash is also inlined into runtime.mapassign_fast64"), "{said}");
+        assert!(said.contains("prune growths not watched: internal/runtime/maps.(*table).pruneTombstones is inlined into runtime.mapassign_fast64"), "{said}");
+        // Go 1.24 has no prune to miss.
+        let b = binary("go1.24.11", &[TO_TABLE, GROW, SPLIT], &[], false);
+        assert!(plan(&b, 0).unwrap().coverage.is_plain());
+        // Classic hashGrow partly inlined (Go 1.22's own compile): neither
+        // classic kind is probed.
+        let b = binary(
+            "go1.22.10",
+            &[CLASSIC_GROWTH[0].0],
+            &[(CLASSIC_GROWTH[0].0, "runtime.mapassign")],
+            true,
+        );
+        let p = plan(&b, 0).unwrap();
+        assert!(p.growth.is_empty());
+        assert_eq!(p.coverage.unwatched, ["double", "same_size"]);
+        // GC and stop-the-world: still watched, the gap said so.
+        let b = binary(
+            "go1.21.13",
+            &[CLASSIC_GROWTH[0].0],
+            &[(STOP_FN, "runtime.gcStart.func2")],
+            false,
+        );
+        let p = plan(&b, 0).unwrap();
+        assert_eq!(p.coverage.partial, [STOP_FN]);
+        assert!(p.coverage.misses() && p.coverage.unwatched.is_empty());
+        // From Go 1.22 the stop is not probed: its copies miss nothing.
+        let b = binary(
+            "go1.27.3",
+            &[TO_TABLE, GROW, SPLIT, SWISS_PRUNE_FN],
+            &[(STOP_FN, "runtime.gcStart.func2")],
+            false,
+        );
+        assert!(plan(&b, 0).unwrap().coverage.is_plain());
+    }
 
     #[test]
     fn every_program_has_a_name() {
         let mut names: Vec<&str> = PROGRAM_TABLE.iter().map(|p| p.name).collect();
         assert!(names.iter().all(|n| !n.is_empty()));
+        assert!(PROGRAM_TABLE.iter().all(|p| !p.what.is_empty()));
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), PROGRAMS);

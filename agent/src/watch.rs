@@ -10,13 +10,14 @@ use std::{
 use anyhow::Context as _;
 
 use crate::{
-    collector::NewProc,
+    collector::{FunctionNames, NewProc},
     discover::{
         Decision, Discovery, Naming,
         events::{Life, LifeEvents, monotonic_ns},
         exe::{ExeKey, Skip, Stamp},
     },
-    inspect::{self, GoBinary, Symbolizer},
+    exe_map::Mapped,
+    inspect::{self, GoBinary},
     metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
     probes::{AttachError, NewExe, Target},
@@ -30,7 +31,7 @@ use crate::{
 pub struct Inspected {
     /// Without its symbolizer, which is shared below.
     bin: GoBinary,
-    symbolizer: Arc<Symbolizer>,
+    names: Arc<FunctionNames>,
     pages: Arc<BTreeMap<u32, gopulse_common::PageBits>>,
     /// Where its runtime keeps its state, or why that is unknown.
     runtime: Result<Arc<runtime_state::Layout>, String>,
@@ -38,7 +39,8 @@ pub struct Inspected {
 
 /// Executables read lately, kept while the file is unchanged: a Go program
 /// started again (a replica, a command run by cron) is not read and decoded
-/// again. Small: a big binary's symbol table is megabytes.
+/// again. What is kept of each is small (8 bytes a function: the symbolizer
+/// reads names from the file), so the last 16 are.
 #[derive(Default)]
 pub struct Binaries {
     entries: HashMap<ExeKey, (Stamp, Instant, Arc<Inspected>)>,
@@ -55,7 +57,7 @@ impl Binaries {
         plumbing: &Plumbing,
     ) -> anyhow::Result<(ExeKey, Arc<Inspected>, bool)> {
         let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
-        let (mut file, key, stamp) = ExeKey::open(pid).map_err(io)?;
+        let (file, key, stamp) = ExeKey::open(pid).map_err(io)?;
         if let Some((s, used, found)) = self.entries.get_mut(&key)
             && *s == stamp
         {
@@ -63,18 +65,37 @@ impl Binaries {
             return Ok((key, found.clone(), false));
         }
         // From the file the key names: by path it could be the next program
-        // if the process execs meanwhile.
-        let mut data = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut data).map_err(io)?;
-        let mut bin = inspect::inspect_bytes(&data, &plan::wanted_functions())?;
-        drop(data);
-        let symbolizer = Arc::new(std::mem::take(&mut bin.symbolizer));
-        let pages = Arc::new(plumbing.pages(&symbolizer));
+        // if the process execs meanwhile. Mapped, not read (`exe_map`): its
+        // pages are the page cache's, and only those decoded are touched.
+        let started = Instant::now();
+        let mapped = Mapped::new(&file).map_err(io)?;
+        let bin = inspect::inspect_bytes(mapped.bytes(), &plan::wanted_functions());
+        let pages = bin
+            .as_ref()
+            .map(|b| plumbing.pages(&b.symbolizer, mapped.bytes()))
+            .unwrap_or_default();
+        // Truncated or written while read (without a lease to hold the
+        // writer): whatever came of it is wrong, and the process is gone
+        // (a running program's file cannot be written).
+        if mapped.torn() || Stamp::of(&file).ok() != Some(stamp) {
+            return Err(Changed.into());
+        }
+        drop(mapped);
+        let mut bin = bin?;
+        let names = FunctionNames::new(std::mem::take(&mut bin.symbolizer), key, stamp);
         let runtime = runtime_state::Layout::of(&bin).map(Arc::new);
+        tracing::debug!(
+            pid,
+            functions = names.symbolizer().len(),
+            symbolizer_bytes = names.symbolizer().heap_bytes(),
+            plumbing_pages = pages.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "executable read"
+        );
         let found = Arc::new(Inspected {
             bin,
-            symbolizer,
-            pages,
+            names: Arc::new(names),
+            pages: Arc::new(pages),
             runtime,
         });
         if self.entries.len() >= BINARIES_KEPT
@@ -92,8 +113,40 @@ impl Binaries {
     }
 }
 
+/// `--list`'s verdict on a Go process discovery admits: `watch`, with what
+/// its executable's growth probes would not count or count otherwise (see
+/// [`plan::Coverage`]), or why it cannot be watched. Each executable is
+/// read once per listing.
+pub fn list_verdict(known: &mut HashMap<ExeKey, String>, pid: u32, exe: ExeKey) -> String {
+    known
+        .entry(exe)
+        .or_insert_with(|| match planned_coverage(pid) {
+            Ok(c) if c.is_plain() => "watch".to_owned(),
+            Ok(c) => format!("watch; {c}"),
+            Err(e) => format!("cannot watch: {e:#} (gopulse inspect --pid {pid} says more)"),
+        })
+        .clone()
+}
+
+/// What the probes would count of `pid`'s executable (mapped, as watching
+/// maps it: a big executable costs no memory in proportion to it).
+fn planned_coverage(pid: u32) -> anyhow::Result<plan::Coverage> {
+    let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
+    let (file, _, _) = ExeKey::open(pid).map_err(io)?;
+    let mapped = Mapped::new(&file).map_err(io)?;
+    let planned = inspect::inspect_bytes(mapped.bytes(), &plan::wanted_functions())
+        .map_err(anyhow::Error::from)
+        .and_then(|bin| plan::plan(&bin, 0));
+    if mapped.torn() {
+        return Err(Changed.into());
+    }
+    Ok(planned?.coverage)
+}
+
 /// The process ran another program, or exited, while it was being
-/// attached: not a failure, its next exec event (or exit) settles it.
+/// attached (or its executable was truncated while read, which only an
+/// exited program's can be): not a failure, its next exec event (or exit)
+/// settles it.
 #[derive(Debug, thiserror::Error)]
 #[error("it ran exec or exited while it was being attached")]
 pub struct Changed;
@@ -160,19 +213,29 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
         executable = if read { "read" } else { "known" },
         "watching process"
     );
+    // Once per executable read: what its growth probes do not count, or
+    // count through another function than their own.
+    if read && !plan.coverage.is_plain() {
+        if plan.coverage.misses() {
+            tracing::warn!(exe = %labels.exe, go_version = %bin.version, "{}", plan.coverage);
+        } else {
+            tracing::info!(exe = %labels.exe, go_version = %bin.version, "{}", plan.coverage);
+        }
+    }
     app.with_collector(|c| {
         c.add(NewProc {
             pid,
             labels,
             reasons: stw::table_for(&bin.version),
             start_time,
-            symbolizer: found.symbolizer.clone(),
+            names: found.names.clone(),
             map_offsets: bin.offsets.map,
             runtime: found
                 .runtime
                 .as_ref()
                 .ok()
                 .map(|layout| runtime_state::Reader::new(layout.clone(), load_bias)),
+            unwatched: plan.coverage.unwatched.clone(),
         })
     });
     Ok(())

@@ -53,6 +53,15 @@ fn check_build(version: &str, kind: &str, args: &[&str]) {
         "GC is off in the fixture until it is told to go"
     );
     assert!(before.value("gopulse_probes_attached", &[("pid", p)]) >= 3.0);
+    // Every growth kind is watched in these builds (PGO ones included).
+    assert!(
+        !before.has("gopulse_map_growth_unwatched", &[("pid", p)]),
+        "go{version} {kind}: a growth kind is not watched"
+    );
+    assert_eq!(
+        before.value("gopulse_map_growth_probes_attached", &[("pid", p)]),
+        1.0
+    );
 
     target.send("go");
     let truth: Truth = serde_json::from_str(&target.read_line(Duration::from_secs(120)))
@@ -130,6 +139,43 @@ fn check_build(version: &str, kind: &str, args: &[&str]) {
     target.send("exit");
     target.finish();
     agent.stop();
+}
+
+/// Profile-guided builds (`-pgo`, the maps fixture's profile of a
+/// map-growth-heavy loop): the runtime's `(*table).grow` and `split` are
+/// inlined away. GC and stop-the-world pauses are watched as in any build
+/// (a refusal to watch would fail `wait_ready`).
+fn check_pgo(version: &str) {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip(version) else {
+        return;
+    };
+    let pgo = support::pgo_flag(&go, version);
+    let bin = support::build_fixture("gcload", &go, &format!("{version}-pgo"), &[&pgo]);
+    support::assert_grow_split_inlined(&go, &bin, &format!("gcload go{version}"));
+    check_build(version, "pgo", &[&pgo]);
+}
+
+#[test]
+fn gc_pgo_go1_24() {
+    check_pgo("1.24.11");
+}
+
+#[test]
+fn gc_pgo_go1_25() {
+    check_pgo("1.25.5");
+}
+
+#[test]
+fn gc_pgo_go1_26() {
+    check_pgo("1.26.6");
+}
+
+#[test]
+fn gc_pgo_go1_27() {
+    check_pgo("1.27.3");
 }
 
 macro_rules! releases {

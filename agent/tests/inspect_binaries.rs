@@ -3,32 +3,12 @@ mod support;
 
 use std::{collections::BTreeMap, path::Path, process::Command};
 
+use support::nm;
+
 use gopulse_agent::{
     inspect::{self, InspectError, MapImpl},
     plan,
 };
-
-/// `go tool nm -size` of a binary: name → (address, size) of text symbols.
-fn nm(go: &Path, bin: &Path) -> BTreeMap<String, (u64, u64)> {
-    let out = Command::new(go)
-        .args(["tool", "nm", "-size"])
-        .arg(bin)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "go tool nm {}", bin.display());
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let mut c = l.split_whitespace();
-            let addr = u64::from_str_radix(c.next()?, 16).ok()?;
-            let size = c.next()?.parse().ok()?;
-            let kind = c.next()?;
-            let name = c.next()?;
-            (kind == "T" || kind == "t").then(|| (name.to_owned(), (addr, size)))
-        })
-        .collect()
-}
 
 /// Address of a data symbol from `go tool nm`.
 fn truth_data(go: &Path, bin: &Path, name: &str) -> u64 {
@@ -235,22 +215,25 @@ fn build_matrix_of_every_release() {
                     "{what}: design notes §4.3"
                 );
             }
-            // PC -> function name, for call-site attribution.
+            // PC -> function name, for call-site attribution: from the
+            // executable's bytes, and read from its file.
+            let data = std::fs::read(&bin).unwrap();
+            let file = std::fs::File::open(&bin).unwrap();
             let main = truth["runtime.main"].0;
-            assert_eq!(
-                found.symbolizer.function_at(main + 1).as_deref(),
-                Some("runtime.main"),
-                "{what}"
-            );
-            assert_eq!(
-                found
-                    .symbolizer
-                    .function_at(truth["main.main"].0)
-                    .as_deref(),
-                Some("main.main"),
-                "{what}"
-            );
+            for (pc, name) in [
+                (main + 1, "runtime.main"),
+                (truth["main.main"].0, "main.main"),
+            ] {
+                let s = &found.symbolizer;
+                assert_eq!(s.function_at(&data, pc), Some(name), "{what}");
+                let i = s.index_at(pc).unwrap();
+                assert_eq!(s.name_in_file(&file, i).as_deref(), Some(name), "{what}");
+            }
             let planned = plan::plan(&found, 0).unwrap();
+            // An ordinary build keeps every growth function whole: each kind
+            // is counted through its own.
+            assert!(found.inlined.is_some(), "{what}: no inline trees found");
+            assert!(planned.coverage.is_plain(), "{what}: {}", planned.coverage);
             assert_eq!(
                 planned.stw.start_args,
                 u8::from(found.version.at_least(22)),
@@ -259,7 +242,7 @@ fn build_matrix_of_every_release() {
             assert!(planned.core.len() >= 3, "{what}");
             // The site walk's plumbing: a few hundred pages at most,
             // covering the runtime but not main.
-            let pages = plan::Plumbing::default().pages(&found.symbolizer);
+            let pages = plan::Plumbing::default().pages(&found.symbolizer, &data);
             assert!(
                 (1..1000).contains(&pages.len()),
                 "{what}: {} pages",
@@ -390,6 +373,108 @@ fn experiment_builds_read_their_runtime_layout() {
     }
 }
 
+/// Which functions the compiler inlined where, as the agent reads it from
+/// pclntab's inline trees (stripped binaries keep them), against the
+/// compiler's own account in the DWARF (`fixtures/inlined`, built with the
+/// same release): the maps fixture built plainly and with `-pgo` from its
+/// own profile, with and without symbols, on every release; and what the
+/// growth probes then count through what (swiss `-pgo` builds: grow and
+/// split through rehash; classic ones: hashGrow's kinds not at all when
+/// the profile got it copied into a `mapassign`).
+#[test]
+fn inlined_functions_agree_with_the_dwarf() {
+    for version in support::GO_VERSIONS {
+        let Some(go) = support::go_tool(version) else {
+            assert!(!support::prerequisite(
+                false,
+                &format!("Go {version} is not installed")
+            ));
+            return;
+        };
+        let reader = support::build_fixture("inlined", &go, version, &[]);
+        let pgo = support::pgo_flag(&go, version);
+        for (kind, args) in [("default", vec![]), ("pgo", vec![pgo.as_str()])] {
+            let what = format!("go{version} {kind}");
+            let bin = support::build_fixture("maps", &go, &format!("{version}-{kind}"), &args);
+            let wanted = plan::wanted_functions();
+            let out = Command::new(&reader)
+                .arg(&bin)
+                .args(&wanted)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let truth: Vec<(String, String)> = String::from_utf8(out.stdout)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let (f, holder) = l.split_once('\t').unwrap();
+                    (f.to_owned(), holder.to_owned())
+                })
+                .collect();
+            let found = inspect::inspect(&bin, &wanted).unwrap();
+            let ours: Vec<(String, String)> = found
+                .inlined
+                .as_ref()
+                .unwrap_or_else(|| panic!("{what}: no inline trees found"))
+                .iter()
+                .flat_map(|(f, holders)| holders.iter().map(|h| (f.clone(), h.clone())))
+                .collect();
+            assert_eq!(ours, truth, "{what}: inlined functions (pclntab vs DWARF)");
+            // Without symbols and DWARF, the same from pclntab alone.
+            let mut stripped_args = args.clone();
+            stripped_args.push("-ldflags=-s -w");
+            let stripped = support::build_fixture(
+                "maps",
+                &go,
+                &format!("{version}-{kind}-stripped"),
+                &stripped_args,
+            );
+            let found_stripped = inspect::inspect(&stripped, &wanted).unwrap();
+            assert_eq!(found_stripped.inlined, found.inlined, "{what} stripped");
+            let coverage = plan::plan(&found, 0).unwrap().coverage;
+            eprintln!("RESULT {what}: inlined {ours:?}; growth: {coverage}");
+            match (kind, found.map_impl) {
+                // Whether this profile makes the compiler copy hashGrow
+                // into mapassign_fast64 varies from one recording to the
+                // next (its own code is a sliver of the samples): both
+                // kinds are then not probed, whichever it was.
+                ("pgo", MapImpl::Classic) => {
+                    let hash_grow = plan::CLASSIC_GROWTH[0].0;
+                    let copied = found.inlined_into(hash_grow).next().is_some();
+                    let unwatched: &[&str] = if copied {
+                        &["double", "same_size"]
+                    } else {
+                        &[]
+                    };
+                    assert_eq!(coverage.unwatched, unwatched, "{what}: {coverage}");
+                    assert_eq!(coverage.is_plain(), !copied, "{what}: {coverage}");
+                }
+                ("pgo", MapImpl::Swiss) => {
+                    assert!(coverage.unwatched.is_empty(), "{what}: {coverage}");
+                    for f in [support::SWISS_GROW_FN, support::SWISS_SPLIT_FN] {
+                        assert_eq!(
+                            found.inlined_into(f).collect::<Vec<_>>(),
+                            [support::SWISS_REHASH_FN],
+                            "{what}: {f}"
+                        );
+                    }
+                    assert!(
+                        coverage
+                            .to_string()
+                            .contains("counted through internal/runtime/maps.(*table).rehash"),
+                        "{what}: {coverage}"
+                    );
+                }
+                _ => assert!(coverage.is_plain(), "{what}: {coverage}"),
+            }
+        }
+    }
+}
+
 /// Go 1.24 and 1.25 can still be built with classic maps; the binary, not
 /// the version number, decides.
 #[test]
@@ -423,11 +508,11 @@ fn noswissmap_builds_are_classic() {
                 Some(found.offsets),
                 inspect::offsets::from_table(&found.version, MapImpl::Classic)
             );
-            assert!(found.symbolizer.entry_of("runtime.hashGrow").is_some());
+            let data = std::fs::read(&bin).unwrap();
+            let s = &found.symbolizer;
+            assert!(s.entry_of(&data, "runtime.hashGrow").is_some());
             assert!(
-                found
-                    .symbolizer
-                    .entry_of("internal/runtime/maps.(*table).grow")
+                s.entry_of(&data, "internal/runtime/maps.(*table).grow")
                     .is_none()
             );
         }

@@ -181,7 +181,40 @@ fn check_mode(version: &str, kind: &str, args: &[&str], envs: &[(&str, &str)], m
     }
     assert!(growth_hits(&after, &pid) >= expected.values().sum::<f64>());
     assert_eq!(after.value("gopulse_map_untracked_total", &l), 0.0);
+    // Every kind is counted here, each through its own function; in a
+    // profile-guided build grow and split (inlined into rehash) through
+    // rehash, which then sees each of them.
+    assert!(
+        !after.has("gopulse_map_growth_unwatched", &l),
+        "go{version} {kind}: a growth kind is not watched"
+    );
     let classic = truth.implementation == "classic";
+    if !classic {
+        let grow_split: f64 = expected
+            .iter()
+            .filter(|((_, k), _)| k == "grow" || k == "split")
+            .map(|(_, n)| n)
+            .sum();
+        let own = hits("grow_table") + hits("split_table");
+        if kind == "pgo" {
+            for k in ["grow", "split"] {
+                assert!(
+                    expected.keys().any(|(_, kk)| kk == k),
+                    "go{version} pgo: the fixture had no {k} growth"
+                );
+            }
+        }
+        let (counted, other) = if kind == "pgo" {
+            (hits("rehash_table"), own)
+        } else {
+            (own, hits("rehash_table"))
+        };
+        assert!(
+            counted >= grow_split && other == 0.0,
+            "go{version} {kind}: {counted} hits of the grow/split probes for {grow_split} \
+             growths, {other} of the others"
+        );
+    }
     // Classic growth moves old buckets incrementally: with every write
     // probed, the moves seen are at least those of every growth but the
     // last of each map (which the next growth requires to be finished) and
@@ -292,6 +325,66 @@ releases! {
     growth_go1_25 => "1.25.5",
     growth_go1_26 => "1.26.6",
     growth_go1_27 => "1.27.3",
+}
+
+/// Profile-guided builds (`-pgo`, from the fixture's own profile of a
+/// map-growth-heavy loop): the compiler inlines `(*table).grow` and
+/// `(*table).split` into `(*table).rehash` in every swiss release, leaving
+/// neither a copy of its own. The agent counts both through `rehash`, by
+/// the table's capacity: growths per site and kind exact, both kinds (the
+/// fixture's big maps split).
+fn check_pgo(version: &str) {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip(version) else {
+        return;
+    };
+    let pgo = support::pgo_flag(&go, version);
+    let tag = format!("{version}-pgo");
+    let bin = support::build_fixture("maps", &go, &tag, &[&pgo]);
+    support::assert_grow_split_inlined(&go, &bin, &format!("maps go{version}"));
+    // `--list` says so before anything is attached.
+    let target = Target::spawn(&bin, &[]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gopulse"))
+        .args(["--list", "--exe-regex", &format!("^maps-{tag}$")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let list = String::from_utf8(out.stdout).unwrap();
+    let row = list
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&target.pid.to_string()))
+        .unwrap_or_else(|| panic!("pid {} not in --list:\n{list}", target.pid));
+    assert!(
+        row.contains(
+            "watch; grow and split growths counted through \
+                      internal/runtime/maps.(*table).rehash"
+        ),
+        "{row}"
+    );
+    drop(target);
+    for mode in ["sampled", "always"] {
+        check_mode(version, "pgo", &[&pgo], &[], mode);
+    }
+}
+
+macro_rules! pgo_releases {
+    ($($name:ident => $version:literal),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                check_pgo($version);
+            }
+        )*
+    };
+}
+
+pgo_releases! {
+    growth_pgo_go1_24 => "1.24.11",
+    growth_pgo_go1_25 => "1.25.5",
+    growth_pgo_go1_26 => "1.26.6",
+    growth_pgo_go1_27 => "1.27.3",
 }
 
 /// No assignment probes at all: growth counts and shapes stay exact.
@@ -450,4 +543,98 @@ fn governor_cuts_growth_probes_under_a_growth_storm() {
     target.send("exit");
     target.finish();
     agent.stop();
+}
+
+/// The shape of each site's largest map as the growth probe recorded it,
+/// for maps gone before the agent read them (a map in a returned stack
+/// frame, or freed and its memory reused): the fixture fills its maps, then
+/// overwrites their seeds before the agent collects, so the only shape the
+/// agent can show is the one the kernel recorded at the map's last growth.
+/// It must be the map exactly as it was then (the fixture's own reading
+/// after the operation before that growth), and a shape the runtime could
+/// have made.
+fn shapes_recorded_at_growth(version: &str) {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip(version) else {
+        return;
+    };
+    let bin = support::build_fixture_env("maps", &go, &format!("{version}-default"), &[], &[]);
+    let mut target = Target::spawn(&bin, &[]);
+    // Folded only when scraped: nothing is read between the growths and
+    // the seeds' overwriting.
+    let agent = Agent::spawn_with(
+        &[target.pid],
+        &["--map-assign-probes", "off", "--poll-interval-ms", "60000"],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = target.pid.to_string();
+    let _ = agent.scrape();
+    target.send("go");
+    let line = target.read_line(Duration::from_secs(60));
+    let truth: serde_json::Value = serde_json::from_str(&line).expect("fixture truth JSON");
+    target.send("forget");
+    assert_eq!(target.read_line(Duration::from_secs(10)), "forgotten");
+    let m = agent.scrape();
+    let swiss = truth["impl"] == "swiss";
+    let mut checked = 0;
+    for (site, s) in truth["sites"].as_object().expect("sites") {
+        // The churn site deletes: its largest map at a growth is not its
+        // last growth's.
+        if s["deletes"].as_u64() != Some(0) {
+            continue;
+        }
+        let want = &s["at_last_growth"];
+        let l = [("pid", pid.as_str()), ("site", site.as_str())];
+        let got = |name: &str| m.value(name, &l);
+        let mut pairs = vec![
+            ("gopulse_map_entries", &want["entries"]),
+            ("gopulse_map_capacity_slots", &want["capacity"]),
+        ];
+        pairs.push(if swiss {
+            ("gopulse_map_tables", &want["tables"])
+        } else {
+            ("gopulse_map_overflow_buckets", &want["overflow"])
+        });
+        for (name, want) in pairs {
+            assert!(
+                m.has(name, &l),
+                "go{version}: no {name} for {site} (its map gone, nothing recorded?)"
+            );
+            assert_eq!(
+                got(name),
+                want.as_f64().expect("a number"),
+                "go{version}: {name} of {site} against the fixture's map at its last growth"
+            );
+        }
+        let (entries, capacity) = (
+            got("gopulse_map_entries"),
+            got("gopulse_map_capacity_slots"),
+        );
+        assert!(
+            entries <= capacity,
+            "go{version}: {site}: {entries} > {capacity}"
+        );
+        assert_eq!(
+            got("gopulse_map_load_factor"),
+            entries / capacity,
+            "go{version}: {site}"
+        );
+        checked += 1;
+    }
+    println!("RESULT go{version}: {checked} sites' shapes at their last growth exact");
+    assert!(checked >= 6, "go{version}: only {checked} sites checked");
+    target.send("exit");
+    target.finish();
+}
+
+#[test]
+fn shapes_recorded_at_growth_classic() {
+    shapes_recorded_at_growth("1.23.9");
+}
+
+#[test]
+fn shapes_recorded_at_growth_swiss() {
+    shapes_recorded_at_growth("1.27.3");
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use gopulse_agent::inspect::{
     self, GoVersion, InspectError, MapImpl, MapOffsets, Offsets,
-    offsets::{from_dwarf, from_table},
+    offsets::{from_dwarf, from_dwarf_through, from_table},
 };
 
 /// Each installed toolchain with its version, or `None` after a skip.
@@ -208,6 +208,15 @@ fn dwarf_agrees_with_the_table_for_every_release() {
                 "{what}: stale table; run `cargo xtask codegen offsets`"
             );
             assert_known_values(&what, found.minor, &dwarf);
+            // Read through small windows (entries cut at their ends, the
+            // window widened for none): the same.
+            for window in [1 << 10, 4093] {
+                assert_eq!(
+                    from_dwarf_through(&data, imp, window).unwrap(),
+                    Some(dwarf),
+                    "{what}: window {window}"
+                );
+            }
             // The runtime state's offsets (issue 19), and the moduledata
             // fields that bound the sections its globals lie in.
             let runtime = inspect::offsets::runtime_from_dwarf(&data)
@@ -220,9 +229,19 @@ fn dwarf_agrees_with_the_table_for_every_release() {
             );
             runtime.check().unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_runtime_values(&what, found.minor, &runtime);
+            // Its nested fields (`gFree.stack.size`, `heapStats.gen`,
+            // `cpuStats.GCTotalTime`: member types followed to structs read
+            // in later passes) through small windows too.
+            for window in [1 << 10, 4093] {
+                assert_eq!(
+                    inspect::offsets::runtime_from_dwarf_through(&data, window).unwrap(),
+                    Some(runtime),
+                    "{what}: runtime offsets through a window of {window}"
+                );
+            }
             for (field, offset) in inspect::globals::MODULEDATA_FIELDS {
                 assert_eq!(
-                    inspect::offsets::field_offset(&data, "runtime.moduledata", field)
+                    inspect::offsets::field_from_dwarf(&data, "runtime.moduledata", field)
                         .unwrap_or_else(|e| panic!("{what}: {e}")),
                     Some(offset),
                     "{what}: runtime.moduledata.{field}"
@@ -230,7 +249,7 @@ fn dwarf_agrees_with_the_table_for_every_release() {
             }
             // The arrays the agent sums have the lengths it assumes.
             let largefree =
-                inspect::offsets::field_offset(&data, "runtime.heapStatsDelta", "largeFree")
+                inspect::offsets::field_from_dwarf(&data, "runtime.heapStatsDelta", "largeFree")
                     .unwrap()
                     .unwrap();
             assert_eq!(

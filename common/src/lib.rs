@@ -82,7 +82,9 @@ pub struct ProcConfig {
     /// an evacuation that moves a bucket from one that finds it moved.
     pub hmap_oldbuckets: u16,
     pub maptype_bucket_size: u16,
-    pub _pad2: [u8; 2],
+    /// Swiss `Map.dirPtr`: the directory of tables, walked at a growth to
+    /// count them.
+    pub map_dir_ptr: u16,
 }
 
 /// What the map probes keep per process and CPU (`PROCS`, a per-CPU hash):
@@ -121,6 +123,11 @@ pub const MAP_IMPL_SWISS: u8 = 2;
 pub const MAP_HEADER_BYTES: usize = 48;
 /// Bytes of a swiss `maps.table` header read in one go (the struct is 32).
 pub const TABLE_HEADER_BYTES: usize = 32;
+/// Swiss `maxTableCapacity` (Go 1.24 to 1.27): `(*table).rehash` grows a
+/// table to twice its capacity up to this, and splits it beyond.
+pub const SWISS_MAX_TABLE_CAPACITY: u64 = 1024;
+/// Swiss `abi.SwissMapGroupSlots`: the smallest table has one group.
+pub const SWISS_GROUP_SLOTS: u64 = 8;
 
 /// The BPF programs, as indices of per-program hit counters. Each is one
 /// uprobe program in the eBPF object; the agent names them in
@@ -141,7 +148,11 @@ pub const PROG_MAP_EVACUATE: usize = 11;
 /// `pruneTombstones` probed past its own "too few tombstones" return, where
 /// the binary's code allows: only prunes that happen trap.
 pub const PROG_PRUNE_BODY: usize = 12;
-pub const PROGRAMS: usize = 13;
+/// Swiss `(*table).rehash`, probed where `grow` and `split` have no copy of
+/// their own (inlined into it, as profile-guided builds do): the table's
+/// capacity tells which of the two it does.
+pub const PROG_REHASH_TABLE: usize = 13;
+pub const PROGRAMS: usize = 14;
 
 /// Maps the assignment probes remember (kernel LRU, all processes).
 pub const MAX_TRACKED_MAPS: u32 = 65536;
@@ -250,7 +261,19 @@ pub struct GrowthCount {
     pub seed: u64,
     /// Its entries before the insert that grew it.
     pub count: u64,
+    /// Its slots when it grew (before growing): classic 8·2^B; swiss the
+    /// summed capacity of its tables, 8 for a small map; 0 if not known
+    /// (a swiss directory longer than [`GROWTH_DIR_WALK`]).
+    pub capacity: u64,
+    /// Then: its overflow buckets (classic `noverflow`) or distinct tables
+    /// (swiss; 0 for a small map).
+    pub extra: u32,
+    pub _pad: u32,
 }
+
+/// Most directory entries a swiss growth probe reads to count the map's
+/// tables (in groups of 8): a map of up to 64 tables, 65,536 slots.
+pub const GROWTH_DIR_WALK: usize = 64;
 
 /// Growth keys the kernel holds (all processes); past it growths are
 /// counted per process as unattributed.

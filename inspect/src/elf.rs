@@ -1,7 +1,5 @@
 //! The ELF side of inspection: segments, sections, symbols, relocations,
 //! and where Go's tables are.
-use std::collections::HashMap;
-
 use object::{
     Architecture, Object, ObjectKind, ObjectSection, ObjectSegment, ObjectSymbol,
     ObjectSymbolTable, RelocationFlags, SegmentFlags, SymbolKind,
@@ -17,6 +15,11 @@ const MD_FUNCNAMETAB: u64 = 8;
 const MD_FTAB: u64 = 128;
 const MD_FTAB_LEN: u64 = 136;
 const MD_TEXT: u64 = 176;
+/// `moduledata.gofunc`: +320 in Go 1.21 to 1.26; Go 1.27 added
+/// `typedesclen`, `itaboffset` and `itabsize` before it.
+const MD_GOFUNC: u64 = 320;
+const MD_GOFUNC_GO127: u64 = 344;
+
 /// `bss`, `ebss`, `noptrbss`, `enoptrbss` (the same in Go 1.21 to 1.27; the
 /// `offsets_table` test checks them against each release's DWARF).
 pub const MD_BSS: u64 = 224;
@@ -47,15 +50,14 @@ pub struct Elf<'a> {
     data: &'a [u8],
     file: object::File<'a>,
     segments: Vec<Segment>,
-    /// R_X86_64_RELATIVE relocations (position-independent builds): the
-    /// value the loader writes at each address.
-    relative: HashMap<u64, u64>,
 }
 
 /// Where pclntab is and what its header says.
 pub struct PclnLocation<'a> {
     pub table: pclntab::Pclntab<'a>,
     pub vaddr: u64,
+    /// Where it starts in the file.
+    pub offset: u64,
 }
 
 impl<'a> Elf<'a> {
@@ -113,22 +115,31 @@ impl<'a> Elf<'a> {
                 detail: "a section runs past the end of the file (truncated?)".to_owned(),
             });
         }
-        let mut relative = HashMap::new();
-        if let Some(relocs) = file.dynamic_relocations() {
-            for (offset, reloc) in relocs {
-                if let RelocationFlags::Elf { r_type } = reloc.flags()
-                    && r_type == R_X86_64_RELATIVE
-                {
-                    relative.insert(offset, reloc.addend() as u64);
-                }
-            }
-        }
         Ok(Self {
             data,
             file,
             segments,
-            relative,
         })
+    }
+
+    /// The parsed file, for the DWARF reader.
+    pub fn file(&self) -> &object::File<'a> {
+        &self.file
+    }
+
+    /// R_X86_64_RELATIVE relocations (position-independent builds): each
+    /// address and the value the loader writes there. Scanned on each use
+    /// rather than kept: a big PIE has a million of them, and a handful of
+    /// words is all that is looked up.
+    fn relative(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.file
+            .dynamic_relocations()
+            .into_iter()
+            .flatten()
+            .filter(|(_, reloc)| {
+                matches!(reloc.flags(), RelocationFlags::Elf { r_type } if r_type == R_X86_64_RELATIVE)
+            })
+            .map(|(at, reloc)| (at, reloc.addend() as u64))
     }
 
     /// Link-time address of file offset 0 (the first loaded segment's
@@ -153,7 +164,7 @@ impl<'a> Elf<'a> {
 
     /// The pointer-sized word the loaded program sees at `vaddr`.
     fn word(&self, vaddr: u64) -> Option<u64> {
-        if let Some(&v) = self.relative.get(&vaddr) {
+        if let Some((_, v)) = self.relative().find(|&(at, _)| at == vaddr) {
             return Some(v);
         }
         let b = self.bytes_at(vaddr, 8)?;
@@ -176,9 +187,14 @@ impl<'a> Elf<'a> {
                 section: ".gopclntab",
                 detail: e.to_string(),
             })?;
+            let (offset, _) = section.file_range().ok_or_else(|| InspectError::Corrupt {
+                section: ".gopclntab",
+                detail: "has no bytes in the file".to_owned(),
+            })?;
             return Ok(PclnLocation {
                 table: pclntab::Pclntab::parse(data)?,
                 vaddr: section.address(),
+                offset,
             });
         }
         let mut at = 0;
@@ -187,7 +203,11 @@ impl<'a> Elf<'a> {
             if let Ok(table) = pclntab::Pclntab::parse(&self.data[offset..])
                 && let Some(vaddr) = self.vaddr_of(offset as u64)
             {
-                return Ok(PclnLocation { table, vaddr });
+                return Ok(PclnLocation {
+                    table,
+                    vaddr,
+                    offset: offset as u64,
+                });
             }
             at = offset + 1;
         }
@@ -199,7 +219,7 @@ impl<'a> Elf<'a> {
 
     /// Where `runtime.moduledata` is: the data word pointing at pclntab
     /// whose neighbours point at pclntab's tables.
-    fn moduledata(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
+    pub fn moduledata(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
         let h = pcln.table.header();
         let names = pcln.vaddr.checked_add(h.funcname_offset as u64)?;
         let ftab = pcln.vaddr.checked_add(h.pcln_offset as u64)?;
@@ -211,16 +231,20 @@ impl<'a> Elf<'a> {
                 && word(md, MD_FTAB_LEN) == Some(nftab)
         };
         let from_relocs = self
-            .relative
-            .iter()
-            .filter(|&(_, &v)| v == pcln.vaddr)
-            .map(|(&at, _)| at)
+            .relative()
+            .filter(|&(_, v)| v == pcln.vaddr)
+            .map(|(at, _)| at)
             .find(|&md| check(md));
         from_relocs.or_else(|| {
             let needle = pcln.vaddr.to_le_bytes();
-            self.segments
-                .iter()
-                .filter(|s| s.flags & PF_X == 0)
+            // moduledata is a variable: writable segments first, a few MB,
+            // before the read-only data (pclntab itself, 60 MB in a big
+            // binary: pages a scan would fault in for nothing).
+            let writable = |s: &&Segment| s.flags & PF_W != 0;
+            let data = self.segments.iter().filter(|s| s.flags & PF_X == 0);
+            data.clone()
+                .filter(writable)
+                .chain(data.filter(|s| !writable(s)))
                 .find_map(|s| {
                     let start = usize::try_from(s.offset).ok()?;
                     let end = start.checked_add(usize::try_from(s.filesz).ok()?)?;
@@ -234,18 +258,17 @@ impl<'a> Elf<'a> {
         })
     }
 
-    /// `runtime.moduledata.text`. This is what the runtime itself uses;
-    /// pclntab's own textStart is 0 from Go 1.26 on, and the `.text`
-    /// section also holds C code in cgo builds.
-    pub fn moduledata_text(&self, pcln: &PclnLocation<'_>) -> Option<u64> {
-        self.word(self.moduledata(pcln)?.checked_add(MD_TEXT)?)
+    /// `runtime.moduledata.text` of the moduledata at `md`. This is what
+    /// the runtime itself uses; pclntab's own textStart is 0 from Go 1.26
+    /// on, and the `.text` section also holds C code in cgo builds.
+    pub fn moduledata_text(&self, md: u64) -> Option<u64> {
+        self.word(md.checked_add(MD_TEXT)?)
     }
 
-    /// Go's zeroed data sections as `runtime.moduledata` bounds them
+    /// Go's zeroed data sections as the moduledata at `md` bounds them
     /// (`bss`/`ebss`, `noptrbss`/`enoptrbss`), link-time addresses: where
     /// the runtime's globals must lie.
-    pub fn moduledata_bss(&self, pcln: &PclnLocation<'_>) -> Option<DataSections> {
-        let md = self.moduledata(pcln)?;
+    pub fn moduledata_bss(&self, md: u64) -> Option<DataSections> {
         let word = |field: u64| self.word(md.checked_add(field)?);
         let range = |lo: u64, hi: u64| {
             let (lo, hi) = (word(lo)?, word(hi)?);
@@ -255,6 +278,26 @@ impl<'a> Elf<'a> {
             bss: range(MD_BSS, MD_EBSS)?,
             noptrbss: range(MD_NOPTRBSS, MD_ENOPTRBSS)?,
         })
+    }
+
+    /// The executable's `go:func.*` data (inline trees and the other
+    /// funcdata pclntab points at), from `moduledata.gofunc` (Go 1.27's
+    /// layout when `go127`) to the end of its segment; else from the
+    /// symbol table. Cross-checked when both are there.
+    pub fn gofunc(&self, md: Option<u64>, go127: bool) -> Option<&'a [u8]> {
+        let field = if go127 { MD_GOFUNC_GO127 } else { MD_GOFUNC };
+        let from_md = md.and_then(|md| self.word(md.checked_add(field)?));
+        let from_symtab = self.symtab_any_address("go:func.*");
+        let addr = match (from_md, from_symtab) {
+            (Some(m), Some(s)) if m != s => return None,
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => return None,
+        };
+        let seg = self.segment_of(addr)?;
+        if seg.flags & PF_X != 0 {
+            return None;
+        }
+        self.bytes_at(addr, seg.filesz.min(seg.memsz) - (addr - seg.vaddr))
     }
 
     /// pclntab's textStart as the loaded program sees it (relocated in PIE).
@@ -273,6 +316,15 @@ impl<'a> Elf<'a> {
         symtab
             .symbols()
             .find(|s| s.kind() == SymbolKind::Data && s.name() == Ok(name))
+            .map(|s| s.address())
+    }
+
+    /// Any symbol's address from `.symtab`, when there is one.
+    fn symtab_any_address(&self, name: &str) -> Option<u64> {
+        let symtab = self.file.symbol_table()?;
+        symtab
+            .symbols()
+            .find(|s| s.name() == Ok(name))
             .map(|s| s.address())
     }
 

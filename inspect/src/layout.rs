@@ -5,9 +5,10 @@
 //! (`cargo xtask codegen offsets`), like the probes' offsets
 //! ([`crate::offsets`]).
 //!
-//! Adding a field: add it here and to [`from_dwarf`], run the codegen; the
-//! `offsets_table` test then checks the table against every toolchain.
-use crate::{GoVersion, InspectError, offsets::Dwarf};
+//! Adding a field: add it here and to [`from_structs`] (a nested one to
+//! [`PATHS`] too), run the codegen; the `offsets_table` test then checks
+//! the table against every toolchain.
+use crate::{GoVersion, InspectError, dwarf::Structs};
 
 pub const GC_CONTROLLER: &str = "runtime.gcControllerState";
 pub const MSTATS: &str = "runtime.mstats";
@@ -17,7 +18,7 @@ pub const SCHED: &str = "runtime.schedt";
 pub const P: &str = "runtime.p";
 pub const TIME_HISTOGRAM: &str = "runtime.timeHistogram";
 
-/// The struct types [`from_dwarf`] reads.
+/// The struct types [`from_structs`] reads.
 pub const STRUCTS: &[&str] = &[
     GC_CONTROLLER,
     MSTATS,
@@ -26,6 +27,27 @@ pub const STRUCTS: &[&str] = &[
     SCHED,
     P,
     TIME_HISTOGRAM,
+];
+
+/// The nested fields [`from_structs`] reads (fields of fields, each on
+/// the releases that have it), declared to the DWARF read up front: the
+/// read follows the member types on each path, and a path not declared
+/// here is an error, not a field missing.
+pub const PATHS: &[(&str, &str)] = &[
+    (SCHED, "gFree.n"),
+    (SCHED, "gFree.stack.size"),
+    (SCHED, "gFree.noStack.size"),
+    (P, "gFree.n"),
+    (P, "gFree.size"),
+    (MSTATS, "heapStats.gen"),
+    (WORK, "cpuStats.GCTotalTime"),
+    (WORK, "cpuStats.gcTotalTime"),
+    (WORK, "cpuStats.ScavengeTotalTime"),
+    (WORK, "cpuStats.scavengeTotalTime"),
+    (WORK, "cpuStats.IdleTime"),
+    (WORK, "cpuStats.idleTime"),
+    (WORK, "cpuStats.UserTime"),
+    (WORK, "cpuStats.userTime"),
 ];
 
 /// Size classes of small objects (`_NumSizeClasses`, 68 in every supported
@@ -179,9 +201,9 @@ impl RuntimeOffsets {
     }
 }
 
-/// Reads the offsets from DWARF that has [`STRUCTS`]. An error names the
-/// struct or field missing.
-pub(crate) fn from_dwarf(d: &Dwarf<'_>) -> Result<RuntimeOffsets, InspectError> {
+/// Reads the offsets from the DWARF's [`STRUCTS`] and [`PATHS`]. An error
+/// names the struct or field missing.
+pub(crate) fn from_structs(d: &Structs) -> Result<RuntimeOffsets, InspectError> {
     let small = |what: String, v: u64| {
         u16::try_from(v).map_err(|_| InspectError::Corrupt {
             section: ".debug_info",
@@ -205,7 +227,17 @@ pub(crate) fn from_dwarf(d: &Dwarf<'_>) -> Result<RuntimeOffsets, InspectError> 
         }
         Err(InspectError::MissingType(format!("{strukt}.{}", paths[0])))
     };
-    let size = |strukt: &str| small(format!("size of {strukt}"), d.size(strukt)?);
+    let size = |strukt: &str| {
+        let what = format!("size of {strukt}");
+        match d
+            .get(strukt)
+            .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
+            .size
+        {
+            Some(v) => small(what, v),
+            None => Err(InspectError::MissingType(what)),
+        }
+    };
     let g = GC_CONTROLLER;
     let sched_free = match opt(SCHED, "gFree.n")? {
         Some(sched_n) => FreeGs::Counted { sched_n },

@@ -3,8 +3,11 @@
 //! of functions whose return we observe. Nothing else in the agent parses ELF.
 pub mod buildinfo;
 mod disasm;
+mod dwarf;
 mod elf;
 pub mod globals;
+mod image;
+mod inline;
 pub mod layout;
 pub mod offsets;
 pub mod pclntab;
@@ -13,17 +16,18 @@ pub mod symname;
 pub mod version;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
 pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
 pub use globals::{Global, GlobalError, Globals};
+pub use image::Image;
 pub use layout::RuntimeOffsets;
 pub use offsets::{MapImpl, MapOffsets, Offsets};
 pub use pclntab::Symbolizer;
-pub use quick::{Release, go_release};
+pub use quick::{Release, go_release, go_release_in};
 pub use version::GoVersion;
 
 /// Why a binary cannot be probed. Each message says what to do about it.
@@ -41,10 +45,13 @@ pub enum InspectError {
     WrongArch(String),
     #[error("not a Go program (no Go build info in the executable)")]
     NotGo,
-    #[error(
-        "Go release {version} is not supported: gopulse supports {range}; upgrade the agent for newer releases"
-    )]
-    UnsupportedVersion { version: String, range: String },
+    #[error("Go release {version} is not supported: gopulse supports {range}; {advice}")]
+    UnsupportedVersion {
+        version: String,
+        range: String,
+        /// What to do about it (see [`GoVersion::advice`]).
+        advice: &'static str,
+    },
     #[error("required function {0} is missing from the executable")]
     MissingFunction(String),
     #[error("{0} is missing from the executable's DWARF")]
@@ -104,7 +111,8 @@ pub struct GoBinary {
     pub image_base: u64,
     /// No `.symtab` (built with `-ldflags=-s`): functions come from pclntab.
     pub stripped: bool,
-    /// PC → function name for every Go function.
+    /// PC → function name for every Go function (names read from the
+    /// executable's bytes).
     pub symbolizer: Symbolizer,
     /// The map implementation the binary's runtime really contains.
     pub map_impl: MapImpl,
@@ -116,6 +124,13 @@ pub struct GoBinary {
     /// Go 1.21 only, when the binary has symbols and DWARF: where the
     /// runtime keeps its own GC pause timestamps.
     pub pause_clock: Option<PauseClock>,
+    /// The requested functions the compiler inlined somewhere, with the
+    /// functions that hold a copy of each (profile-guided builds inline
+    /// runtime functions ordinary builds never do): a probe on such a
+    /// function's entry misses the calls made through its copies. `None`
+    /// when the inline trees could not be found (no `runtime.moduledata`
+    /// nor `go:func.*` symbol).
+    pub inlined: Option<BTreeMap<String, BTreeSet<String>>>,
     /// Where the runtime's state is, for reading it from a process.
     pub runtime: RuntimeLayout,
 }
@@ -149,17 +164,39 @@ impl GoBinary {
             .get(name)
             .ok_or_else(|| InspectError::MissingFunction(name.to_owned()))
     }
+
+    /// The functions holding an inlined copy of `name` (empty when none
+    /// does, or when the inline trees were not found).
+    pub fn inlined_into(&self, name: &str) -> impl Iterator<Item = &str> {
+        self.inlined
+            .as_ref()
+            .and_then(|m| m.get(name))
+            .into_iter()
+            .flatten()
+            .map(String::as_str)
+    }
 }
 
-/// Reads `path` and resolves `wanted` functions (those missing are simply
+/// Maps `path` and resolves `wanted` functions (those missing are simply
 /// absent from [`GoBinary::functions`]). Refuses non-Go, non-amd64 and
-/// unsupported Go releases.
+/// unsupported Go releases. For tools and tests: the file must not be
+/// truncated or written meanwhile (see [`Image::map`]); the agent maps
+/// executables its own way and calls [`inspect_bytes`].
 pub fn inspect(path: &Path, wanted: &[&str]) -> Result<GoBinary, InspectError> {
-    let data = std::fs::read(path).map_err(|source| InspectError::Io {
+    let io = |source| InspectError::Io {
         path: path.to_owned(),
         source,
-    })?;
-    inspect_bytes(&data, wanted)
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the caller reads a file nobody writes meanwhile (above).
+    let image = unsafe { Image::map(&file) }.map_err(io)?;
+    inspect_bytes(image.bytes(), wanted)
+}
+
+/// What `.go.buildinfo` says of an amd64 ELF executable, whatever its Go
+/// release (to say what a program refused is).
+pub fn build_info(data: &[u8]) -> Result<BuildInfo, InspectError> {
+    elf::Elf::parse(data)?.build_info()
 }
 
 /// The Go release a build says it was made with, if gopulse supports it.
@@ -172,12 +209,15 @@ fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
         return Err(InspectError::UnsupportedVersion {
             version: version.raw.clone(),
             range: version::supported_range(),
+            advice: version.advice(),
         });
     }
     Ok(version)
 }
 
-/// [`inspect`] on bytes already read.
+/// [`inspect`] on the executable's bytes (mapped, or read). Everything it
+/// keeps is its own: the bytes can go once it returns (the symbolizer
+/// reads names from the executable again, see [`Symbolizer`]).
 pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectError> {
     inspect_with(data, wanted, true)
 }
@@ -194,13 +234,14 @@ fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary,
     let build = elf.build_info()?;
     let version = supported_version(&build)?;
     let pcln = elf.pclntab()?;
-    let text_start = text_start(&elf, &pcln)?;
-    let symbolizer = pcln.table.symbolizer(text_start)?;
+    let moduledata = elf.moduledata(&pcln);
+    let text_start = text_start(&elf, &pcln, moduledata)?;
+    let symbolizer = pcln.table.symbolizer(text_start, pcln.offset)?;
     // A wrong text start shifts every function: refuse rather than attach
     // probes mid-instruction. runtime.main is in every Go program and
     // starts with the stack check.
     let main = symbolizer
-        .entry_of("runtime.main")
+        .entry_of(data, "runtime.main")
         .ok_or_else(|| InspectError::Corrupt {
             section: ".gopclntab",
             detail: "no runtime.main".to_owned(),
@@ -220,18 +261,28 @@ fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary,
     let mut runtime_code = Vec::new();
     for f in pcln.table.functions() {
         let (name, entry, end) = f?;
-        // Bounds were checked when the symbolizer was built.
-        let address = text_start + entry;
-        let size = end - entry;
-        if let Some(&known) = globals::ANCHORS
+        let runtime_fn = globals::ANCHORS
             .iter()
             .chain(globals::CALLEES)
-            .find(|&&n| n == name)
+            .find(|&&n| n == name);
+        let wanted_fn = wanted.contains(&name) && !functions.contains_key(name);
+        if runtime_fn.is_none() && !wanted_fn {
+            continue;
+        }
+        // Checked when the symbolizer was built, from the same bytes.
+        let address = text_start
+            .checked_add(entry)
+            .ok_or_else(|| InspectError::Corrupt {
+                section: ".gopclntab",
+                detail: format!("{name} past the end of the address space"),
+            })?;
+        let size = end.saturating_sub(entry);
+        if let Some(&known) = runtime_fn
             && let Ok(code) = elf.code(address, size)
         {
             runtime_code.push((known, address, code));
         }
-        if !wanted.contains(&name) || functions.contains_key(name) {
+        if !wanted_fn {
             continue;
         }
         if let Some(sym) = elf.symtab_address(name)
@@ -275,27 +326,46 @@ fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary,
             },
         );
     }
-    let map_impl = map_impl(&symbolizer, &version);
-    let (offsets, runtime_offsets, offsets_from_dwarf) =
-        match offsets::all_from_dwarf(data, map_impl)? {
-            Some((o, runtime)) => (o, runtime.map_err(|e| e.to_string()), true),
-            None => (
-                offsets::from_table(&version, map_impl).ok_or_else(|| {
-                    InspectError::UnsupportedVersion {
-                        version: format!("{} ({map_impl:?} maps)", version.raw),
-                        range: version::supported_range(),
-                    }
-                })?,
-                layout::from_table(&version).ok_or_else(|| {
-                    format!(
-                        "no DWARF, and no table row for {} (an experiment not known to leave \
-                         the runtime's layout alone)",
-                        version.raw
-                    )
-                }),
-                false,
-            ),
-        };
+    let inlined = match elf.gofunc(moduledata, version.at_least(27)) {
+        Some(gofunc) => Some(inline::inlined_into(&pcln.table, gofunc, wanted)?),
+        None => None,
+    };
+    let map_impl = map_impl(&symbolizer, data, &version);
+    // One pass over the DWARF for everything read from it (more only for
+    // the runtime's nested fields whose types lie behind them).
+    let mut wanted_structs = offsets::wanted(map_impl).to_vec();
+    wanted_structs.extend(layout::STRUCTS);
+    if version.minor == 21 {
+        wanted_structs.extend([WORK_TYPE, MSTATS]);
+    }
+    let structs = dwarf::structs(elf.file(), &wanted_structs, layout::PATHS)?;
+    let (offsets, runtime_offsets, offsets_from_dwarf) = match &structs {
+        // The runtime's offsets may fail on their own: then only what is
+        // read from the process's memory is lost.
+        Some(s) => (
+            offsets::from_structs(s, map_impl)?,
+            layout::from_structs(s).map_err(|e| e.to_string()),
+            true,
+        ),
+        None => (
+            offsets::from_table(&version, map_impl).ok_or_else(|| {
+                InspectError::UnsupportedVersion {
+                    version: format!("{} ({map_impl:?} maps)", version.raw),
+                    range: version::supported_range(),
+                    advice: "a build with its own DWARF (not stripped with -ldflags=-w) can be \
+                             watched",
+                }
+            })?,
+            layout::from_table(&version).ok_or_else(|| {
+                format!(
+                    "no DWARF, and no table row for {} (an experiment not known to leave \
+                     the runtime's layout alone)",
+                    version.raw
+                )
+            }),
+            false,
+        ),
+    };
     let runtime_offsets = runtime_offsets.and_then(|o| {
         o.check()
             .map(|()| o)
@@ -306,14 +376,13 @@ fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary,
             &globals::Text::new(runtime_code),
             |name| symbols.then(|| elf.symtab_data_address(name)).flatten(),
             o,
-            elf.moduledata_bss(&pcln).as_ref(),
+            moduledata.and_then(|md| elf.moduledata_bss(md)).as_ref(),
         ),
         Err(e) => Globals::none(GlobalError::NoOffsets(e.clone())),
     };
-    let pause_clock = if version.minor == 21 {
-        pause_clock(&elf, data)?
-    } else {
-        None
+    let pause_clock = match &structs {
+        Some(s) if version.minor == 21 => pause_clock(&elf, s)?,
+        _ => None,
     };
     Ok(GoBinary {
         pause_clock,
@@ -328,6 +397,7 @@ fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary,
         map_impl,
         offsets,
         offsets_from_dwarf,
+        inlined,
         runtime: RuntimeLayout {
             offsets: runtime_offsets,
             offsets_from_dwarf,
@@ -336,34 +406,47 @@ fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary,
     })
 }
 
-fn pause_clock(elf: &elf::Elf<'_>, data: &[u8]) -> Result<Option<PauseClock>, InspectError> {
+const WORK_TYPE: &str = "runtime.workType";
+const MSTATS: &str = "runtime.mstats";
+
+fn pause_clock(
+    elf: &elf::Elf<'_>,
+    structs: &dwarf::Structs,
+) -> Result<Option<PauseClock>, InspectError> {
     let (Some(work), Some(memstats)) = (
         elf.symtab_data_address("runtime.work"),
         elf.symtab_data_address("runtime.memstats"),
     ) else {
         return Ok(None);
     };
-    let (Some(pause_start), Some(last_gc)) = (
-        offsets::field_offset(data, "runtime.workType", "pauseStart")?,
-        offsets::field_offset(data, "runtime.mstats", "last_gc_nanotime")?,
-    ) else {
-        return Ok(None);
-    };
+    let pause_start = offsets::field_offset(structs, WORK_TYPE, "pauseStart")?;
+    let last_gc = offsets::field_offset(structs, MSTATS, "last_gc_nanotime")?;
     Ok(Some(PauseClock {
         pause_start: work.wrapping_add(pause_start),
         last_gc_nanotime: memstats.wrapping_add(last_gc),
     }))
 }
 
-/// Classic maps have `runtime.hashGrow`, swiss tables
-/// `internal/runtime/maps.(*table).grow`; the linker keeps both in every
-/// program (the runtime itself uses maps). The version rule (1.24+ swiss
-/// unless `X:noswissmap`) only decides when neither is there.
-fn map_impl(symbolizer: &Symbolizer, version: &GoVersion) -> MapImpl {
-    let classic = symbolizer.entry_of("runtime.hashGrow").is_some();
-    let swiss = symbolizer
-        .entry_of("internal/runtime/maps.(*table).grow")
-        .is_some();
+/// Functions only a runtime with classic maps has, and only one with swiss
+/// tables has; the linker keeps some of each kind in every program (the
+/// runtime itself uses maps), though a profile-guided build may inline any
+/// one of them away.
+const CLASSIC_MARKERS: &[&str] = &["runtime.hashGrow", "runtime.growWork", "runtime.evacuate"];
+const SWISS_MARKERS: &[&str] = &[
+    "internal/runtime/maps.(*table).grow",
+    "internal/runtime/maps.(*table).split",
+    "internal/runtime/maps.(*table).rehash",
+    "internal/runtime/maps.(*Map).growToTable",
+    "internal/runtime/maps.newTable",
+];
+
+/// Which map implementation the runtime has, by its functions. The version
+/// rule (1.24+ swiss unless `X:noswissmap`) only decides when the functions
+/// say nothing clear.
+fn map_impl(symbolizer: &Symbolizer, data: &[u8], version: &GoVersion) -> MapImpl {
+    let has = |names: &[&str]| names.iter().any(|n| symbolizer.entry_of(data, n).is_some());
+    let classic = has(CLASSIC_MARKERS);
+    let swiss = has(SWISS_MARKERS);
     match (classic, swiss) {
         (true, false) => MapImpl::Classic,
         (false, true) => MapImpl::Swiss,
@@ -375,12 +458,16 @@ fn map_impl(symbolizer: &Symbolizer, version: &GoVersion) -> MapImpl {
 /// `runtime.moduledata.text` when found, else pclntab's own header (0 from
 /// Go 1.26 on), else the `.text` section. Cross-checked with the
 /// `runtime.text` symbol when there is a symbol table.
-fn text_start(elf: &elf::Elf<'_>, pcln: &elf::PclnLocation<'_>) -> Result<u64, InspectError> {
+fn text_start(
+    elf: &elf::Elf<'_>,
+    pcln: &elf::PclnLocation<'_>,
+    moduledata: Option<u64>,
+) -> Result<u64, InspectError> {
     let corrupt = |detail: String| InspectError::Corrupt {
         section: ".gopclntab",
         detail,
     };
-    let moduledata = elf.moduledata_text(pcln);
+    let moduledata = moduledata.and_then(|md| elf.moduledata_text(md));
     let header = elf.pcln_header_text_start(pcln).filter(|&t| t != 0);
     let start = match (moduledata, header) {
         (Some(m), Some(h)) if m != h => {

@@ -2,16 +2,9 @@
 //! goroutines, Ms), per Go release: from a binary's own DWARF when it has
 //! any, else from a table generated from the DWARF of every supported
 //! toolchain (`cargo xtask codegen offsets`).
-use std::{borrow::Cow, collections::HashMap};
-
-use gimli::{
-    AttributeValue, DebugAbbrev, DebugAbbrevOffset, DebugInfo, DebugInfoOffset, DebugStr,
-    EndianSlice, RunTimeEndian,
-};
-use object::{Object, ObjectSection};
-
 use crate::{
     GoVersion, InspectError,
+    dwarf::{self, Structs},
     layout::{self, RuntimeOffsets},
 };
 
@@ -104,11 +97,6 @@ const SWISS_GROUPS: &str = "internal/runtime/maps.groupsReference";
 const G: &str = "runtime.g";
 const M: &str = "runtime.m";
 
-/// A decompressed section larger than this is taken as corrupt: Go's
-/// `.debug_info` is a few MB, and a forged size must not make us allocate
-/// gigabytes.
-const MAX_SECTION: u64 = 1 << 30;
-
 /// The offsets in the checked-in table for a release (`None` outside the
 /// supported range, for devel builds, and for a map implementation the
 /// release does not have).
@@ -122,22 +110,33 @@ pub fn from_table(version: &GoVersion, imp: MapImpl) -> Option<Offsets> {
         .map(|(_, _, offsets)| *offsets)
 }
 
+/// The structs [`from_structs`] reads for `imp`.
+pub fn wanted(imp: MapImpl) -> &'static [&'static str] {
+    match imp {
+        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
+        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
+    }
+}
+
 /// Reads the offsets from the executable's DWARF. `Ok(None)` when it has
 /// none (`-ldflags=-w`, or stripped); an error when the DWARF is unreadable
 /// or lacks a struct or field (e.g. `imp` is not the binary's map
 /// implementation).
 pub fn from_dwarf(data: &[u8], imp: MapImpl) -> Result<Option<Offsets>, InspectError> {
-    match read_structs(data, probe_structs(imp))? {
-        Some(structs) => Ok(Some(offsets(&structs, imp)?)),
-        None => Ok(None),
-    }
+    from_dwarf_through(data, imp, dwarf::WINDOW)
 }
 
-/// The structs the probes' offsets come from.
-fn probe_structs(imp: MapImpl) -> &'static [&'static str] {
-    match imp {
-        MapImpl::Classic => &[HMAP, MAPTYPE, OLD_MAPTYPE, G, M],
-        MapImpl::Swiss => &[SWISS_MAP, SWISS_TABLE, SWISS_GROUPS, G, M],
+/// [`from_dwarf`] reading `.debug_info` through a window of `window` bytes
+/// (tests: any window reads the same).
+#[doc(hidden)]
+pub fn from_dwarf_through(
+    data: &[u8],
+    imp: MapImpl,
+    window: usize,
+) -> Result<Option<Offsets>, InspectError> {
+    match read(data, wanted(imp), &[], window)? {
+        Some(structs) => Ok(Some(from_structs(&structs, imp)?)),
+        None => Ok(None),
     }
 }
 
@@ -145,32 +144,51 @@ fn probe_structs(imp: MapImpl) -> &'static [&'static str] {
 /// DWARF: `Ok(None)` without DWARF, an error when a struct or field is
 /// missing.
 pub fn runtime_from_dwarf(data: &[u8]) -> Result<Option<RuntimeOffsets>, InspectError> {
-    match Dwarf::load(data, layout::STRUCTS)? {
-        Some(d) => Ok(Some(layout::from_dwarf(&d)?)),
+    runtime_from_dwarf_through(data, dwarf::WINDOW)
+}
+
+/// [`runtime_from_dwarf`] reading `.debug_info` through a window of
+/// `window` bytes (tests: any window reads the same).
+#[doc(hidden)]
+pub fn runtime_from_dwarf_through(
+    data: &[u8],
+    window: usize,
+) -> Result<Option<RuntimeOffsets>, InspectError> {
+    match read(data, layout::STRUCTS, layout::PATHS, window)? {
+        Some(structs) => Ok(Some(layout::from_structs(&structs)?)),
         None => Ok(None),
     }
 }
 
-/// The probes' offsets, and the runtime state's or why they are missing.
-pub(crate) type AllOffsets = (Offsets, Result<RuntimeOffsets, InspectError>);
-
-/// The probes' offsets and the runtime state's from one read of the
-/// executable's DWARF (`Ok(None)` without DWARF). The runtime's may fail on
-/// their own: then only what is read from the process's memory is lost.
-pub(crate) fn all_from_dwarf(
+/// The offset of one field of a struct type from the executable's DWARF
+/// (a test's check of a constant); `Ok(None)` when the binary has no
+/// DWARF, an error when it lacks the struct or field.
+pub fn field_from_dwarf(
     data: &[u8],
-    imp: MapImpl,
-) -> Result<Option<AllOffsets>, InspectError> {
-    let wanted: Vec<&str> = probe_structs(imp)
-        .iter()
-        .chain(layout::STRUCTS)
-        .copied()
-        .collect();
-    let Some(d) = Dwarf::load(data, &wanted)? else {
-        return Ok(None);
-    };
-    let probes = offsets(&d.structs, imp)?;
-    Ok(Some((probes, layout::from_dwarf(&d))))
+    strukt: &str,
+    field: &str,
+) -> Result<Option<u64>, InspectError> {
+    match read(data, &[strukt], &[], dwarf::WINDOW)? {
+        Some(structs) => field_offset(&structs, strukt, field).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The structs `wanted` and nested fields `paths` of the executable's DWARF.
+fn read(
+    data: &[u8],
+    wanted: &[&str],
+    paths: &[(&str, &str)],
+    window: usize,
+) -> Result<Option<Structs>, InspectError> {
+    if !data.starts_with(b"\x7fELF") {
+        return Err(InspectError::NotElf);
+    }
+    let file = object::File::parse(data).map_err(|e| InspectError::Corrupt {
+        section: "ELF header",
+        detail: e.to_string(),
+    })?;
+    dwarf::structs_through(&file, wanted, paths, window)
 }
 
 /// The runtime state's offsets of every release, as generated.
@@ -178,372 +196,24 @@ pub(crate) fn runtime_table() -> &'static [(u32, Option<&'static str>, RuntimeOf
     table::RUNTIME_TABLE
 }
 
-/// The offset of one field of a struct type from the executable's DWARF;
-/// `Ok(None)` when the binary has no DWARF, an error when it lacks the field.
-pub fn field_offset(data: &[u8], strukt: &str, field: &str) -> Result<Option<u64>, InspectError> {
-    let Some(dwarf) = Dwarf::load(data, &[strukt])? else {
-        return Ok(None);
-    };
-    dwarf
-        .path_offset(strukt, field)?
-        .map(Some)
+/// The offset of one field of a struct type read from the DWARF; an error
+/// when the struct or the field is missing.
+pub(crate) fn field_offset(
+    structs: &Structs,
+    strukt: &str,
+    field: &str,
+) -> Result<u64, InspectError> {
+    structs
+        .get(strukt)
+        .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
+        .members
+        .get(field)
+        .and_then(|m| m.offset)
         .ok_or_else(|| InspectError::MissingType(format!("{strukt}.{field}")))
 }
 
-/// The named struct types of the executable's DWARF (`None`: no DWARF).
-fn read_structs(
-    data: &[u8],
-    wanted: &[&str],
-) -> Result<Option<HashMap<String, Struct>>, InspectError> {
-    Ok(Dwarf::load(data, wanted)?.map(|d| d.structs))
-}
-
-/// The DWARF of an executable, decompressed, with the struct types asked
-/// for; nested fields are resolved through the member types on demand.
-pub(crate) struct Dwarf<'a> {
-    info: Cow<'a, [u8]>,
-    abbrev: Cow<'a, [u8]>,
-    strings: Cow<'a, [u8]>,
-    endian: RunTimeEndian,
-    structs: HashMap<String, Struct>,
-}
-
-impl<'a> Dwarf<'a> {
-    /// Reads the struct types named `wanted`; `None` when the executable
-    /// has no DWARF.
-    pub(crate) fn load(data: &'a [u8], wanted: &[&str]) -> Result<Option<Self>, InspectError> {
-        if !data.starts_with(b"\x7fELF") {
-            return Err(InspectError::NotElf);
-        }
-        let file = object::File::parse(data).map_err(|e| InspectError::Corrupt {
-            section: "ELF header",
-            detail: e.to_string(),
-        })?;
-        let Some(info) = section(&file, ".debug_info")? else {
-            return Ok(None);
-        };
-        let abbrev = section(&file, ".debug_abbrev")?.ok_or_else(|| InspectError::Corrupt {
-            section: ".debug_abbrev",
-            detail: "missing while .debug_info is present".to_owned(),
-        })?;
-        let strings = section(&file, ".debug_str")?.unwrap_or_default();
-        let endian = if file.is_little_endian() {
-            RunTimeEndian::Little
-        } else {
-            RunTimeEndian::Big
-        };
-        let mut dwarf = Dwarf {
-            info,
-            abbrev,
-            strings,
-            endian,
-            structs: HashMap::new(),
-        };
-        dwarf.structs = dwarf.sections().structs(wanted).map_err(corrupt_info)?;
-        Ok(Some(dwarf))
-    }
-
-    fn sections(&self) -> Sections<'_> {
-        Sections {
-            info: DebugInfo::new(&self.info, self.endian),
-            abbrev: DebugAbbrev::new(&self.abbrev, self.endian),
-            strings: DebugStr::new(&self.strings, self.endian),
-        }
-    }
-
-    /// The byte size of a struct type that was asked for.
-    pub(crate) fn size(&self, strukt: &str) -> Result<u64, InspectError> {
-        self.structs
-            .get(strukt)
-            .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
-            .size
-            .ok_or_else(|| InspectError::MissingType(format!("size of {strukt}")))
-    }
-
-    /// The offset of `path` (`gFree.stack.size`: fields of fields) in the
-    /// struct type `strukt`, which must have been asked for; `Ok(None)`
-    /// when a field on the path does not exist (another release's layout).
-    pub(crate) fn path_offset(
-        &self,
-        strukt: &str,
-        path: &str,
-    ) -> Result<Option<u64>, InspectError> {
-        let mut owned;
-        let mut current = self
-            .structs
-            .get(strukt)
-            .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?;
-        let mut total = 0u64;
-        let mut parts = path.split('.').peekable();
-        while let Some(part) = parts.next() {
-            let Some(member) = current.members.get(part) else {
-                return Ok(None);
-            };
-            let offset = member.offset.ok_or_else(|| InspectError::Corrupt {
-                section: ".debug_info",
-                detail: format!("{strukt}.{path} has no constant offset"),
-            })?;
-            total = total
-                .checked_add(offset)
-                .ok_or_else(|| InspectError::Corrupt {
-                    section: ".debug_info",
-                    detail: format!("{strukt}.{path} lies past the end of the address space"),
-                })?;
-            if parts.peek().is_none() {
-                break;
-            }
-            let ty = member.ty.ok_or_else(|| InspectError::Corrupt {
-                section: ".debug_info",
-                detail: format!("{strukt}.{path}: {part} has no type"),
-            })?;
-            owned = self
-                .sections()
-                .struct_at(ty)
-                .map_err(corrupt_info)?
-                .ok_or_else(|| InspectError::Corrupt {
-                    section: ".debug_info",
-                    detail: format!("{strukt}.{path}: {part} is not a struct"),
-                })?;
-            current = &owned;
-        }
-        Ok(Some(total))
-    }
-}
-
-fn corrupt_info(e: gimli::Error) -> InspectError {
-    InspectError::Corrupt {
-        section: ".debug_info",
-        detail: e.to_string(),
-    }
-}
-
-/// A section's bytes, decompressed; `None` when absent.
-fn section<'a>(
-    file: &object::File<'a>,
-    name: &'static str,
-) -> Result<Option<Cow<'a, [u8]>>, InspectError> {
-    let Some(section) = file.section_by_name(name) else {
-        return Ok(None);
-    };
-    let corrupt = |detail: String| InspectError::Corrupt {
-        section: name,
-        detail,
-    };
-    // `uncompressed_data()`, with the claimed size checked before any allocation.
-    let compressed = section
-        .compressed_data()
-        .map_err(|e| corrupt(e.to_string()))?;
-    if compressed.uncompressed_size > MAX_SECTION {
-        return Err(corrupt(format!(
-            "claims {} bytes uncompressed",
-            compressed.uncompressed_size
-        )));
-    }
-    compressed
-        .decompress()
-        .map(Some)
-        .map_err(|e| corrupt(e.to_string()))
-}
-
-/// A struct type found in the DWARF.
-#[derive(Default)]
-struct Struct {
-    size: Option<u64>,
-    members: HashMap<String, Member>,
-}
-
-/// A struct member: its byte offset (`None` when not a constant) and where
-/// its type is described.
-#[derive(Clone, Copy, Default)]
-struct Member {
-    offset: Option<u64>,
-    ty: Option<DebugInfoOffset<usize>>,
-}
-
-/// Typedefs followed from a member to its struct type: Go writes one (the
-/// named type) in front of each struct; more is a loop in corrupt DWARF.
-const MAX_TYPEDEFS: usize = 8;
-
-type Slice<'a> = EndianSlice<'a, RunTimeEndian>;
-
-struct Sections<'a> {
-    info: DebugInfo<Slice<'a>>,
-    abbrev: DebugAbbrev<Slice<'a>>,
-    strings: DebugStr<Slice<'a>>,
-}
-
-impl<'a> Sections<'a> {
-    /// One pass over every DIE, keeping the first structure type of each
-    /// wanted name with its members; stops once all are found.
-    fn structs(&self, wanted: &[&str]) -> gimli::Result<HashMap<String, Struct>> {
-        let mut found: HashMap<String, Struct> = HashMap::new();
-        // Go's linker writes one abbreviation table that every unit shares.
-        let mut abbrevs: Option<(DebugAbbrevOffset, gimli::Abbreviations)> = None;
-        let mut units = self.info.units();
-        while let Some(unit) = units.next()? {
-            let offset = unit.debug_abbrev_offset();
-            if abbrevs.as_ref().map(|(at, _)| *at) != Some(offset) {
-                abbrevs = Some((offset, unit.abbreviations(&self.abbrev)?));
-            }
-            let Some((_, table)) = &abbrevs else {
-                continue;
-            };
-            let mut cursor = unit.entries(table);
-            let mut depth = 0isize;
-            // The struct being read and its depth: members are its children.
-            let mut current: Option<(String, isize)> = None;
-            while let Some((delta, entry)) = cursor.next_dfs()? {
-                depth += delta;
-                if let Some((_, at)) = &current
-                    && depth <= *at
-                {
-                    current = None;
-                }
-                if current.is_none() && found.len() == wanted.len() {
-                    break;
-                }
-                match entry.tag() {
-                    gimli::DW_TAG_structure_type if current.is_none() => {
-                        let Some(name) = self.name(entry)? else {
-                            continue;
-                        };
-                        if !wanted.contains(&name.as_str()) || found.contains_key(&name) {
-                            continue;
-                        }
-                        let size = entry
-                            .attr(gimli::DW_AT_byte_size)?
-                            .and_then(|a| a.udata_value());
-                        found.insert(
-                            name.clone(),
-                            Struct {
-                                size,
-                                ..Default::default()
-                            },
-                        );
-                        current = Some((name, depth));
-                    }
-                    gimli::DW_TAG_member => {
-                        let Some((owner, at)) = &current else {
-                            continue;
-                        };
-                        if depth != at + 1 {
-                            continue;
-                        }
-                        let Some(name) = self.name(entry)? else {
-                            continue;
-                        };
-                        let member = self.member(&unit, entry)?;
-                        if let Some(s) = found.get_mut(owner) {
-                            s.members.entry(name).or_insert(member);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            // A unit's end also ends the struct being read.
-            if found.len() == wanted.len() {
-                break;
-            }
-        }
-        Ok(found)
-    }
-
-    /// A member's offset and type.
-    fn member(
-        &self,
-        unit: &gimli::UnitHeader<Slice<'a>>,
-        entry: &gimli::DebuggingInformationEntry<Slice<'a>>,
-    ) -> gimli::Result<Member> {
-        let offset = entry
-            .attr(gimli::DW_AT_data_member_location)?
-            .and_then(|a| a.udata_value());
-        let ty = match entry.attr_value(gimli::DW_AT_type)? {
-            Some(AttributeValue::UnitRef(at)) => at.to_debug_info_offset(unit),
-            Some(AttributeValue::DebugInfoRef(at)) => Some(at),
-            _ => None,
-        };
-        Ok(Member { offset, ty })
-    }
-
-    /// The struct type described at `at` (through typedefs), with its
-    /// members; `None` when it is no struct.
-    fn struct_at(&self, mut at: DebugInfoOffset<usize>) -> gimli::Result<Option<Struct>> {
-        for _ in 0..MAX_TYPEDEFS {
-            let mut units = self.info.units();
-            let unit = loop {
-                let Some(unit) = units.next()? else {
-                    return Ok(None);
-                };
-                if at.to_unit_offset(&unit).is_some() {
-                    break unit;
-                }
-            };
-            let Some(offset) = at.to_unit_offset(&unit) else {
-                return Ok(None);
-            };
-            let abbrevs = unit.abbreviations(&self.abbrev)?;
-            let mut cursor = unit.entries_at_offset(&abbrevs, offset)?;
-            let Some((_, entry)) = cursor.next_dfs()? else {
-                return Ok(None);
-            };
-            match entry.tag() {
-                gimli::DW_TAG_typedef => {
-                    let next = match entry.attr_value(gimli::DW_AT_type)? {
-                        Some(AttributeValue::UnitRef(r)) => r.to_debug_info_offset(&unit),
-                        Some(AttributeValue::DebugInfoRef(r)) => Some(r),
-                        _ => None,
-                    };
-                    match next {
-                        Some(n) => at = n,
-                        None => return Ok(None),
-                    }
-                }
-                gimli::DW_TAG_structure_type => {
-                    let mut s = Struct {
-                        size: entry
-                            .attr(gimli::DW_AT_byte_size)?
-                            .and_then(|a| a.udata_value()),
-                        ..Struct::default()
-                    };
-                    let mut depth = 0isize;
-                    while let Some((delta, entry)) = cursor.next_dfs()? {
-                        depth += delta;
-                        if depth <= 0 {
-                            break;
-                        }
-                        if depth != 1 || entry.tag() != gimli::DW_TAG_member {
-                            continue;
-                        }
-                        let Some(name) = self.name(entry)? else {
-                            continue;
-                        };
-                        let member = self.member(&unit, entry)?;
-                        s.members.entry(name).or_insert(member);
-                    }
-                    return Ok(Some(s));
-                }
-                _ => return Ok(None),
-            }
-        }
-        Ok(None)
-    }
-
-    /// `DW_AT_name` as a string (Go writes it inline; `.debug_str` handled too).
-    fn name(
-        &self,
-        entry: &gimli::DebuggingInformationEntry<Slice<'a>>,
-    ) -> gimli::Result<Option<String>> {
-        let bytes = match entry.attr_value(gimli::DW_AT_name)? {
-            Some(AttributeValue::String(s)) => s,
-            Some(AttributeValue::DebugStrRef(at)) => self.strings.get_str(at)?,
-            _ => return Ok(None),
-        };
-        Ok(Some(String::from_utf8_lossy(bytes.slice()).into_owned()))
-    }
-}
-
 /// Assembles [`Offsets`] from the structs found, naming what is missing.
-fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, InspectError> {
+pub(crate) fn from_structs(structs: &Structs, imp: MapImpl) -> Result<Offsets, InspectError> {
     let get = |name: &str| {
         structs
             .get(name)
@@ -586,7 +256,7 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
             extra: field(HMAP, "extra")?,
             // 1.24/1.25 keep the classic type as OldMapType (MapType is
             // then the swiss one, under another name); before, MapType.
-            maptype_bucket_size: if structs.contains_key(OLD_MAPTYPE) {
+            maptype_bucket_size: if structs.get(OLD_MAPTYPE).is_some() {
                 field(OLD_MAPTYPE, "BucketSize")?
             } else {
                 field(MAPTYPE, "BucketSize")?
@@ -627,7 +297,7 @@ fn offsets(structs: &HashMap<String, Struct>, imp: MapImpl) -> Result<Offsets, I
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const DW_TAG_COMPILE_UNIT: u8 = 0x11;
@@ -641,7 +311,7 @@ mod tests {
 
     /// Abbreviations 1 (unit), 2 (struct), 3 (member), as Go's linker writes them.
     #[rustfmt::skip]
-    fn abbrevs() -> Vec<u8> {
+    pub(crate) fn abbrevs() -> Vec<u8> {
         vec![
             1, DW_TAG_COMPILE_UNIT, 1, DW_AT_NAME, DW_FORM_STRING, 0, 0, //
             2, DW_TAG_STRUCTURE_TYPE, 1, DW_AT_NAME, DW_FORM_STRING, DW_AT_BYTE_SIZE,
@@ -658,10 +328,10 @@ mod tests {
     }
 
     /// A struct for [`debug_info`]: name, size, members (name, offset).
-    type TestStruct<'a> = (&'a str, u8, &'a [(&'a str, u8)]);
+    pub(crate) type TestStruct<'a> = (&'a str, u8, &'a [(&'a str, u8)]);
 
     /// One DWARF 4 unit holding `structs`; sizes and offsets < 128.
-    fn debug_info(structs: &[TestStruct]) -> Vec<u8> {
+    pub(crate) fn debug_info(structs: &[TestStruct]) -> Vec<u8> {
         let mut dies = vec![1];
         cstr(&mut dies, "runtime");
         for (name, size, members) in structs {
@@ -686,7 +356,7 @@ mod tests {
     }
 
     /// A minimal x86-64 ELF with the given sections and no segments.
-    fn elf(sections: &[(&str, &[u8])]) -> Vec<u8> {
+    pub(crate) fn elf(sections: &[(&str, &[u8])]) -> Vec<u8> {
         let mut shstrtab = vec![0u8];
         let mut names = Vec::new();
         for name in [".shstrtab"]
@@ -751,7 +421,7 @@ mod tests {
         ("extra", 40),
     ];
 
-    fn classic_binary() -> Vec<u8> {
+    pub(crate) fn classic_binary() -> Vec<u8> {
         let info = debug_info(&[
             ("runtime.m", 100, &[("g0", 0), ("curg", 92)]),
             ("runtime.hmap", 48, HMAP_MEMBERS),

@@ -1,9 +1,30 @@
 //! `.gopclntab`: Go's own function table, present in stripped binaries too.
 //! Layout of Go 1.20+ (`runtime/symtab.go` `pcHeader`, magic 0xfffffff1).
-use std::borrow::Cow;
-
 use super::InspectError;
 use crate::symname::unescape;
+
+/// `_func` (Go 1.20+, `runtime/runtime2.go`): 44 bytes, then `npcdata`
+/// pcdata offsets and `nfuncdata` funcdata offsets of 4 bytes each.
+const FUNC_HEADER: usize = 44;
+const FUNC_NPCDATA: usize = 28;
+const FUNC_NFUNCDATA: usize = 43;
+/// `internal/abi`: the pc-value table of inline-tree indices, and the tree.
+const PCDATA_INL_TREE_INDEX: usize = 2;
+const FUNCDATA_INL_TREE: usize = 3;
+
+/// Where a function's inline tree and its index are.
+#[derive(Clone, Copy, Debug)]
+pub struct InlineTree<'a> {
+    /// The function the calls were inlined into (its index).
+    pub function: usize,
+    /// Bytes of its code (the index covers them).
+    pub code_len: u32,
+    /// Its `PCDATA_InlTreeIndex` table, up to the end of `pctab` (the
+    /// table ends itself).
+    pub index: &'a [u8],
+    /// Its `FUNCDATA_InlTree`, from `moduledata.gofunc`.
+    pub tree_offset: u32,
+}
 
 /// Magic of Go 1.20+ tables (1.21–1.27 all use it).
 pub const MAGIC_GO120: u32 = 0xffff_fff1;
@@ -25,6 +46,8 @@ pub struct Header {
     /// As written; 0 from Go 1.26 on (it would need a relocation).
     pub text_start: u64,
     pub funcname_offset: usize,
+    /// Where the pc-value tables (`pctab`) start.
+    pub pctab_offset: usize,
     pub pcln_offset: usize,
 }
 
@@ -72,6 +95,7 @@ impl<'a> Pclntab<'a> {
             nfunc: field(8)?,
             text_start: u64_at(data, 24).unwrap_or(0),
             funcname_offset: field(32)?,
+            pctab_offset: field(56)?,
             pcln_offset: field(64)?,
         };
         // The function table: nfunc+1 {entryoff, funcoff} pairs.
@@ -100,11 +124,21 @@ impl<'a> Pclntab<'a> {
         Some((u32_at(self.data, at)?, u32_at(self.data, at + 4)?))
     }
 
-    /// The name of function `i`.
-    fn name(&self, i: usize) -> Option<&'a str> {
+    /// Where function `i`'s `_func` record starts in the table.
+    fn func(&self, i: usize) -> Option<usize> {
         let (_, funcoff) = self.ftab(i)?;
-        let func = self.header.pcln_offset.checked_add(funcoff as usize)?;
-        let name_off = u32_at(self.data, func.checked_add(4)?)? as i32;
+        self.header.pcln_offset.checked_add(funcoff as usize)
+    }
+
+    /// The name of function `i`.
+    pub fn name(&self, i: usize) -> Option<&'a str> {
+        let func = self.func(i)?;
+        self.name_at(u32_at(self.data, func.checked_add(4)?)? as i32)
+    }
+
+    /// The name at `name_off` in the function name table (`_func.nameOff`,
+    /// `inlinedCall.nameOff`).
+    pub fn name_at(&self, name_off: i32) -> Option<&'a str> {
         let start = self
             .header
             .funcname_offset
@@ -112,6 +146,53 @@ impl<'a> Pclntab<'a> {
         let rest = self.data.get(start..)?;
         let len = rest.iter().position(|&b| b == 0)?;
         std::str::from_utf8(&rest[..len]).ok()
+    }
+
+    /// Function `i`'s name, its code's length, and where its inline tree
+    /// is: the pc-value table of inline-tree indices (from the start of
+    /// `pctab`) and the tree itself (from `moduledata.gofunc`). `Ok(None)`
+    /// when the compiler inlined nothing into it.
+    pub fn inline_tree(&self, i: usize) -> Result<Option<InlineTree<'a>>, InspectError> {
+        let truncated = || corrupt(format!("function {i}'s record is truncated"));
+        let func = self.func(i).ok_or_else(truncated)?;
+        let word = |at: usize| {
+            func.checked_add(at)
+                .and_then(|at| u32_at(self.data, at))
+                .ok_or_else(truncated)
+        };
+        let (entry, _) = self.ftab(i).ok_or_else(truncated)?;
+        let (end, _) = self.ftab(i + 1).ok_or_else(truncated)?;
+        let npcdata = word(FUNC_NPCDATA)? as usize;
+        let nfuncdata = usize::from(
+            *self
+                .data
+                .get(func.checked_add(FUNC_NFUNCDATA).ok_or_else(truncated)?)
+                .ok_or_else(truncated)?,
+        );
+        if npcdata <= PCDATA_INL_TREE_INDEX || nfuncdata <= FUNCDATA_INL_TREE {
+            return Ok(None);
+        }
+        let pcdata = word(FUNC_HEADER + 4 * PCDATA_INL_TREE_INDEX)?;
+        let funcdata = word(FUNC_HEADER + 4 * (npcdata + FUNCDATA_INL_TREE))?;
+        if pcdata == 0 || funcdata == u32::MAX {
+            return Ok(None);
+        }
+        let index = self
+            .header
+            .pctab_offset
+            .checked_add(pcdata as usize)
+            .and_then(|at| self.data.get(at..))
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "function {i}'s inline-tree index lies outside pctab"
+                ))
+            })?;
+        Ok(Some(InlineTree {
+            function: i,
+            code_len: end.saturating_sub(entry),
+            index,
+            tree_offset: funcdata,
+        }))
     }
 
     /// Every function as (name, entry offset from text start, end offset).
@@ -135,18 +216,22 @@ impl<'a> Pclntab<'a> {
         })
     }
 
-    /// Names and text-relative bounds, sorted by entry, for PC lookups.
-    pub fn symbolizer(&self, text_start: u64) -> Result<Symbolizer, InspectError> {
+    /// Entries and name offsets, sorted by entry, for PC lookups. `offset`
+    /// is where the table starts in the executable, whose bytes the
+    /// symbolizer reads names from.
+    pub fn symbolizer(&self, text_start: u64, offset: u64) -> Result<Symbolizer, InspectError> {
         let mut entries = Vec::with_capacity(self.header.nfunc);
-        let mut names = String::new();
-        for f in self.functions() {
-            let (name, entry, _) = f?;
-            let at = names.len();
-            names.push_str(name);
-            let entry = text_start
+        for (i, f) in self.functions().enumerate() {
+            let (_, entry, _) = f?;
+            // Readable: `functions` read the name through it.
+            let name = self
+                .name_offset(i)
+                .ok_or_else(|| corrupt(format!("function {i} has no readable name")))?;
+            text_start
                 .checked_add(entry)
                 .ok_or_else(|| corrupt("function past the end of the address space"))?;
-            entries.push((entry, at as u32, name.len() as u32));
+            // From a u32 of the table.
+            entries.push((entry as u32, name));
         }
         let (end, _) = self
             .ftab(self.header.nfunc)
@@ -154,64 +239,134 @@ impl<'a> Pclntab<'a> {
         let text_end = text_start
             .checked_add(u64::from(end))
             .ok_or_else(|| corrupt("text past the end of the address space"))?;
+        let at = |rel: usize| {
+            offset
+                .checked_add(rel as u64)
+                .ok_or_else(|| corrupt("table past the end of the file"))
+        };
         Ok(Symbolizer {
-            entries,
-            names,
+            text_start,
             text_end,
+            entries,
+            names: (at(self.header.funcname_offset)?, at(self.data.len())?),
         })
+    }
+
+    /// Where function `i`'s name starts in funcnametab.
+    fn name_offset(&self, i: usize) -> Option<u32> {
+        let func = self.func(i)?;
+        u32::try_from(u32_at(self.data, func.checked_add(4)?)? as i32).ok()
     }
 }
 
-/// Program counter → Go function name, from pclntab.
+/// The longest name read from a file (Go's longest, generic
+/// instantiations, run to a few KB).
+const MAX_NAME: u64 = 64 << 10;
+
+/// Program counter → Go function name, from pclntab. Kept for as long as
+/// an executable is watched, so compact: per function its entry and where
+/// its name starts in the executable (8 bytes; Traefik 3.7 has 206,000
+/// functions and 15 MB of names), the names read from the executable's
+/// bytes when asked for.
 #[derive(Clone, Debug, Default)]
 pub struct Symbolizer {
-    /// (entry address, name offset, name length), sorted by entry.
-    entries: Vec<(u64, u32, u32)>,
-    names: String,
+    text_start: u64,
     text_end: u64,
+    /// (entry - text start, name offset in funcnametab), sorted by entry.
+    entries: Vec<(u32, u32)>,
+    /// File offsets of funcnametab and of the end of pclntab: names lie
+    /// between.
+    names: (u64, u64),
 }
 
 impl Symbolizer {
-    /// The Go function containing `pc` (a virtual address of the binary),
-    /// as its import path reads (`gopkg.in/yaml.v3.(*decoder).mapping`,
-    /// where Go prints `yaml%2ev3`: [`crate::symname`]).
-    pub fn function_at(&self, pc: u64) -> Option<Cow<'_, str>> {
+    /// The function containing `pc` (a virtual address of the binary), by
+    /// index.
+    pub fn index_at(&self, pc: u64) -> Option<usize> {
         if pc >= self.text_end {
             return None;
         }
-        let i = self.entries.partition_point(|&(entry, _, _)| entry <= pc);
-        let &(_, at, len) = self.entries.get(i.checked_sub(1)?)?;
-        self.names
-            .get(at as usize..(at + len) as usize)
-            .map(unescape)
+        let rel = pc.checked_sub(self.text_start)?;
+        let i = self
+            .entries
+            .partition_point(|&(entry, _)| u64::from(entry) <= rel);
+        i.checked_sub(1)
     }
 
-    /// Entry address of a function by name (first match).
-    pub fn entry_of(&self, name: &str) -> Option<u64> {
-        self.entries
-            .iter()
-            .find(|&&(_, at, len)| self.names.get(at as usize..(at + len) as usize) == Some(name))
-            .map(|&(entry, _, _)| entry)
+    /// Where function `i`'s name starts in the executable.
+    fn name_at(&self, i: usize) -> Option<u64> {
+        let &(_, name) = self.entries.get(i)?;
+        self.names.0.checked_add(u64::from(name))
+    }
+
+    /// Function `i`'s name, as Go prints it (`main.(*Cache).Put`), in the
+    /// executable's bytes `exe` (those it was made from).
+    pub fn name_in<'d>(&self, exe: &'d [u8], i: usize) -> Option<&'d str> {
+        let start = usize::try_from(self.name_at(i)?).ok()?;
+        let end = usize::try_from(self.names.1).ok()?.min(exe.len());
+        let rest = exe.get(start..end)?;
+        let len = rest.iter().position(|&b| b == 0)?;
+        std::str::from_utf8(&rest[..len]).ok()
+    }
+
+    /// Function `i`'s name, read from the executable's file (the one it was
+    /// made from, unchanged).
+    pub fn name_in_file(&self, exe: &std::fs::File, i: usize) -> Option<String> {
+        use std::os::unix::fs::FileExt as _;
+        let mut at = self.name_at(i)?;
+        let end = self.names.1.min(at.saturating_add(MAX_NAME));
+        let mut name = Vec::new();
+        let mut buf = [0u8; 256];
+        while at < end {
+            let want = usize::try_from((end - at).min(buf.len() as u64)).ok()?;
+            let n = exe.read_at(&mut buf[..want], at).ok()?;
+            if n == 0 {
+                return None;
+            }
+            if let Some(len) = buf[..n].iter().position(|&b| b == 0) {
+                name.extend_from_slice(&buf[..len]);
+                return String::from_utf8(name).ok();
+            }
+            name.extend_from_slice(&buf[..n]);
+            at += n as u64;
+        }
+        None
+    }
+
+    /// The Go function containing `pc`, named from the executable's bytes
+    /// `exe`.
+    pub fn function_at<'d>(&self, exe: &'d [u8], pc: u64) -> Option<&'d str> {
+        self.name_in(exe, self.index_at(pc)?)
+    }
+
+    /// Entry address of a function by name (first match), from the
+    /// executable's bytes `exe`.
+    pub fn entry_of(&self, exe: &[u8], name: &str) -> Option<u64> {
+        (0..self.entries.len())
+            .find(|&i| self.name_in(exe, i) == Some(name))
+            .map(|i| self.text_start + u64::from(self.entries[i].0))
     }
 
     /// The address ranges `[start, end)` covered by runs of consecutive
-    /// functions that `class` puts in (`Some(true)`), in ascending order.
-    /// `class` sees names as their import paths read ([`crate::symname`]).
-    /// Functions it calls neutral (`None`) join a range only between two
-    /// that are in; those out (`Some(false)`) end it.
-    pub fn ranges(&self, mut class: impl FnMut(&str) -> Option<bool>) -> Vec<(u64, u64)> {
+    /// functions that `class` puts in (`Some(true)`), in ascending order,
+    /// names from the executable's bytes `exe`, as their import paths read
+    /// ([`crate::symname`]). Functions it calls neutral
+    /// (`None`) join a range only between two that are in; those out
+    /// (`Some(false)`) end it.
+    pub fn ranges(
+        &self,
+        exe: &[u8],
+        mut class: impl FnMut(&str) -> Option<bool>,
+    ) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         // The open range: its start and the end of its last function in.
         let mut open: Option<(u64, u64)> = None;
-        for (i, &(entry, at, len)) in self.entries.iter().enumerate() {
-            let name = self
-                .names
-                .get(at as usize..(at + len) as usize)
-                .unwrap_or("");
-            let end = self
-                .entries
-                .get(i + 1)
-                .map_or(self.text_end, |&(next, _, _)| next);
+        for (i, &(entry, _)) in self.entries.iter().enumerate() {
+            let name = self.name_in(exe, i).unwrap_or("");
+            let entry = self.text_start + u64::from(entry);
+            let end = self.entries.get(i + 1).map_or(self.text_end, |&(next, _)| {
+                self.text_start + u64::from(next)
+            });
             match (class(&unescape(name)), open) {
                 (Some(true), None) => open = Some((entry, end)),
                 (Some(true), Some((start, _))) => open = Some((start, end)),
@@ -232,6 +387,11 @@ impl Symbolizer {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// Bytes it keeps on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<(u32, u32)>()
     }
 }
 
@@ -272,24 +432,47 @@ mod tests {
         assert_eq!(p.header().text_start, 0x401000);
         let funcs: Vec<_> = p.functions().map(Result::unwrap).collect();
         assert_eq!(funcs, vec![("a", 0, 0x20), ("b", 0x20, 0x60)]);
-        let s = p.symbolizer(0x401000).unwrap();
-        assert_eq!(s.function_at(0x401000).as_deref(), Some("a"));
-        assert_eq!(s.function_at(0x40101f).as_deref(), Some("a"));
-        assert_eq!(s.function_at(0x401020).as_deref(), Some("b"));
-        assert_eq!(s.function_at(0x40105f).as_deref(), Some("b"));
-        assert_eq!(s.function_at(0x401060).as_deref(), None);
-        assert_eq!(s.function_at(0x400fff).as_deref(), None);
-        assert_eq!(s.entry_of("b"), Some(0x401020));
-        assert_eq!(s.ranges(|n| Some(n == "a")), vec![(0x401000, 0x401020)]);
-        assert_eq!(s.ranges(|n| Some(n == "b")), vec![(0x401020, 0x401060)]);
-        assert_eq!(s.ranges(|_| Some(true)), vec![(0x401000, 0x401060)]);
-        assert!(s.ranges(|_| Some(false)).is_empty());
+        let s = p.symbolizer(0x401000, 0).unwrap();
+        assert_eq!(s.function_at(&data, 0x401000), Some("a"));
+        assert_eq!(s.function_at(&data, 0x40101f), Some("a"));
+        assert_eq!(s.function_at(&data, 0x401020), Some("b"));
+        assert_eq!(s.function_at(&data, 0x40105f), Some("b"));
+        assert_eq!(s.function_at(&data, 0x401060), None);
+        assert_eq!(s.function_at(&data, 0x400fff), None);
+        assert_eq!(s.entry_of(&data, "b"), Some(0x401020));
+        let ranges = |class: &dyn Fn(&str) -> Option<bool>| s.ranges(&data, class);
+        assert_eq!(ranges(&|n| Some(n == "a")), vec![(0x401000, 0x401020)]);
+        assert_eq!(ranges(&|n| Some(n == "b")), vec![(0x401020, 0x401060)]);
+        assert_eq!(ranges(&|_| Some(true)), vec![(0x401000, 0x401060)]);
+        assert!(ranges(&|_| Some(false)).is_empty());
         // A neutral function neither starts nor ends a range.
         assert_eq!(
-            s.ranges(|n| (n == "a").then_some(true)),
+            ranges(&|n| (n == "a").then_some(true)),
             vec![(0x401000, 0x401020)]
         );
-        assert!(s.ranges(|n| (n == "b").then_some(false)).is_empty());
+        assert!(ranges(&|n| (n == "b").then_some(false)).is_empty());
+        assert_eq!(s.heap_bytes(), 16);
+    }
+
+    /// The table at an offset in a file, names read from the file.
+    #[test]
+    fn names_from_a_file() {
+        let mut file = vec![0xaau8; 100];
+        file.extend(table());
+        let path = std::env::temp_dir().join(format!("pclntab-{}", std::process::id()));
+        std::fs::write(&path, &file).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let p = Pclntab::parse(&file[100..]).unwrap();
+        let s = p.symbolizer(0x401000, 100).unwrap();
+        let from_file = |pc| s.name_in_file(&f, s.index_at(pc)?);
+        assert_eq!(from_file(0x401000).as_deref(), Some("a"));
+        assert_eq!(from_file(0x401021).as_deref(), Some("b"));
+        assert_eq!(from_file(0x401060), None);
+        assert_eq!(s.function_at(&file, 0x401021), Some("b"));
+        // Another file (shorter): no name rather than a wrong one.
+        std::fs::write(&path, &file[..100]).unwrap();
+        assert_eq!(from_file(0x401000), None);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
@@ -302,6 +485,7 @@ mod tests {
             // The header may fit while names do not: iteration must say so.
             let all: Result<Vec<_>, _> = p.functions().collect();
             assert!(all.is_err(), "cut {cut}");
+            assert!(p.symbolizer(0, 0).is_err(), "cut {cut}");
         }
     }
 

@@ -2,7 +2,11 @@
 //! header, the section headers and `.go.buildinfo` alone, a few pages read,
 //! so a node agent can judge every program that execs without reading
 //! whole binaries.
-use std::{fs::File, io::Read as _, path::Path};
+use std::{
+    fs::File,
+    io::{Read as _, Seek as _, SeekFrom},
+    path::Path,
+};
 
 use object::{Architecture, Object as _, ObjectSection as _, read::ReadCache};
 
@@ -19,13 +23,33 @@ pub struct Release {
 
 /// The Go release of the executable at `path`, or why gopulse cannot watch
 /// it: not ELF, not amd64, not Go, an unsupported release. Executables
-/// without section headers are read whole, as [`crate::inspect`] would.
+/// without section headers are mapped whole; for tools and tests, like
+/// [`crate::inspect`] (the agent calls [`go_release_in`]).
 pub fn go_release(path: &Path) -> Result<Release, InspectError> {
     let io = |source| InspectError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut file = File::open(path).map_err(io)?;
+    let file = File::open(path).map_err(io)?;
+    go_release_in(&file, path, || {
+        // SAFETY: the caller reads a file nobody writes meanwhile (above).
+        unsafe { crate::Image::map(&file) }.map_err(io)
+    })
+}
+
+/// [`go_release`] of an open file (`path` names it in errors). `whole`
+/// gives the executable's bytes, asked for only when it has no section
+/// headers.
+pub fn go_release_in<B: AsRef<[u8]>>(
+    mut file: &File,
+    path: &Path,
+    whole: impl FnOnce() -> Result<B, InspectError>,
+) -> Result<Release, InspectError> {
+    let io = |source| InspectError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut magic = [0u8; 4];
     if file.read_exact(&mut magic).is_err() || &magic != b"\x7fELF" {
         return Err(InspectError::NotElf);
@@ -54,8 +78,8 @@ pub fn go_release(path: &Path) -> Result<Release, InspectError> {
         // Section headers gone (index 0 is the null section): the slow way.
         None if elf.sections().count() <= 1 => {
             drop(elf);
-            let data = std::fs::read(path).map_err(io)?;
-            crate::elf::Elf::parse(&data)?.build_info()?
+            let data = whole()?;
+            crate::elf::Elf::parse(data.as_ref())?.build_info()?
         }
         None => return Err(InspectError::NotGo),
     };

@@ -83,6 +83,16 @@ impl GoVersion {
         self.major == 1 && (MIN_MINOR..=MAX_MINOR).contains(&self.minor) && !self.devel
     }
 
+    /// What to do about an unsupported release: a newer agent for a newer
+    /// release (or a development build), a newer Go for an older one.
+    pub fn advice(&self) -> &'static str {
+        if self.major == 1 && self.minor < MIN_MINOR && !self.devel {
+            "build the program with a supported Go release to watch it"
+        } else {
+            "a newer gopulse may support it"
+        }
+    }
+
     /// Go 1.M or later.
     pub fn at_least(&self, minor: u32) -> bool {
         self.major > 1 || (self.major == 1 && self.minor >= minor)

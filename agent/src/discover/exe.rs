@@ -60,8 +60,8 @@ impl ExeKey {
 }
 
 /// A path to `file` itself, through /proc: the same file whatever becomes
-/// of its path, in any mount namespace (what `go_release` reads, and what
-/// probes are attached to).
+/// of its path, in any mount namespace (what probes are attached to, and
+/// what errors about reading it say).
 pub fn fd_path(file: &File) -> std::path::PathBuf {
     use std::os::fd::AsRawFd as _;
     std::path::PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()))
@@ -75,6 +75,13 @@ pub struct Stamp {
     mtime_ns: i128,
     ctime_ns: i128,
     size: u64,
+}
+
+impl Stamp {
+    /// The stamp of an open file now (a write since it was opened shows).
+    pub fn of(file: &File) -> io::Result<Self> {
+        Ok(ExeKey::of_metadata(&file.metadata()?).1)
+    }
 }
 
 /// Why an executable is not watched; the `reason` label of
@@ -162,7 +169,14 @@ impl ExeCache {
             e.used = now;
             return Ok((key, e.verdict.clone()));
         }
-        let verdict = match inspect::go_release(&fd_path(&file)) {
+        // Executables without section headers are mapped whole.
+        let whole = || {
+            crate::exe_map::Mapped::new(&file).map_err(|source| InspectError::Io {
+                path: fd_path(&file),
+                source,
+            })
+        };
+        let verdict = match inspect::go_release_in(&file, &fd_path(&file), whole) {
             Ok(release) => Verdict::Go(release),
             Err(InspectError::Io { source, .. }) => return Err(source),
             Err(e) => Verdict::of(e),

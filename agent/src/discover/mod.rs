@@ -302,7 +302,9 @@ fn container_of(pid: u32, pods: Option<&PodDirectory>) -> String {
 
 /// `gopulse --list`: every Go process here, and whether the agent would
 /// watch it or why not; then how many other processes were passed over.
-pub fn list(select: Selection) -> io::Result<String> {
+/// `watch` gives the verdict on a process discovery admits (its pid and
+/// executable): what the probes would watch of it.
+pub fn list(select: Selection, mut watch: impl FnMut(u32, ExeKey) -> String) -> io::Result<String> {
     use std::fmt::Write as _;
     let pods = select.pods.clone();
     let mut d = Discovery::new(select);
@@ -320,9 +322,17 @@ pub fn list(select: Selection) -> io::Result<String> {
         go += 1;
         let exe = procfs::exe_name(pid).unwrap_or_else(|_| "?".into());
         let (version, verdict) = match &decision {
-            Decision::Watch { release, .. } => (release.version.short(), "watch".to_owned()),
+            Decision::Watch { release, exe } => (release.version.short(), watch(pid, *exe)),
             Decision::Skip { reason, why } => {
-                ("-".to_owned(), format!("skip ({}): {why}", reason.label()))
+                let more = if matches!(reason, Skip::Unsupported | Skip::Refused) {
+                    format!(" (gopulse inspect --pid {pid} says more)")
+                } else {
+                    String::new()
+                };
+                (
+                    "-".to_owned(),
+                    format!("skip ({}): {why}{more}", reason.label()),
+                )
             }
         };
         let _ = writeln!(

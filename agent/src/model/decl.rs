@@ -552,6 +552,20 @@ pub static MAP_GROWTH_ATTACHED: Decl = Decl {
            shapes miss what happens meanwhile",
 };
 
+pub static MAP_GROWTH_UNWATCHED: Decl = Decl {
+    name: "gopulse_map_growth_unwatched",
+    prom_unit: None,
+    otel: "gopulse.map.growth.unwatched",
+    otel_unit: "1",
+    kind: Gauge(Int),
+    scope: Process,
+    labels: &[GROWTH_KIND],
+    help: "1 for each growth kind the probes cannot count in the process's executable: the \
+           runtime function that does it was inlined into its callers (profile-guided \
+           builds) and no function left sees every growth of the kind, so none is counted \
+           (the agent logs why, once per executable); no series when every kind is counted",
+};
+
 pub static MAPS_UNTRACKED: Decl = Decl {
     name: "gopulse_map_untracked",
     prom_unit: None,
@@ -747,7 +761,7 @@ pub static OTLP_POINTS_DROPPED: Decl = Decl {
 };
 
 /// Every metric, in the order `/metrics` lists them.
-pub static ALL: [&Decl; 48] = [
+pub static ALL: [&Decl; 49] = [
     &GO_MEMORY_USED,
     &GO_MEMORY_LIMIT,
     &GO_MEMORY_ALLOCATED,
@@ -780,6 +794,7 @@ pub static ALL: [&Decl; 48] = [
     &PROBE_OVERHEAD,
     &MAP_ASSIGN_ATTACHED,
     &MAP_GROWTH_ATTACHED,
+    &MAP_GROWTH_UNWATCHED,
     &MAPS_UNTRACKED,
     &MAP_EVACUATED_BUCKETS,
     &BPF_ANOMALIES,

@@ -1,5 +1,6 @@
 //! Read leases on probed executables, and detaching before letting go of
-//! one: a file rewritten in place must not meet the old probes.
+//! one: a file rewritten in place must not meet the old probes. Executables
+//! being read hold one too (`exe_map`).
 use std::os::fd::AsRawFd as _;
 
 /// Set by SIGIO: the kernel is breaking a read lease on a probed executable
@@ -12,7 +13,7 @@ extern "C" fn on_sigio(_: libc::c_int) {
 }
 
 /// SIGIO tells of a lease break; its default action would end the agent.
-pub(super) fn handle_sigio() {
+pub(crate) fn handle_sigio() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: a zeroed sigaction is valid; the handler only stores to an
@@ -37,10 +38,8 @@ pub(super) fn handle_sigio() {
 /// breakpoints at the old offsets and crash. With the lease, a writer's
 /// open waits until the probes are gone and the lease released.
 pub(super) fn lease(file: &std::fs::File) -> bool {
-    // SAFETY: fcntl on a descriptor this process owns.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
-    if r != 0 {
-        let err = std::io::Error::last_os_error();
+    let r = try_lease(file);
+    if let Err(err) = &r {
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             // EACCES: another user's file, and no CAP_LEASE.
@@ -57,7 +56,28 @@ pub(super) fn lease(file: &std::fs::File) -> bool {
             );
         }
     }
-    r == 0
+    r.is_ok()
+}
+
+/// Takes a read lease on `file` (opened read-only): until it is released,
+/// a writer's `open` or `truncate` of the file waits (the kernel's
+/// `lease-break-time` at most, 45 s by default). SIGIO, which tells of the
+/// break, is handled first.
+pub(crate) fn try_lease(file: &std::fs::File) -> std::io::Result<()> {
+    handle_sigio();
+    // SAFETY: fcntl on a descriptor this process owns.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Releases the lease [`try_lease`] took: a waiting writer goes on.
+pub(crate) fn release(file: &std::fs::File) {
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
 }
 
 /// Whether someone waits to write the file (its lease is being broken).

@@ -18,7 +18,7 @@ use gopulse_common::{PROGRAMS, PageBits};
 
 pub mod handoff;
 mod jobs;
-mod lease;
+pub(crate) mod lease;
 
 pub use jobs::{AttachError, Done, Job, NewExe, Prepare};
 use lease::{LEASE_BREAK, drop_then_close, handle_sigio, lease_broken};

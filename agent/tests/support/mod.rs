@@ -314,6 +314,13 @@ impl Agent {
 
     /// [`Agent::spawn_with`] with extra environment variables.
     pub fn spawn_env(pids: &[u32], flags: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut agent = Self::start(pids, flags, envs);
+        agent.wait_serving();
+        agent
+    }
+
+    /// [`Agent::spawn_env`] without waiting for it to serve.
+    pub fn start(pids: &[u32], flags: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_gopulse"));
         cmd.args(flags).envs(envs.iter().copied());
         for pid in pids {
@@ -331,14 +338,17 @@ impl Agent {
             .spawn()
             .expect("starting gopulse");
         let log = tee_stderr(&mut child, "gopulse".to_owned());
-        let mut agent = Self {
+        Self {
             child,
             addr: String::new(),
             log,
-        };
-        let line = agent.wait_log("serving http://", Duration::from_secs(30));
-        agent.addr = served_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
-        agent
+        }
+    }
+
+    /// Waits until it serves, and notes where.
+    pub fn wait_serving(&mut self) {
+        let line = self.wait_log("serving http://", Duration::from_secs(30));
+        self.addr = served_addr(&line).unwrap_or_else(|| panic!("no address in {line:?}"));
     }
 
     /// The first log line containing `needle`, waiting up to `timeout`.
@@ -596,15 +606,107 @@ pub fn caddy_binary(version: &str) -> Option<PathBuf> {
     caddy.exists().then_some(caddy)
 }
 
+/// The Traefik release `cargo xtask setup` installs (xtask/src/project.rs,
+/// TRAEFIK_VERSION): a 185 MB stripped Go server.
+pub const TRAEFIK_VERSION: &str = "3.7.15";
+
+/// `<cache>/traefik/<version>/bin/traefik`, if installed.
+pub fn traefik_binary() -> Option<PathBuf> {
+    let traefik = cache_dir()
+        .join("traefik")
+        .join(TRAEFIK_VERSION)
+        .join("bin/traefik");
+    traefik.exists().then_some(traefik)
+}
+
 /// The map growth programs, by name (`gopulse_probe_hits_total{probe}`).
 pub const GROWTH_PROBES: &[&str] = &[
     "grow_classic",
     "grow_to_table",
     "grow_table",
     "split_table",
+    "rehash_table",
     "prune_table",
     "prune_body",
 ];
+
+/// `go tool nm -size` of a binary: name → (address, size) of text symbols.
+pub fn nm(go: &Path, bin: &Path) -> BTreeMap<String, (u64, u64)> {
+    let out = Command::new(go)
+        .args(["tool", "nm", "-size"])
+        .arg(bin)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "go tool nm {}", bin.display());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let mut c = l.split_whitespace();
+            let addr = u64::from_str_radix(c.next()?, 16).ok()?;
+            let size = c.next()?.parse().ok()?;
+            let kind = c.next()?;
+            let name = c.next()?;
+            (kind == "T" || kind == "t").then(|| (name.to_owned(), (addr, size)))
+        })
+        .collect()
+}
+
+// Profile-guided builds (`-pgo`): a profile the maps fixture records of its
+// map-growth-heavy hot loop, and what the compiler made of it.
+
+/// The swiss runtime's table growth and its only caller.
+pub const SWISS_GROW_FN: &str = "internal/runtime/maps.(*table).grow";
+pub const SWISS_SPLIT_FN: &str = "internal/runtime/maps.(*table).split";
+pub const SWISS_REHASH_FN: &str = "internal/runtime/maps.(*table).rehash";
+
+/// A CPU profile of the maps fixture's hot loop (`GOPULSE_MAPS_PROFILE`,
+/// built and run with Go `version`), recorded once per test binary and
+/// release: `-pgo=<it>` builds of any fixture have the runtime's map code
+/// optimised for map growth.
+pub fn maps_profile(go: &Path, version: &str) -> PathBuf {
+    static PROFILES: OnceLock<Mutex<BTreeMap<String, PathBuf>>> = OnceLock::new();
+    let mut profiles = PROFILES.get_or_init(Default::default).lock().unwrap();
+    if let Some(p) = profiles.get(version) {
+        return p.clone();
+    }
+    let bin = build_fixture("maps", go, &format!("{version}-default"), &[]);
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("fixtures")
+        .join(format!("maps-{version}-{}.pprof", std::process::id()));
+    let run = Command::new(&bin)
+        .env("GOPULSE_MAPS_PROFILE", &out)
+        .stderr(Stdio::null()) // the runtime's note on the profile rate
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e}", bin.display()));
+    assert!(run.success(), "recording a profile with {}", bin.display());
+    profiles.insert(version.to_owned(), out.clone());
+    out
+}
+
+/// `-pgo=<the maps profile>` for Go `version`.
+pub fn pgo_flag(go: &Path, version: &str) -> String {
+    format!("-pgo={}", maps_profile(go, version).display())
+}
+
+/// Checks that a swiss `-pgo` build has no `grow` or `split` of its own,
+/// both inlined into `rehash`, the one the agent then probes. (Every swiss
+/// release, 1.24 to 1.27, does so with the maps profile; a profile that did
+/// not would make the test that calls this moot, so it fails.)
+pub fn assert_grow_split_inlined(go: &Path, bin: &Path, what: &str) {
+    let symbols = nm(go, bin);
+    for gone in [SWISS_GROW_FN, SWISS_SPLIT_FN] {
+        assert!(
+            !symbols.contains_key(gone),
+            "{what}: the -pgo build kept {gone} out of line ({})",
+            bin.display()
+        );
+    }
+    assert!(
+        symbols.contains_key(SWISS_REHASH_FN),
+        "{what}: the -pgo build has no {SWISS_REHASH_FN}"
+    );
+}
 
 /// Root, the Go toolchain `go_version` and bpftool: `None` (skipped, or
 /// a failure under `GOPULSE_REQUIRE_BPF=1`) if one is missing.
