@@ -194,6 +194,8 @@ pub fn structs_through(
     // No wider than the section: a small one (a fuzzer's) needs no more.
     let window = window.min(usize::try_from(size).unwrap_or(usize::MAX));
     let mut search = Search::new(wanted, paths);
+    // One window's memory for every pass.
+    let mut buf = Vec::new();
     let mut passes = 0;
     for pass in 0..MAX_PASSES {
         passes += 1;
@@ -211,11 +213,12 @@ pub fn structs_through(
                 ));
             }
         };
-        let mut window = Window::new(stream.take(size), window);
+        let mut through = Window::new(stream.take(size), std::mem::take(&mut buf), window);
         let read = search.at.len();
         reader
-            .pass(&mut window, &mut search, pass == 0)
+            .pass(&mut through, &mut search, pass == 0)
             .map_err(|e| corrupt(".debug_info", e))?;
+        buf = through.into_buffer();
         // After the first pass every offset wanted is looked for from the
         // start: none read means no entry starts at any of them.
         if pass > 0 && search.at.len() == read {
@@ -459,10 +462,14 @@ struct Window<R> {
 }
 
 impl<R: Read> Window<R> {
-    fn new(src: R, size: usize) -> Self {
+    /// A window of `size` bytes over `src`, in `buf`'s memory (a previous
+    /// window's, or empty).
+    fn new(src: R, mut buf: Vec<u8>, size: usize) -> Self {
+        buf.clear();
+        buf.resize(size.max(MAX_HEADER), 0);
         Self {
             src,
-            buf: vec![0; size.max(MAX_HEADER)],
+            buf,
             start: 0,
             end: 0,
             eof: false,
@@ -492,6 +499,10 @@ impl<R: Read> Window<R> {
             }
         }
         Ok(&self.buf[self.start..self.end])
+    }
+
+    fn into_buffer(self) -> Vec<u8> {
+        self.buf
     }
 
     fn consume(&mut self, n: usize) {
