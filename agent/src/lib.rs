@@ -8,6 +8,7 @@
 pub mod bpf;
 pub mod caps;
 pub mod collector;
+pub mod commands;
 pub mod cost;
 pub mod discover;
 pub mod exe_map;
@@ -20,6 +21,7 @@ pub mod model;
 pub mod plan;
 pub mod probes;
 pub mod procfs;
+pub mod runtime_state;
 pub mod server;
 pub mod storm;
 pub mod stw;

@@ -35,7 +35,39 @@ use gopulse_agent::{
 /// CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_LEASE, and CAP_SYS_ADMIN on a
 /// kernel without uprobe_multi links (deploy/README.md).
 #[derive(Debug, Parser)]
-#[command(name = "gopulse", version, about, long_about = None)]
+#[command(name = "gopulse", version, about, long_about = None,
+          args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Say what gopulse makes of a Go executable (or a running process's):
+    /// its Go release and build, where the struct offsets come from, every
+    /// probe site and what it measures, or why it would not be watched.
+    /// Needs no BPF. Exits 0 if it would be watched, 1 if not.
+    Inspect(InspectArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InspectArgs {
+    /// The executable to read.
+    #[arg(value_name = "BINARY", required_unless_present = "pid")]
+    binary: Option<std::path::PathBuf>,
+    /// Read this process's executable instead.
+    #[arg(long, value_name = "PID", conflicts_with = "binary",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pid: Option<u32>,
+    /// Print JSON, with every field in full.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Process id of a Go program to watch (Go 1.21 to 1.27, linux/amd64).
     /// Repeat for several. A pid that cannot be watched is logged and
@@ -254,7 +286,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Inspect(a)) = cli.command {
+        return inspect(&a);
+    }
+    let args = cli.args;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -280,6 +316,33 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `gopulse inspect`.
+fn inspect(a: &InspectArgs) -> ExitCode {
+    let report = match gopulse_agent::commands::inspect::report(a.binary.as_deref(), a.pid) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gopulse inspect: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("gopulse inspect: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.text());
+    }
+    if report.watchable {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -105,32 +105,104 @@ pub struct Program {
     pub name: &'static str,
     pub trap: Trap,
     pub group: Group,
+    /// What a hit measures (`gopulse inspect` says it).
+    pub what: &'static str,
 }
 
-const fn prog(name: &'static str, trap: Trap, group: Group) -> Program {
-    Program { name, trap, group }
+const fn prog(name: &'static str, trap: Trap, group: Group, what: &'static str) -> Program {
+    Program {
+        name,
+        trap,
+        group,
+        what,
+    }
 }
 
 /// Every program, by its `PROG_*` index.
 pub const PROGRAM_TABLE: [Program; PROGRAMS] = {
     use Group::*;
     use Trap::*;
-    let mut t = [prog("", Emulated, Core); PROGRAMS];
-    t[PROG_STW_STOP] = prog("stw_stop", Emulated, Core);
-    t[PROG_STW_START_ENTRY] = prog("stw_start_entry", Emulated, Core);
-    t[PROG_STW_START_RET] = prog("stw_start_ret", SingleStep, Core);
-    t[PROG_GC_MARK_TERM] = prog("gc_mark_termination", Emulated, Core);
-    t[PROG_GROW_CLASSIC] = prog("grow_classic", Emulated, Growth);
-    t[PROG_GROW_TO_TABLE] = prog("grow_to_table", Emulated, Growth);
-    t[PROG_GROW_TABLE] = prog("grow_table", Emulated, Growth);
-    t[PROG_SPLIT_TABLE] = prog("split_table", Emulated, Growth);
-    t[PROG_PRUNE_TABLE] = prog("prune_table", Emulated, Growth);
+    let mut t = [prog("", Emulated, Core, ""); PROGRAMS];
+    t[PROG_STW_STOP] = prog(
+        "stw_stop",
+        Emulated,
+        Core,
+        "a stop of the world begins, and why (Go 1.21)",
+    );
+    t[PROG_STW_START_ENTRY] = prog(
+        "stw_start_entry",
+        Emulated,
+        Core,
+        "the world restarts: the stop's time and reason, as Go passes them (1.22+)",
+    );
+    t[PROG_STW_START_RET] = prog(
+        "stw_start_ret",
+        SingleStep,
+        Core,
+        "the world has restarted: the pause ends, by Go's own clock",
+    );
+    t[PROG_GC_MARK_TERM] = prog("gc_mark_termination", Emulated, Core, "a GC cycle ends");
+    t[PROG_GROW_CLASSIC] = prog(
+        "grow_classic",
+        Emulated,
+        Growth,
+        "a classic map doubles or grows at the same size",
+    );
+    t[PROG_GROW_TO_TABLE] = prog(
+        "grow_to_table",
+        Emulated,
+        Growth,
+        "a small swiss map becomes a table",
+    );
+    t[PROG_GROW_TABLE] = prog(
+        "grow_table",
+        Emulated,
+        Growth,
+        "a swiss table grows to twice its capacity",
+    );
+    t[PROG_SPLIT_TABLE] = prog(
+        "split_table",
+        Emulated,
+        Growth,
+        "a full swiss table splits in two",
+    );
+    t[PROG_PRUNE_TABLE] = prog(
+        "prune_table",
+        Emulated,
+        Growth,
+        "a swiss table reclaims deleted slots instead of growing",
+    );
     // On the first jump of the body past the guard: emulated.
-    t[PROG_PRUNE_BODY] = prog("prune_body", Emulated, Growth);
-    t[PROG_REHASH_TABLE] = prog("rehash_table", Emulated, Growth);
-    t[PROG_MAP_ASSIGN] = prog("map_assign", Emulated, Access);
-    t[PROG_MAP_DELETE] = prog("map_delete", Emulated, Access);
-    t[PROG_MAP_EVACUATE] = prog("map_evacuate", Emulated, Access);
+    t[PROG_PRUNE_BODY] = prog(
+        "prune_body",
+        Emulated,
+        Growth,
+        "a swiss table reclaims deleted slots instead of growing",
+    );
+    t[PROG_REHASH_TABLE] = prog(
+        "rehash_table",
+        Emulated,
+        Growth,
+        "a swiss table grows or splits (both inlined into rehash)",
+    );
+    t[PROG_MAP_ASSIGN] = prog(
+        "map_assign",
+        Emulated,
+        Access,
+        "a map write: which maps exist, their sites and load factors",
+    );
+    t[PROG_MAP_DELETE] = prog(
+        "map_delete",
+        Emulated,
+        Access,
+        "a map delete: which maps exist, their sites and load factors",
+    );
+    t[PROG_MAP_EVACUATE] = prog(
+        "map_evacuate",
+        Emulated,
+        Access,
+        "a classic map moves an old bucket after growing",
+    );
     t
 };
 
@@ -560,6 +632,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         MapOffsets::Swiss {
             map_used,
             map_seed,
+            map_dir_ptr,
             map_dir_len,
             map_global_depth,
             table_used,
@@ -570,6 +643,7 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         } => {
             config.map_used = header_field("Map.used", map_used, 8, M)?;
             config.map_seed = header_field("Map.seed", map_seed, 8, M)?;
+            config.map_dir_ptr = header_field("Map.dirPtr", map_dir_ptr, 8, M)?;
             config.map_dir_len = header_field("Map.dirLen", map_dir_len, 8, M)?;
             config.map_global_depth = header_field("Map.globalDepth", map_global_depth, 1, M)?;
             config.table_used = header_field("table.used", table_used, 2, T)?;
@@ -591,7 +665,9 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::{BuildInfo, GoVersion, StackCheck, offsets};
+    use crate::inspect::{
+        BuildInfo, GlobalError, Globals, GoVersion, RuntimeLayout, StackCheck, offsets,
+    };
 
     const GROW: &str = "internal/runtime/maps.(*table).grow";
     const SPLIT: &str = "internal/runtime/maps.(*table).split";
@@ -652,6 +728,11 @@ mod tests {
             offsets_from_dwarf: false,
             pause_clock: None,
             inlined: Some(copies),
+            runtime: RuntimeLayout {
+                offsets: Err("not read".to_owned()),
+                offsets_from_dwarf: false,
+                globals: Globals::none(GlobalError::NoSections),
+            },
         }
     }
 
@@ -768,6 +849,7 @@ mod tests {
     fn every_program_has_a_name() {
         let mut names: Vec<&str> = PROGRAM_TABLE.iter().map(|p| p.name).collect();
         assert!(names.iter().all(|n| !n.is_empty()));
+        assert!(PROGRAM_TABLE.iter().all(|p| !p.what.is_empty()));
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), PROGRAMS);

@@ -21,7 +21,7 @@ use crate::{
     metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
     probes::{AttachError, NewExe, Target},
-    procfs,
+    procfs, runtime_state,
     server::App,
     stw,
 };
@@ -33,6 +33,8 @@ pub struct Inspected {
     bin: GoBinary,
     names: Arc<FunctionNames>,
     pages: Arc<BTreeMap<u32, gopulse_common::PageBits>>,
+    /// Where its runtime keeps its state, or why that is unknown.
+    runtime: Result<Arc<runtime_state::Layout>, String>,
 }
 
 /// Executables read lately, kept while the file is unchanged: a Go program
@@ -81,6 +83,7 @@ impl Binaries {
         drop(mapped);
         let mut bin = bin?;
         let names = FunctionNames::new(std::mem::take(&mut bin.symbolizer), key, stamp);
+        let runtime = runtime_state::Layout::of(&bin).map(Arc::new);
         tracing::debug!(
             pid,
             functions = names.symbolizer().len(),
@@ -93,6 +96,7 @@ impl Binaries {
             bin,
             names: Arc::new(names),
             pages: Arc::new(pages),
+            runtime,
         });
         if self.entries.len() >= BINARIES_KEPT
             && let Some(oldest) = self
@@ -119,19 +123,24 @@ pub fn list_verdict(known: &mut HashMap<ExeKey, String>, pid: u32, exe: ExeKey) 
         .or_insert_with(|| match planned_coverage(pid) {
             Ok(c) if c.is_plain() => "watch".to_owned(),
             Ok(c) => format!("watch; {c}"),
-            Err(e) => format!("cannot watch: {e:#}"),
+            Err(e) => format!("cannot watch: {e:#} (gopulse inspect --pid {pid} says more)"),
         })
         .clone()
 }
 
-/// What the probes would count of `pid`'s executable.
+/// What the probes would count of `pid`'s executable (mapped, as watching
+/// maps it: a big executable costs no memory in proportion to it).
 fn planned_coverage(pid: u32) -> anyhow::Result<plan::Coverage> {
-    let (mut file, _, _) = ExeKey::open(pid).map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-    let mut data = Vec::new();
-    std::io::Read::read_to_end(&mut file, &mut data)
-        .map_err(|e| anyhow::anyhow!(procfs::describe(&e)))?;
-    let bin = inspect::inspect_bytes(&data, &plan::wanted_functions())?;
-    Ok(plan::plan(&bin, 0)?.coverage)
+    let io = |e: std::io::Error| anyhow::anyhow!(procfs::describe(&e));
+    let (file, _, _) = ExeKey::open(pid).map_err(io)?;
+    let mapped = Mapped::new(&file).map_err(io)?;
+    let planned = inspect::inspect_bytes(mapped.bytes(), &plan::wanted_functions())
+        .map_err(anyhow::Error::from)
+        .and_then(|bin| plan::plan(&bin, 0));
+    if mapped.torn() {
+        return Err(Changed.into());
+    }
+    Ok(planned?.coverage)
 }
 
 /// The process ran another program, or exited, while it was being
@@ -187,6 +196,9 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
         app.with_probes(|p| p.detach(pid));
         return Err(Changed.into());
     }
+    if read {
+        log_runtime_layout(pid, &labels.exe, &found);
+    }
     tracing::info!(
         pid,
         exe = %labels.exe,
@@ -218,10 +230,49 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             start_time,
             names: found.names.clone(),
             map_offsets: bin.offsets.map,
+            runtime: found
+                .runtime
+                .as_ref()
+                .ok()
+                .map(|layout| runtime_state::Reader::new(layout.clone(), load_bias)),
             unwatched: plan.coverage.unwatched.clone(),
         })
     });
     Ok(())
+}
+
+/// Says once per executable what of its runtime state cannot be read, and
+/// so which Go runtime metrics its processes lack.
+fn log_runtime_layout(pid: u32, exe: &str, found: &Inspected) {
+    let rt = &found.bin.runtime;
+    match &found.runtime {
+        Err(e) => tracing::warn!(
+            pid,
+            exe,
+            "the Go runtime's state cannot be read from this executable ({e}): its go_* \
+             runtime metrics are absent"
+        ),
+        Ok(_) => {
+            let missing = rt.globals.missing();
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.iter().map(|(g, e)| format!("{g}: {e}")).collect();
+                tracing::warn!(
+                    pid,
+                    exe,
+                    "runtime globals not found, the Go runtime metrics that need them are \
+                     absent: {}",
+                    list.join("; ")
+                );
+            }
+            tracing::debug!(
+                pid,
+                exe,
+                offsets_from_dwarf = rt.offsets_from_dwarf,
+                globals_from_symbols = rt.globals.from_symbols,
+                "the Go runtime's state is read from the process"
+            );
+        }
+    }
 }
 
 /// How long the follower lets events gather after a wakeup.
@@ -276,6 +327,11 @@ pub fn follow(app: &App, f: Follow) {
         .filter_map(|&pid| Some((pid, procfs::start_time(pid).ok()?)))
         .collect();
     let mut lost = 0u64;
+    // The processes named with --pid are watched already: say so before
+    // the first wait.
+    metrics
+        .processes_watched
+        .set(&(), app.with_collector(|c| c.count()) as i64);
     // With --pid nothing is due but events: the loop sleeps in `wait`.
     let mut next_rescan = discovery.as_ref().map(|_| Instant::now());
     loop {

@@ -97,13 +97,10 @@ fn check_gc_exact(agent: &Agent, targets: &mut [(Target, &Build)]) {
         let pid = t.pid.to_string();
         let want = truth.numgc as f64;
         let m = agent.scrape_until(support::scaled(Duration::from_secs(10)), |m| {
-            m.value("gopulse_gc_cycles_total", &[("pid", &pid)]) >= want
+            m.cycles_seen(&[("pid", &pid)]) >= want
         });
         assert_eq!(
-            m.value(
-                "gopulse_gc_cycles_total",
-                &[("pid", &pid), ("go_version", &build.go_version)]
-            ),
+            m.cycles_seen(&[("pid", &pid), ("go_version", &build.go_version)]),
             want,
             "pid {pid} ({}): GC cycles, agent vs runtime",
             build.path.display()

@@ -248,13 +248,13 @@ fn watches_fully(staging: &Staging, caps: &[String], discover: bool, path: Uprob
     let deadline = Instant::now() + support::scaled(Duration::from_secs(20));
     let m = loop {
         let m = scrape(&addr);
-        if m.value("gopulse_gc_cycles_total", &labels) == numgc || Instant::now() > deadline {
+        if m.cycles_seen(&labels) == numgc || Instant::now() > deadline {
             break m;
         }
         thread::sleep(Duration::from_millis(100));
     };
     assert_eq!(
-        m.value("gopulse_gc_cycles_total", &labels),
+        m.cycles_seen(&labels),
         numgc,
         "GC cycles seen by the agent with {caps:?}:\n{}",
         agent.log_text()

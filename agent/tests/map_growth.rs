@@ -544,3 +544,97 @@ fn governor_cuts_growth_probes_under_a_growth_storm() {
     target.finish();
     agent.stop();
 }
+
+/// The shape of each site's largest map as the growth probe recorded it,
+/// for maps gone before the agent read them (a map in a returned stack
+/// frame, or freed and its memory reused): the fixture fills its maps, then
+/// overwrites their seeds before the agent collects, so the only shape the
+/// agent can show is the one the kernel recorded at the map's last growth.
+/// It must be the map exactly as it was then (the fixture's own reading
+/// after the operation before that growth), and a shape the runtime could
+/// have made.
+fn shapes_recorded_at_growth(version: &str) {
+    if !support::have_root() {
+        return;
+    }
+    let Some(go) = support::go_or_skip(version) else {
+        return;
+    };
+    let bin = support::build_fixture_env("maps", &go, &format!("{version}-default"), &[], &[]);
+    let mut target = Target::spawn(&bin, &[]);
+    // Folded only when scraped: nothing is read between the growths and
+    // the seeds' overwriting.
+    let agent = Agent::spawn_with(
+        &[target.pid],
+        &["--map-assign-probes", "off", "--poll-interval-ms", "60000"],
+    );
+    agent.wait_ready(Duration::from_secs(30));
+    let pid = target.pid.to_string();
+    let _ = agent.scrape();
+    target.send("go");
+    let line = target.read_line(Duration::from_secs(60));
+    let truth: serde_json::Value = serde_json::from_str(&line).expect("fixture truth JSON");
+    target.send("forget");
+    assert_eq!(target.read_line(Duration::from_secs(10)), "forgotten");
+    let m = agent.scrape();
+    let swiss = truth["impl"] == "swiss";
+    let mut checked = 0;
+    for (site, s) in truth["sites"].as_object().expect("sites") {
+        // The churn site deletes: its largest map at a growth is not its
+        // last growth's.
+        if s["deletes"].as_u64() != Some(0) {
+            continue;
+        }
+        let want = &s["at_last_growth"];
+        let l = [("pid", pid.as_str()), ("site", site.as_str())];
+        let got = |name: &str| m.value(name, &l);
+        let mut pairs = vec![
+            ("gopulse_map_entries", &want["entries"]),
+            ("gopulse_map_capacity_slots", &want["capacity"]),
+        ];
+        pairs.push(if swiss {
+            ("gopulse_map_tables", &want["tables"])
+        } else {
+            ("gopulse_map_overflow_buckets", &want["overflow"])
+        });
+        for (name, want) in pairs {
+            assert!(
+                m.has(name, &l),
+                "go{version}: no {name} for {site} (its map gone, nothing recorded?)"
+            );
+            assert_eq!(
+                got(name),
+                want.as_f64().expect("a number"),
+                "go{version}: {name} of {site} against the fixture's map at its last growth"
+            );
+        }
+        let (entries, capacity) = (
+            got("gopulse_map_entries"),
+            got("gopulse_map_capacity_slots"),
+        );
+        assert!(
+            entries <= capacity,
+            "go{version}: {site}: {entries} > {capacity}"
+        );
+        assert_eq!(
+            got("gopulse_map_load_factor"),
+            entries / capacity,
+            "go{version}: {site}"
+        );
+        checked += 1;
+    }
+    println!("RESULT go{version}: {checked} sites' shapes at their last growth exact");
+    assert!(checked >= 6, "go{version}: only {checked} sites checked");
+    target.send("exit");
+    target.finish();
+}
+
+#[test]
+fn shapes_recorded_at_growth_classic() {
+    shapes_recorded_at_growth("1.23.9");
+}
+
+#[test]
+fn shapes_recorded_at_growth_swiss() {
+    shapes_recorded_at_growth("1.27.3");
+}

@@ -82,7 +82,9 @@ pub struct ProcConfig {
     /// an evacuation that moves a bucket from one that finds it moved.
     pub hmap_oldbuckets: u16,
     pub maptype_bucket_size: u16,
-    pub _pad2: [u8; 2],
+    /// Swiss `Map.dirPtr`: the directory of tables, walked at a growth to
+    /// count them.
+    pub map_dir_ptr: u16,
 }
 
 /// What the map probes keep per process and CPU (`PROCS`, a per-CPU hash):
@@ -259,7 +261,19 @@ pub struct GrowthCount {
     pub seed: u64,
     /// Its entries before the insert that grew it.
     pub count: u64,
+    /// Its slots when it grew (before growing): classic 8·2^B; swiss the
+    /// summed capacity of its tables, 8 for a small map; 0 if not known
+    /// (a swiss directory longer than [`GROWTH_DIR_WALK`]).
+    pub capacity: u64,
+    /// Then: its overflow buckets (classic `noverflow`) or distinct tables
+    /// (swiss; 0 for a small map).
+    pub extra: u32,
+    pub _pad: u32,
 }
+
+/// Most directory entries a swiss growth probe reads to count the map's
+/// tables (in groups of 8): a map of up to 64 tables, 65,536 slots.
+pub const GROWTH_DIR_WALK: usize = 64;
 
 /// Growth keys the kernel holds (all processes); past it growths are
 /// counted per process as unattributed.

@@ -41,8 +41,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use gopulse_common::{
     GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
-    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GrowthCount, GrowthKey, LIFE_EXEC, LIFE_EXIT,
-    LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS,
+    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GROWTH_DIR_WALK, GrowthCount, GrowthKey, LIFE_EXEC,
+    LIFE_EXIT, LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS,
     MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_TRACKED_MAPS, MapKey, MapSeen,
     PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_TABLE,
     PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY,
@@ -501,6 +501,9 @@ struct Grown {
     map: u64,
     seed: u64,
     count: u64,
+    /// Its slots and overflow buckets or tables (`GrowthCount`).
+    capacity: u64,
+    extra: u32,
 }
 
 /// Whether the map recorded in a hint no longer holds its seed (freed, its
@@ -541,6 +544,9 @@ fn record_growth(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, g: Grown) {
                 map: g.map,
                 seed: g.seed,
                 count: g.count,
+                capacity: g.capacity,
+                extra: g.extra,
+                _pad: 0,
             };
             match GROWTHS.insert(key, first, BPF_NOEXIST as u64) {
                 Ok(()) => return,
@@ -562,6 +568,8 @@ fn record_growth(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, g: Grown) {
             hint.map = g.map;
             hint.seed = g.seed;
             hint.count = g.count;
+            hint.capacity = g.capacity;
+            hint.extra = g.extra;
         }
     }
 }
@@ -614,6 +622,8 @@ pub fn grow_classic(ctx: ProbeContext) -> u32 {
         map: h,
         seed,
         count,
+        capacity: 8u64 << b,
+        extra: hdr.field(cfg.hmap_noverflow, 2) as u32,
     };
     record_growth(&ctx, pid, p, g);
     0
@@ -630,13 +640,14 @@ fn swiss_growth(ctx: &ProbeContext, program: usize, kind: u8, m: u64, at_entry: 
         p.stats.growth_refires += 1;
         return 0;
     }
-    swiss_grew(ctx, pid, p, kind, m)
+    swiss_grew(ctx, pid, p, kind, m, regs(ctx).rax)
 }
 
 /// Counts a swiss growth of `kind` of the map at `m`, once its probe has
-/// decided it happens.
+/// decided it happens; `t` is the table that grows (unused for a small
+/// map).
 #[inline(always)]
-fn swiss_grew(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, kind: u8, m: u64) -> u32 {
+fn swiss_grew(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, kind: u8, m: u64, t: u64) -> u32 {
     let Some(hdr) = MapHeader::read(m) else {
         return read_failed(ctx, pid, &mut p.stats, "map header", m);
     };
@@ -651,14 +662,60 @@ fn swiss_grew(ctx: &ProbeContext, pid: u32, p: &mut ProcCpu, kind: u8, m: u64) -
             depth,
         );
     }
+    let (capacity, tables) = swiss_shape(&p.config, &hdr, t);
     let g = Grown {
         kind,
         map: m,
         seed: hdr.field(p.config.map_seed, 8),
         count: hdr.field(p.config.map_used, 8),
+        capacity,
+        extra: tables,
     };
     record_growth(ctx, pid, p, g);
     0
+}
+
+/// A swiss map's slots and distinct tables as it grows: a small map is one
+/// group; a map of one table has that table's capacity; the tables of a
+/// bigger map all hold `maxTableCapacity` (only a full table splits, into
+/// two of that size; a map made with a hint past it gets tables that round
+/// up to it), and a table's directory entries are contiguous, so they are
+/// counted by walking the directory. `(0, 0)` when not known (a directory
+/// longer than `GROWTH_DIR_WALK`, or unreadable).
+#[inline(always)]
+fn swiss_shape(cfg: &ProcConfig, hdr: &MapHeader, t: u64) -> (u64, u32) {
+    let dir_len = hdr.field(cfg.map_dir_len, 8);
+    if dir_len == 0 {
+        return (SWISS_GROUP_SLOTS, 0);
+    }
+    if dir_len == 1 {
+        return match try_read::<u16>(t.wrapping_add(u64::from(cfg.table_capacity))) {
+            Some(cap) => (u64::from(cap), 1),
+            None => (0, 0),
+        };
+    }
+    if dir_len > GROWTH_DIR_WALK as u64 {
+        return (0, 0);
+    }
+    let dir = hdr.field(cfg.map_dir_ptr, 8);
+    let mut tables = 0u32;
+    let mut last = 0u64;
+    for chunk in 0..GROWTH_DIR_WALK / 8 {
+        let first = (chunk * 8) as u64;
+        if first >= dir_len {
+            break;
+        }
+        let Some(Header(entries)) = Header::<8>::read(dir.wrapping_add(first * 8)) else {
+            return (0, 0);
+        };
+        for (i, &e) in entries.iter().enumerate() {
+            if first + (i as u64) < dir_len && e != last {
+                tables += 1;
+                last = e;
+            }
+        }
+    }
+    (u64::from(tables) * SWISS_MAX_TABLE_CAPACITY, tables)
 }
 
 /// A swiss map's directory that cannot be where a growth probe sits: a
@@ -735,7 +792,7 @@ pub fn rehash_table(ctx: ProbeContext) -> u32 {
     } else {
         GROW_SWISS_SPLIT
     };
-    swiss_grew(&ctx, pid, p, kind, m)
+    swiss_grew(&ctx, pid, p, kind, m, t)
 }
 
 /// `(*table).pruneTombstones(typ, m)` (Go 1.25+): RAX = t, RCX = m. Called
@@ -764,7 +821,7 @@ pub fn prune_table(ctx: ProbeContext) -> u32 {
     if tombstones * 10 < cap {
         return 0;
     }
-    swiss_grew(&ctx, pid, p, GROW_SWISS_PRUNE, m)
+    swiss_grew(&ctx, pid, p, GROW_SWISS_PRUNE, m, t)
 }
 
 /// `(*table).pruneTombstones` past its "too few tombstones" return, on the

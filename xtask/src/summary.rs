@@ -6,7 +6,7 @@ use crate::{
     openmetrics::Sample,
 };
 
-const GC_CYCLES: &str = "gopulse_gc_cycles_total";
+const GC_CYCLES: &str = "go_memory_gc_cycles_total";
 const GC_PAUSE: &str = "gopulse_gc_pause_seconds";
 const STW_PAUSE: &str = "gopulse_stw_pause_seconds";
 const STW_MAX: &str = "gopulse_stw_pause_max_seconds";
@@ -14,6 +14,9 @@ const EVENTS_LOST: &str = "gopulse_events_lost_total";
 const MAP_GROWTHS: &str = "gopulse_map_growths_total";
 const MAP_ENTRIES: &str = "gopulse_map_entries";
 const MAP_LOAD: &str = "gopulse_map_load_factor";
+const MAP_CAPACITY: &str = "gopulse_map_capacity_slots";
+const MAP_OVERFLOW: &str = "gopulse_map_overflow_buckets";
+const MAP_TABLES: &str = "gopulse_map_tables";
 const MAP_STORMS: &str = "gopulse_map_growth_storms_total";
 const GROWTH_ATTACHED: &str = "gopulse_map_growth_probes_attached";
 const OVERHEAD: &str = "gopulse_probe_overhead_seconds_total";
@@ -75,8 +78,8 @@ fn write_probes(samples: &[Sample], out: &mut String) {
     );
 }
 
-/// The busiest map growth sites: growths by kind, the largest map's entries
-/// and load factor, storms.
+/// The busiest map growth sites: growths by kind, the largest map's shape
+/// (entries, slots, load factor, overflow buckets or tables), storms.
 fn write_map_sites(samples: &[Sample], out: &mut String) {
     let mut sites: BTreeMap<&str, (f64, BTreeMap<&str, f64>)> = BTreeMap::new();
     for s in samples.iter().filter(|s| s.name == MAP_GROWTHS) {
@@ -102,8 +105,22 @@ fn write_map_sites(samples: &[Sample], out: &mut String) {
             "  maps      {site:<32} growths {n} ({})",
             kinds.join(", ")
         );
-        if let (Some(entries), Some(load)) = (gauge(MAP_ENTRIES, site), gauge(MAP_LOAD, site)) {
-            let _ = write!(out, ", largest {entries} entries at load {load:.2}");
+        if let (Some(entries), Some(capacity), Some(load)) = (
+            gauge(MAP_ENTRIES, site),
+            gauge(MAP_CAPACITY, site),
+            gauge(MAP_LOAD, site),
+        ) {
+            let _ = write!(
+                out,
+                ", largest {entries} entries in {capacity} slots (load {load:.2}"
+            );
+            if let Some(n) = gauge(MAP_OVERFLOW, site) {
+                let _ = write!(out, ", {n} overflow buckets");
+            }
+            if let Some(n) = gauge(MAP_TABLES, site) {
+                let _ = write!(out, ", {n} tables");
+            }
+            out.push(')');
         }
         if let Some(storms) = gauge(MAP_STORMS, site).filter(|&s| s > 0.0) {
             let _ = write!(out, ", {storms} storms");
@@ -213,7 +230,7 @@ mod tests {
     }
 
     const SCRAPE: &str = r#"
-gopulse_gc_cycles_total{pid="7",exe="/d",go_version="go1.27.3"} 12
+go_memory_gc_cycles_total{pid="7",exe="/d",go_version="go1.27.3"} 12
 gopulse_events_lost_total{pid="7",exe="/d",go_version="go1.27.3"} 0
 gopulse_gc_pause_seconds_bucket{pid="7",phase="mark_termination",le="0.0001"} 6
 gopulse_gc_pause_seconds_bucket{pid="7",phase="mark_termination",le="0.00025"} 12

@@ -10,7 +10,8 @@ use gopulse_common::{
 use super::{Collector, Proc};
 use crate::{
     bpf::Counters,
-    mapshape,
+    inspect::MapOffsets,
+    mapshape::{self, Shape},
     metrics::{GrowthLabels, Metrics, ProcAnd},
 };
 
@@ -29,6 +30,22 @@ pub(super) struct MapRef {
     pub(super) count: u64,
     /// Its memory no longer holds it: any map growing at the site replaces it.
     pub(super) gone: bool,
+    /// Its shape when it last grew, as the growth probe read it (before it
+    /// grew), if known: what is shown for a map that is gone before it was
+    /// ever read (a map in a stack frame that has returned).
+    pub(super) at_growth: Option<Shape>,
+    /// Its shape was read from the process at least once.
+    pub(super) read: bool,
+}
+
+/// The shape a growth probe recorded (`GrowthCount`), if it knew it.
+fn shape_at_growth(impl_classic: bool, v: &GrowthCount) -> Option<Shape> {
+    (v.capacity > 0).then(|| Shape {
+        entries: v.count,
+        capacity: v.capacity,
+        overflow: impl_classic.then_some(u64::from(v.extra)),
+        tables: (!impl_classic).then_some(u64::from(v.extra)),
+    })
 }
 
 /// The `kind` label of a kernel growth kind.
@@ -70,13 +87,14 @@ impl Proc {
         }
     }
 
-    /// Keeps the largest map seen at a site.
+    /// Keeps the largest map seen at a site. One map seen again with fewer
+    /// entries (its growths of another kind, read from the kernel in any
+    /// order) keeps its largest record.
     fn note_map(&mut self, site: &str, seen: MapRef) {
         self.largest
             .entry(site.to_owned())
             .and_modify(|m| {
-                let same = m.addr == seen.addr && m.seed == seen.seed;
-                if same || m.gone || seen.count >= m.count {
+                if m.gone || seen.count >= m.count {
                     *m = seen;
                 }
             })
@@ -134,6 +152,11 @@ impl Collector {
                     seed: v.seed,
                     count: v.count,
                     gone: false,
+                    at_growth: shape_at_growth(
+                        matches!(p.map_offsets, MapOffsets::Classic { .. }),
+                        &v,
+                    ),
+                    read: false,
                 },
             );
             self.metrics.map_growths.inc_by(
@@ -231,6 +254,8 @@ pub(super) fn fold_seen(
                 seed: s.seed,
                 count: s.count,
                 gone: false,
+                at_growth: None,
+                read: false,
             },
         );
         if i < MAX_SHAPES_PER_COLLECTION
@@ -244,6 +269,21 @@ pub(super) fn fold_seen(
     }
 }
 
+/// Sets the shape gauges of a site.
+fn publish_shape(metrics: &Metrics, labels: &ProcAnd<'_>, shape: &Shape) {
+    metrics.map_entries.set(labels, shape.entries as i64);
+    metrics.map_capacity.set(labels, shape.capacity as i64);
+    metrics
+        .map_load_factor
+        .set_float(labels, shape.load_factor());
+    if let Some(n) = shape.overflow {
+        metrics.map_overflow.set(labels, n as i64);
+    }
+    if let Some(n) = shape.tables {
+        metrics.map_tables.set(labels, n as i64);
+    }
+}
+
 /// Reads the shape of each site's largest map from the process.
 pub(super) fn refresh_shapes(metrics: &Metrics, pid: u32, p: &mut Proc) {
     for (site, map) in &mut p.largest {
@@ -253,20 +293,22 @@ pub(super) fn refresh_shapes(metrics: &Metrics, pid: u32, p: &mut Proc) {
         };
         match mapshape::read_shape(pid, map.addr, map.seed, &p.map_offsets) {
             Ok(Some(shape)) => {
-                let m = metrics;
-                m.map_entries.set(&labels, shape.entries as i64);
-                m.map_capacity.set(&labels, shape.capacity as i64);
-                m.map_load_factor.set_float(&labels, shape.load_factor());
-                if let Some(n) = shape.overflow {
-                    m.map_overflow.set(&labels, n as i64);
-                }
-                if let Some(n) = shape.tables {
-                    m.map_tables.set(&labels, n as i64);
-                }
+                publish_shape(metrics, &labels, &shape);
+                map.read = true;
             }
-            // Freed (seed no longer there): the last values stay
-            // until the site grows a map again.
-            Ok(None) => map.gone = true,
+            // Freed (seed no longer there), or a stack frame since
+            // overwritten: the last values stay until the site grows a map
+            // again. A map gone before it was ever read shows its shape
+            // when it grew.
+            Ok(None) => {
+                if !map.gone
+                    && !map.read
+                    && let Some(shape) = &map.at_growth
+                {
+                    publish_shape(metrics, &labels, shape);
+                }
+                map.gone = true;
+            }
             Err(e) => tracing::debug!(pid, site = %site, "reading map shape: {e}"),
         }
     }

@@ -324,7 +324,15 @@ pub fn list(select: Selection, mut watch: impl FnMut(u32, ExeKey) -> String) -> 
         let (version, verdict) = match &decision {
             Decision::Watch { release, exe } => (release.version.short(), watch(pid, *exe)),
             Decision::Skip { reason, why } => {
-                ("-".to_owned(), format!("skip ({}): {why}", reason.label()))
+                let more = if matches!(reason, Skip::Unsupported | Skip::Refused) {
+                    format!(" (gopulse inspect --pid {pid} says more)")
+                } else {
+                    String::new()
+                };
+                (
+                    "-".to_owned(),
+                    format!("skip ({}): {why}{more}", reason.label()),
+                )
             }
         };
         let _ = writeln!(

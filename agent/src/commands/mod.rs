@@ -1,0 +1,2 @@
+//! The agent's subcommands besides watching: tools an operator runs by hand.
+pub mod inspect;
