@@ -1,9 +1,15 @@
-//! The Linux capabilities the agent needs, checked once at start-up so a
-//! missing one is named before anything fails with a bare EPERM or EACCES.
-//! The list is the DaemonSet's (`deploy/kubernetes/base/daemonset.yaml`);
+//! The Linux capabilities the agent needs, checked at start-up so a
+//! missing one is named before anything fails with a bare EPERM or EACCES:
+//! what every path needs before the programs load, and what the way
+//! uprobes go in needs once it is known (CAP_SYS_ADMIN for perf-event
+//! uprobes; uprobe_multi links need only CAP_BPF and CAP_PERFMON). The
+//! DaemonSet's list (`deploy/kubernetes/base/daemonset.yaml`) is the
+//! uprobe_multi path's, the `cap-sys-admin` overlay's the perf path's;
 //! `agent/tests/least_privilege.rs` runs the agent as a non-root user with
-//! exactly that list, and with each one left out.
+//! exactly the list for its kernel, and with each one left out.
 use std::{fmt, fs, io};
+
+use crate::bpf::UprobePath;
 
 /// One capability: its name as the kernel documents it and its bit in the
 /// capability sets.
@@ -45,16 +51,9 @@ pub struct Need {
     pub why: &'static str,
 }
 
-/// What the agent needs, in the order the DaemonSet lists it. CAP_BPF and
-/// CAP_PERFMON are not here: CAP_SYS_ADMIN, which uprobes need, stands for
-/// both in the kernel's checks.
-pub const NEEDED: [Need; 4] = [
-    Need {
-        cap: CAP_SYS_ADMIN,
-        why: "creating uprobes (perf_event_open asks for it since Linux 6.16 and the stable \
-              kernels patched in July 2025; it also covers CAP_BPF and CAP_PERFMON for loading \
-              the BPF programs)",
-    },
+/// What the agent needs whichever way it attaches uprobes, in the order
+/// the DaemonSet lists it.
+pub const NEEDED: [Need; 3] = [
     Need {
         cap: CAP_SYS_PTRACE,
         why: "reading other users' processes: /proc/PID/exe, /proc/PID/maps and their memory",
@@ -70,6 +69,32 @@ pub const NEEDED: [Need; 4] = [
               rewritten program started at once may run into the old breakpoints and crash",
     },
 ];
+
+/// Loading the BPF programs, and uprobe_multi links (which ask for nothing
+/// more); CAP_SYS_ADMIN stands for both.
+pub const NEEDED_TO_LOAD: [Need; 2] = [
+    Need {
+        cap: CAP_BPF,
+        why: "loading the BPF programs and creating their maps and uprobe_multi links \
+              (CAP_SYS_ADMIN would do too)",
+    },
+    Need {
+        cap: CAP_PERFMON,
+        why: "loading tracing BPF programs (uprobes, raw tracepoints) that read process memory \
+              (CAP_SYS_ADMIN would do too)",
+    },
+];
+
+/// Perf-event uprobes, the path where the kernel has no working
+/// uprobe_multi links (before Linux 6.6, or refused) or `--uprobe-mode
+/// perf` asks for them.
+pub const NEEDED_FOR_PERF: Need = Need {
+    cap: CAP_SYS_ADMIN,
+    why: "creating perf-event uprobes (perf_event_open asks for it since Linux 6.16 and the \
+          stable kernels patched in July 2025), the way uprobes go in where the kernel has no \
+          working uprobe_multi links (before Linux 6.6), which need only CAP_BPF and \
+          CAP_PERFMON",
+};
 
 /// What to do when a needed capability is missing (`--capability-check`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -131,14 +156,25 @@ pub fn has(effective: u64, cap: Capability) -> bool {
     effective & (1 << cap.bit) != 0
 }
 
-/// The needs an effective set leaves unmet.
-pub fn missing(effective: u64) -> Vec<&'static Need> {
-    NEEDED.iter().filter(|n| !has(effective, n.cap)).collect()
+/// The needs an effective set leaves unmet: those of every path, and with
+/// `path` (once the kernel's is known) that path's.
+pub fn missing(effective: u64, path: Option<UprobePath>) -> Vec<&'static Need> {
+    let admin = has(effective, CAP_SYS_ADMIN);
+    let mut lacking: Vec<&'static Need> =
+        NEEDED.iter().filter(|n| !has(effective, n.cap)).collect();
+    if !admin {
+        lacking.extend(NEEDED_TO_LOAD.iter().filter(|n| !has(effective, n.cap)));
+    }
+    if path == Some(UprobePath::Perf) && !admin {
+        lacking.push(&NEEDED_FOR_PERF);
+    }
+    lacking
 }
 
-/// The start-up check: an error naming what is missing.
-pub fn check() -> Result<(), CapError> {
-    let lacking = missing(effective()?);
+/// The start-up check, before the programs are loaded (`None`) and again
+/// once the way uprobes go in is known: an error naming what is missing.
+pub fn check(path: Option<UprobePath>) -> Result<(), CapError> {
+    let lacking = missing(effective()?, path);
     if lacking.is_empty() {
         Ok(())
     } else {
@@ -146,13 +182,28 @@ pub fn check() -> Result<(), CapError> {
     }
 }
 
-/// Why loading BPF programs may have failed: ` (...)` when the agent lacks
-/// what the kernel asks for, else empty.
-pub fn bpf_load_hint() -> &'static str {
-    match effective() {
-        Ok(e) if has(e, CAP_SYS_ADMIN) || (has(e, CAP_BPF) && has(e, CAP_PERFMON)) => "",
-        _ => " (loading BPF programs needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)",
+/// Why loading BPF programs may have failed: ` (...)` naming what the agent
+/// lacks of what the kernel asks for, else empty.
+pub fn bpf_load_hint() -> String {
+    let Ok(e) = effective() else {
+        return String::new();
+    };
+    if has(e, CAP_SYS_ADMIN) {
+        return String::new();
     }
+    let lacking: Vec<&str> = NEEDED_TO_LOAD
+        .iter()
+        .filter(|n| !has(e, n.cap))
+        .map(|n| n.cap.name)
+        .collect();
+    if lacking.is_empty() {
+        return String::new();
+    }
+    format!(
+        " (loading BPF programs needs CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN; the agent lacks \
+         {})",
+        lacking.join(" and ")
+    )
 }
 
 /// Why creating a uprobe may have been refused: ` (...)` when the error is
@@ -205,27 +256,59 @@ mod tests {
         assert_eq!(parse_cap_eff("Name:\tx\n"), None);
     }
 
+    fn set(caps: &[Capability]) -> u64 {
+        caps.iter().fold(0, |s, c| s | (1 << c.bit))
+    }
+
+    fn names(lacking: &[&Need]) -> Vec<&'static str> {
+        lacking.iter().map(|n| n.cap.name).collect()
+    }
+
     #[test]
     fn names_what_is_missing() {
-        assert!(missing(0x1028_0004).is_empty());
+        let common = set(&[CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH, CAP_LEASE]);
+        let multi = common | set(&[CAP_BPF, CAP_PERFMON]);
+        let admin = common | set(&[CAP_SYS_ADMIN]);
+        for path in [None, Some(UprobePath::Multi)] {
+            assert!(missing(multi, path).is_empty());
+            assert!(missing(admin, path).is_empty());
+        }
+        assert!(missing(admin, Some(UprobePath::Perf)).is_empty());
         // Root's full set.
-        assert!(missing(0x1ff_ffff_ffff).is_empty());
-        let lacking = missing(0x1020_0004);
-        assert_eq!(lacking.len(), 1);
-        assert_eq!(lacking[0].cap, CAP_SYS_PTRACE);
-        let text = CapError::Missing(missing(0)).to_string();
+        assert!(missing(0x1ff_ffff_ffff, Some(UprobePath::Perf)).is_empty());
+        // CAP_BPF and CAP_PERFMON load the programs and make uprobe_multi
+        // links, but not perf-event uprobes.
+        assert_eq!(
+            names(&missing(multi, Some(UprobePath::Perf))),
+            ["CAP_SYS_ADMIN"]
+        );
+        assert_eq!(
+            names(&missing(multi & !set(&[CAP_SYS_PTRACE]), None)),
+            ["CAP_SYS_PTRACE"]
+        );
+        assert_eq!(
+            names(&missing(multi & !set(&[CAP_BPF]), Some(UprobePath::Multi))),
+            ["CAP_BPF"]
+        );
+        assert_eq!(
+            names(&missing(common, Some(UprobePath::Perf))),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN"]
+        );
+        let text = CapError::Missing(missing(0, Some(UprobePath::Perf))).to_string();
         for name in [
             "CAP_SYS_ADMIN",
             "CAP_SYS_PTRACE",
             "CAP_DAC_READ_SEARCH",
             "CAP_LEASE",
+            "CAP_BPF",
+            "CAP_PERFMON",
         ] {
-            assert_eq!(text.matches(name).count(), 2, "{name} in {text}");
+            assert_eq!(
+                text.matches(&format!("{name}, needed for")).count(),
+                1,
+                "{name} in {text}"
+            );
         }
-        // CAP_BPF and CAP_PERFMON do not stand in for CAP_SYS_ADMIN: uprobes
-        // need the latter.
-        let bpf_perfmon = (1 << CAP_BPF.bit) | (1 << CAP_PERFMON.bit) | 0x1008_0004;
-        assert_eq!(missing(bpf_perfmon)[0].cap, CAP_SYS_ADMIN);
     }
 
     #[test]

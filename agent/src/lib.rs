@@ -21,6 +21,7 @@ pub mod model;
 pub mod plan;
 pub mod probes;
 pub mod procfs;
+pub mod runtime_state;
 pub mod server;
 pub mod storm;
 pub mod stw;

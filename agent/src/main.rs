@@ -31,8 +31,9 @@ use gopulse_agent::{
 };
 
 /// Watches Go processes with eBPF uprobes and serves their GC and
-/// stop-the-world pause metrics. Needs root, or CAP_SYS_ADMIN, CAP_SYS_PTRACE
-/// and CAP_DAC_READ_SEARCH (deploy/README.md).
+/// stop-the-world pause metrics. Needs root, or CAP_BPF, CAP_PERFMON,
+/// CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH and CAP_LEASE, and CAP_SYS_ADMIN on a
+/// kernel without uprobe_multi links (deploy/README.md).
 #[derive(Debug, Parser)]
 #[command(name = "gopulse", version, about, long_about = None,
           args_conflicts_with_subcommands = true)]
@@ -197,7 +198,10 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     assign_window_ms: u64,
 
-    /// The sampling period of the assignment probes.
+    /// The sampling period of the assignment probes: one window in each,
+    /// the first at start-up, each later one at a random point of its
+    /// period (so that bursts keeping time with the period are not missed
+    /// every time).
     #[arg(long, value_name = "MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
     assign_period_ms: u64,
@@ -262,10 +266,12 @@ struct Args {
     #[arg(long)]
     bpf_debug: bool,
 
-    /// At start-up the agent checks it holds CAP_SYS_ADMIN (uprobes),
-    /// CAP_SYS_PTRACE (other users' processes) and CAP_DAC_READ_SEARCH
-    /// (executables its user cannot read): `enforce` refuses to start
-    /// without them, naming each; `warn` logs what is missing and goes on.
+    /// At start-up the agent checks it holds CAP_BPF and CAP_PERFMON (or
+    /// CAP_SYS_ADMIN), CAP_SYS_PTRACE (other users' processes),
+    /// CAP_DAC_READ_SEARCH (executables its user cannot read) and CAP_LEASE,
+    /// and CAP_SYS_ADMIN where uprobes go in as perf-event uprobes (no
+    /// uprobe_multi links): `enforce` refuses to start without them, naming
+    /// each; `warn` logs what is missing and goes on.
     #[arg(long, value_enum, default_value_t = caps::CheckMode::Enforce)]
     capability_check: caps::CheckMode,
 
@@ -284,6 +290,13 @@ struct Args {
     /// Header.Set's). Repeatable.
     #[arg(long, value_name = "PREFIX")]
     site_keep: Vec<String>,
+    /// How uprobes are attached: `auto` (uprobe_multi links where the kernel
+    /// has working ones, tried at start-up; else perf-event uprobes),
+    /// `multi` (those links or refuse to start), `perf` (perf-event uprobes
+    /// only). Default: $GOPULSE_UPROBE_MODE, else auto. For tests and for
+    /// kernels whose multi links misbehave; DEVELOPERS.md says more.
+    #[arg(long, value_enum, value_name = "MODE", hide = true)]
+    uprobe_mode: Option<bpf::UprobeMode>,
 
     /// How often, in milliseconds, to fold kernel counters into the metrics.
     #[arg(long, value_name = "MS", default_value_t = 1000,
@@ -457,16 +470,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     // Name a missing capability now rather than let it fail later as a
-    // bare EPERM.
-    match (caps::check(), args.capability_check) {
-        (Ok(()), _) => {}
+    // bare EPERM: what every way of attaching needs now, what the way the
+    // kernel allows needs once it is known (after loading).
+    let capability_check = |needs: Result<(), caps::CapError>| match (needs, args.capability_check)
+    {
+        (Ok(()), _) => Ok(()),
         (Err(e), caps::CheckMode::Enforce) => {
-            return Err(anyhow::Error::new(e).context("--capability-check enforce"));
+            Err(anyhow::Error::new(e).context("--capability-check enforce"))
         }
         (Err(e), caps::CheckMode::Warn) => {
             tracing::warn!("{e}; going on (--capability-check warn)");
+            Ok(())
         }
-    }
+    };
+    capability_check(caps::check(None))?;
+    let uprobe_mode = match args.uprobe_mode {
+        Some(m) => m,
+        None => bpf::UprobeMode::from_env()?,
+    };
     if !(args.overhead_budget > 0.0 && args.overhead_budget <= 1.0) {
         anyhow::bail!(
             "--overhead-budget must be in (0, 1], got {}",
@@ -514,7 +535,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let max_processes =
         u32::try_from(args.max_processes.max(args.pids.len() as u64)).unwrap_or(u32::MAX);
-    let (bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug)?;
+    let (bpf, maps, life) = bpf::Bpf::load(max_processes, args.bpf_debug, uprobe_mode)?;
+    capability_check(caps::check(Some(bpf.attacher().path())))?;
     let discovering = args.pids.is_empty();
     // Exec events with --pid too: a named process that runs exec must not
     // keep the series (or the counts) of the program it left.
@@ -696,8 +718,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("sampler".into())
             .spawn(move || {
+                // The first window opens at once (a new agent sees the
+                // shapes of maps soon); the others at a random point of
+                // their period (see WindowPhase).
+                let mut phase = gopulse_agent::probes::WindowPhase::new(
+                    gopulse_agent::probes::WindowPhase::seed(),
+                );
+                let mut first = true;
                 loop {
                     let start = std::time::Instant::now();
+                    if !std::mem::take(&mut first) {
+                        std::thread::sleep(phase.lead(period, window));
+                    }
                     let jobs = sample_app.with_probes(|p| p.open_window());
                     sample_app.run_jobs(jobs);
                     let _ = wake_governor.send(());

@@ -279,11 +279,59 @@ impl DiscoveryMetrics {
     }
 }
 
+/// The Go runtime's own state, read from the process's memory
+/// (`crate::runtime_state`).
+#[derive(Clone)]
+pub struct RuntimeMetrics {
+    /// By `go_memory_type`: [`MEMORY_STACK`], [`MEMORY_OTHER`].
+    pub memory_used: Family<ProcAnd<'static>>,
+    pub memory_limit: Family<Proc>,
+    pub allocated: Family<Proc>,
+    pub allocations: Family<Proc>,
+    pub heap_goal: Family<Proc>,
+    pub gc_cycles: Family<Proc>,
+    pub heap_live: Family<Proc>,
+    pub goroutines: Family<Proc>,
+    pub goroutines_system: Family<Proc>,
+    pub gomaxprocs: Family<Proc>,
+    pub gogc: Family<Proc>,
+    pub schedule_duration: Family<Proc>,
+    /// By `go_cpu_state`: [`CPU_STATES`].
+    pub cpu_time: Family<ProcAnd<'static>>,
+}
+
+impl RuntimeMetrics {
+    fn new(model: &Model) -> Self {
+        Self {
+            memory_used: model.family(&decl::GO_MEMORY_USED),
+            memory_limit: model.family(&decl::GO_MEMORY_LIMIT),
+            allocated: model.family(&decl::GO_MEMORY_ALLOCATED),
+            allocations: model.family(&decl::GO_MEMORY_ALLOCATIONS),
+            heap_goal: model.family(&decl::GO_MEMORY_GC_GOAL),
+            gc_cycles: model.family(&decl::GO_MEMORY_GC_CYCLES),
+            heap_live: model.family(&decl::GC_HEAP_LIVE),
+            goroutines: model.family(&decl::GO_GOROUTINE_COUNT),
+            goroutines_system: model.family(&decl::GOROUTINE_SYSTEM),
+            gomaxprocs: model.family(&decl::GO_PROCESSOR_LIMIT),
+            gogc: model.family(&decl::GO_CONFIG_GOGC),
+            schedule_duration: model.family(&decl::GO_SCHEDULE_DURATION),
+            cpu_time: model.family(&decl::GO_CPU_TIME),
+        }
+    }
+}
+
+/// `go_memory_type` values.
+pub const MEMORY_STACK: &str = "stack";
+pub const MEMORY_OTHER: &str = "other";
+
+/// `go_cpu_state` values.
+pub const CPU_STATES: [&str; 4] = ["user", "gc", "scavenge", "idle"];
+
 /// Handles to every per-process metric and the attach stage's node gauges
 /// (clones share the model).
 #[derive(Clone)]
 pub struct Metrics {
-    pub gc_cycles: Family<Proc>,
+    pub runtime: RuntimeMetrics,
     pub gc_pause: Family<ProcAnd<'static>>,
     pub stw_pause: Family<ProcAnd<'static>>,
     pub stw_pause_max: Family<ProcAnd<'static>>,
@@ -324,7 +372,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(model: &Model) -> Self {
         let m = Self {
-            gc_cycles: model.family(&decl::GC_CYCLES),
+            runtime: RuntimeMetrics::new(model),
             gc_pause: model.family(&decl::GC_PAUSE),
             stw_pause: model.family(&decl::STW_PAUSE),
             stw_pause_max: model.family(&decl::STW_PAUSE_MAX),

@@ -764,7 +764,9 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inspect::{BuildInfo, GoVersion, StackCheck, offsets};
+    use crate::inspect::{
+        BuildInfo, GlobalError, Globals, GoVersion, RuntimeLayout, StackCheck, offsets,
+    };
 
     const GROW: &str = "internal/runtime/maps.(*table).grow";
     const SPLIT: &str = "internal/runtime/maps.(*table).split";
@@ -826,6 +828,11 @@ mod tests {
             offsets_from_dwarf: false,
             pause_clock: None,
             inlined: Some(copies),
+            runtime: RuntimeLayout {
+                offsets: Err("not read".to_owned()),
+                offsets_from_dwarf: false,
+                globals: Globals::none(GlobalError::NoSections),
+            },
         }
     }
 

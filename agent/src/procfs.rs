@@ -152,6 +152,53 @@ pub fn read_mem(pid: u32, addr: u64, buf: &mut [u8]) -> io::Result<()> {
     }
 }
 
+/// Most pieces one `process_vm_readv` call takes (the kernel's `IOV_MAX`).
+pub const MAX_PIECES: usize = 1024;
+
+/// Reads several pieces of the process's memory in one system call: each
+/// buffer is filled from its address. All or nothing: a piece that cannot
+/// be read fails the whole read.
+pub fn read_pieces(pid: u32, pieces: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+    if pieces.len() > MAX_PIECES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "more pieces than one read takes",
+        ));
+    }
+    let mut local = Vec::with_capacity(pieces.len());
+    let mut remote = Vec::with_capacity(pieces.len());
+    let mut want = 0usize;
+    for (addr, buf) in pieces.iter_mut() {
+        want += buf.len();
+        local.push(libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        });
+        remote.push(libc::iovec {
+            iov_base: *addr as *mut libc::c_void,
+            iov_len: buf.len(),
+        });
+    }
+    // SAFETY: each local iovec is one of our buffers with its length; the
+    // remote ones are only read by the kernel, with checks. Both counts fit
+    // (at most MAX_PIECES).
+    let n = unsafe {
+        libc::process_vm_readv(
+            pid as libc::pid_t,
+            local.as_ptr(),
+            local.len() as libc::c_ulong,
+            remote.as_ptr(),
+            remote.len() as libc::c_ulong,
+            0,
+        )
+    };
+    match n {
+        -1 => Err(io::Error::last_os_error()),
+        n if n as usize == want => Ok(()),
+        _ => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "short read")),
+    }
+}
+
 /// Why a process cannot be watched, from an error reading its /proc entry.
 pub fn describe(err: &io::Error) -> String {
     match err.kind() {
@@ -231,6 +278,25 @@ mod tests {
         read_mem(me, &raw const x as u64, &mut buf).unwrap();
         assert_eq!(u64::from_le_bytes(buf), x);
         assert!(read_mem(me, 8, &mut buf).is_err());
+        let y = [7u32, 9];
+        let (mut a, mut b) = ([0u8; 8], [0u8; 4]);
+        read_pieces(
+            me,
+            &mut [
+                (&raw const x as u64, &mut a[..]),
+                (&raw const y[1] as u64, &mut b[..]),
+            ],
+        )
+        .unwrap();
+        assert_eq!((u64::from_le_bytes(a), u32::from_le_bytes(b)), (x, 9));
+        // One bad piece fails the read.
+        assert!(
+            read_pieces(
+                me,
+                &mut [(&raw const x as u64, &mut a[..]), (8, &mut b[..])]
+            )
+            .is_err()
+        );
         let err = start_time(u32::MAX).unwrap_err();
         assert_eq!(describe(&err), "no such process");
     }

@@ -21,7 +21,7 @@ use crate::{
     metrics::{DiscoveryMetrics, NodeLabel},
     plan::{self, Plumbing},
     probes::{AttachError, NewExe, Target},
-    procfs,
+    procfs, runtime_state,
     server::App,
     stw,
 };
@@ -33,6 +33,8 @@ pub struct Inspected {
     bin: GoBinary,
     names: Arc<FunctionNames>,
     pages: Arc<BTreeMap<u32, gopulse_common::PageBits>>,
+    /// Where its runtime keeps its state, or why that is unknown.
+    runtime: Result<Arc<runtime_state::Layout>, String>,
 }
 
 /// Executables read lately, kept while the file is unchanged: a Go program
@@ -86,6 +88,7 @@ impl Binaries {
             stamp,
             plumbing.clone(),
         );
+        let runtime = runtime_state::Layout::of(&bin).map(Arc::new);
         tracing::debug!(
             pid,
             functions = names.symbolizer().len(),
@@ -98,6 +101,7 @@ impl Binaries {
             bin,
             names: Arc::new(names),
             pages: Arc::new(pages),
+            runtime,
         });
         if self.entries.len() >= BINARIES_KEPT
             && let Some(oldest) = self
@@ -197,6 +201,9 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
         app.with_probes(|p| p.detach(pid));
         return Err(Changed.into());
     }
+    if read {
+        log_runtime_layout(pid, &labels.exe, &found);
+    }
     tracing::info!(
         pid,
         exe = %labels.exe,
@@ -228,10 +235,49 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
             start_time,
             names: found.names.clone(),
             map_offsets: bin.offsets.map,
+            runtime: found
+                .runtime
+                .as_ref()
+                .ok()
+                .map(|layout| runtime_state::Reader::new(layout.clone(), load_bias)),
             unwatched: plan.coverage.unwatched.clone(),
         })
     });
     Ok(())
+}
+
+/// Says once per executable what of its runtime state cannot be read, and
+/// so which Go runtime metrics its processes lack.
+fn log_runtime_layout(pid: u32, exe: &str, found: &Inspected) {
+    let rt = &found.bin.runtime;
+    match &found.runtime {
+        Err(e) => tracing::warn!(
+            pid,
+            exe,
+            "the Go runtime's state cannot be read from this executable ({e}): its go_* \
+             runtime metrics are absent"
+        ),
+        Ok(_) => {
+            let missing = rt.globals.missing();
+            if !missing.is_empty() {
+                let list: Vec<String> = missing.iter().map(|(g, e)| format!("{g}: {e}")).collect();
+                tracing::warn!(
+                    pid,
+                    exe,
+                    "runtime globals not found, the Go runtime metrics that need them are \
+                     absent: {}",
+                    list.join("; ")
+                );
+            }
+            tracing::debug!(
+                pid,
+                exe,
+                offsets_from_dwarf = rt.offsets_from_dwarf,
+                globals_from_symbols = rt.globals.from_symbols,
+                "the Go runtime's state is read from the process"
+            );
+        }
+    }
 }
 
 /// How long the follower lets events gather after a wakeup.
@@ -286,6 +332,11 @@ pub fn follow(app: &App, f: Follow) {
         .filter_map(|&pid| Some((pid, procfs::start_time(pid).ok()?)))
         .collect();
     let mut lost = 0u64;
+    // The processes named with --pid are watched already: say so before
+    // the first wait.
+    metrics
+        .processes_watched
+        .set(&(), app.with_collector(|c| c.count()) as i64);
     // With --pid nothing is due but events: the loop sleeps in `wait`.
     let mut next_rescan = discovery.as_ref().map(|_| Instant::now());
     loop {
@@ -301,6 +352,11 @@ pub fn follow(app: &App, f: Follow) {
             }
             next_rescan = Some(Instant::now() + rescan_every);
         }
+        // Before waiting: with --pid the named processes are watched before
+        // the loop starts, and nothing may come to wake it.
+        metrics
+            .processes_watched
+            .set(&(), app.with_collector(|c| c.count()) as i64);
         let wait = next_rescan.map_or(IDLE_WAIT, |due| {
             due.saturating_duration_since(Instant::now()).min(IDLE_WAIT)
         });
@@ -374,9 +430,6 @@ pub fn follow(app: &App, f: Follow) {
                 next_rescan = Some(Instant::now());
             }
         }
-        metrics
-            .processes_watched
-            .set(&(), app.with_collector(|c| c.count()) as i64);
         if let Some(d) = &discovery {
             let counted = metrics.executables_judged.get(&());
             metrics

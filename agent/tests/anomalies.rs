@@ -380,7 +380,7 @@ fn normal_fixtures_have_no_anomalies() {
         let (name, what_ran) = if what.starts_with("maps") {
             ("gopulse_map_growths_total", "growths")
         } else {
-            ("gopulse_gc_cycles_total", "GC cycles")
+            ("gopulse_gc_pause_seconds_count", "GC cycles")
         };
         assert!(total(&m, name, t.pid) > 0.0, "{what}: no {what_ran}");
     }

@@ -74,16 +74,21 @@ fn bad_pids_are_reported_and_the_rest_is_served() {
     let cycles = truth["numgc"].as_f64().unwrap();
     assert_eq!(cycles, 2.0);
     let m = agent.scrape_until(Duration::from_secs(10), |m| {
-        m.value("gopulse_gc_cycles_total", &[("pid", &pid)]) >= cycles
+        m.cycles_seen(&[("pid", &pid)]) >= cycles
     });
-    assert_eq!(m.value("gopulse_gc_cycles_total", &[("pid", &pid)]), cycles);
+    assert_eq!(m.cycles_seen(&[("pid", &pid)]), cycles);
+    assert_eq!(
+        m.value("go_memory_gc_cycles_total", &[("pid", &pid)]),
+        cycles
+    );
 
     // When the watched process exits, its series go away.
     good.send("exit");
     good.finish();
     agent.wait_log("process exited", Duration::from_secs(10));
     let m = agent.scrape();
-    assert!(!m.has("gopulse_gc_cycles_total", &[("pid", &pid)]));
+    assert!(!m.has("gopulse_gc_pause_seconds_count", &[("pid", &pid)]));
+    assert!(!m.has("go_memory_gc_cycles_total", &[("pid", &pid)]));
 
     let _ = not_go.kill();
     let _ = not_go.wait();

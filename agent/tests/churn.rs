@@ -2,11 +2,13 @@
 //! loads once; only watching and unwatching repeat): up to 1,000 cycles on
 //! one Go program in a map growth storm, and rounds of 20 GC-bound Go
 //! programs attached all and detached all, each for at most `CHURN_TIME` (all of them with `GOPULSE_CHURN_FULL=1`).
-//! The kernel sets the pace: it removes a perf-event uprobe under the
-//! tracing subsystem's one mutex, waiting out an RCU grace period (tens of
-//! ms, more on a loaded host), so removals host-wide go one at a time and
-//! attaches queue behind them: 1,000 cycles of 7 uprobes took 625 s on the
-//! 2-core development machine under other load. The programs never crash and their own
+//! The kernel sets the pace. On the perf-event path (`GOPULSE_UPROBE_MODE=perf`,
+//! or a kernel without uprobe_multi links) it removes a perf-event uprobe
+//! under the tracing subsystem's one mutex, waiting out an RCU grace period
+//! (tens of ms, more on a loaded host), so removals host-wide go one at a
+//! time and attaches queue behind them: 1,000 cycles of 7 uprobes took 625 s
+//! on the 2-core development machine under other load. A uprobe_multi link
+//! waits out one grace period for all its sites, and nothing queues. The programs never crash and their own
 //! accounts of their work come out right; after the churn, and after the
 //! agent's objects are dropped, the kernel holds no uprobe, link, perf
 //! event, program or map of this test.
@@ -22,7 +24,7 @@ use std::{
 };
 
 use gopulse_agent::{
-    bpf::Bpf,
+    bpf::{Bpf, UprobeMode},
     collector::{Collector, SliceRule},
     discover::Naming,
     governor::Budget,
@@ -51,11 +53,12 @@ struct Lib {
 }
 
 fn load() -> Lib {
-    load_with(AccessMode::Off)
+    let mode = UprobeMode::from_env().expect("GOPULSE_UPROBE_MODE");
+    load_with(AccessMode::Off, mode)
 }
 
-fn load_with(access: AccessMode) -> Lib {
-    let (bpf, maps, _life) = Bpf::load(64, false).expect("loading the eBPF object");
+fn load_with(access: AccessMode, mode: UprobeMode) -> Lib {
+    let (bpf, maps, _life) = Bpf::load(64, false, mode).expect("loading the eBPF object");
     let model = Model::new();
     let registry = gopulse_agent::export::prometheus::registry(&model);
     let metrics = Metrics::new(&model);
@@ -119,11 +122,16 @@ impl Lib {
     }
 }
 
-/// Median and 99th percentile, in µs.
+/// Median, 99th percentile and largest, in µs.
 fn stats(mut d: Vec<Duration>) -> String {
     d.sort();
     let at = |q: f64| d[((d.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e6;
-    format!("median {:.0} µs, p99 {:.0} µs", at(0.5), at(0.99))
+    format!(
+        "median {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    )
 }
 
 /// Links and perf events of this process's programs (and uprobe_events
@@ -247,7 +255,8 @@ fn attach_detach_cycles_on_one_program_in_a_storm() {
     let truth: serde_json::Value =
         serde_json::from_str(&target.read_line(Duration::from_secs(120))).expect("truth JSON");
     assert_eq!(
-        truth["sites"], baseline["sites"],
+        support::seed_free(&truth["sites"]),
+        support::seed_free(&baseline["sites"]),
         "the fixture's maps differ from its run without the agent"
     );
     assert!(truth["small_maps"].as_u64().is_some_and(|n| n > 0));
@@ -361,7 +370,11 @@ fn exits_do_not_wait_for_attaches() {
     let built = support::build_fixture("gcload", &go, &format!("{GO}-default"), &[]);
     let churned_bin = support::private_copy(&built, "churn-exits-a");
     let watched_bin = support::private_copy(&built, "churn-exits-b");
-    let lib = Arc::new(load_with(AccessMode::Sampled));
+    // Perf-event uprobes, whatever the kernel has: their removals go one
+    // at a time under the tracing subsystem's mutex and attaches queue
+    // behind them, the wait this test needs (uprobe_multi links neither
+    // queue nor wait so; the lock design is for the fallback, on 6.1).
+    let lib = Arc::new(load_with(AccessMode::Sampled, UprobeMode::Perf));
     let churned = Target::spawn(&churned_bin, &["5", "1500"]);
     // Keeps the second executable's probes attached throughout.
     let anchor = Target::spawn(&watched_bin, &["5", "1500"]);

@@ -245,7 +245,7 @@ fn series_carry_container_ids() {
                 .samples
                 .iter()
                 .find(|s| {
-                    s.name == "gopulse_gc_cycles_total"
+                    s.name == "go_memory_gc_cycles_total"
                         && want
                             .iter()
                             .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
@@ -263,7 +263,7 @@ fn series_carry_container_ids() {
         let bare: Vec<_> = m
             .samples
             .iter()
-            .filter(|s| s.name == "gopulse_gc_cycles_total")
+            .filter(|s| s.name == "go_memory_gc_cycles_total")
             .filter(|s| !s.labels.contains_key("container_id"))
             .collect();
         assert_eq!(bare.len(), 1, "one process outside containers:\n{}", m.text);

@@ -8,6 +8,14 @@
 //! grows its maps ~20 times a burst, below the storm threshold, and must fire
 //! nothing. The rule files also pass `promtool check rules` and their unit
 //! tests (`promtool test rules`).
+//!
+//! The Go runtime alerts (the `go-runtime` group) hold for 5 to 15 minutes
+//! over windows of up to an hour: the test loads that group a second time
+//! with every duration 60 times shorter (15m → 15s; labelled
+//! `scaled="yes"`), and three `trouble` programs put a Go runtime in each
+//! state (at its memory limit with the GC running nonstop, goroutines
+//! queueing for one P, goroutines leaking): each alert must fire for its
+//! program, and none for the calm workload.
 mod support;
 
 use std::{
@@ -25,13 +33,48 @@ struct Workload(Child);
 
 impl Workload {
     fn spawn(bin: &Path) -> Self {
+        Self::spawn_with(bin, &[], &[])
+    }
+
+    fn spawn_with(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         Self(
             Command::new(bin)
+                .args(args)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
                 .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display())),
         )
+    }
+
+    /// A `trouble` program in `mode`, at the lowest CPU priority: it takes
+    /// what the rest leaves (its own Go scheduler still queues its
+    /// goroutines), so the calm workload is not starved into an alert.
+    fn trouble(bin: &Path, mode: &str) -> Self {
+        let mut child = Command::new("nice")
+            .args(["-n", "19"])
+            .arg(bin)
+            .arg(mode)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        // nice execs the program: the same pid, once it has.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{}/exe", child.id()))
+            .ok()
+            .as_deref()
+            != Some(bin)
+        {
+            assert!(child.try_wait().unwrap().is_none(), "trouble {mode} exited");
+            assert!(
+                Instant::now() < deadline,
+                "nice did not exec trouble {mode}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        Self(child)
     }
 
     fn pid(&self) -> String {
@@ -71,7 +114,11 @@ fn panel_queries() -> Vec<(String, String, String)> {
         let text = std::fs::read_to_string(root().join("dashboards").join(file)).unwrap();
         let board: Value = serde_json::from_str(&text).unwrap();
         for p in board["panels"].as_array().unwrap() {
-            for t in p["targets"].as_array().unwrap() {
+            // Rows hold no query.
+            let Some(targets) = p["targets"].as_array() else {
+                continue;
+            };
+            for t in targets {
                 out.push((
                     file.to_owned(),
                     p["title"].as_str().unwrap().to_owned(),
@@ -82,6 +129,33 @@ fn panel_queries() -> Vec<(String, String, String)> {
     }
     assert!(out.len() >= 20, "{} queries", out.len());
     out
+}
+
+/// The `go-runtime` rule group with every duration 60 times shorter (whole
+/// minutes become seconds), named `go-runtime-scaled` and labelled
+/// `scaled="yes"`.
+fn scaled_runtime_rules(rules: &str) -> String {
+    let start = rules
+        .find("  - name: go-runtime\n")
+        .expect("the go-runtime rule group");
+    let group = &rules[start..];
+    let group = match group[1..].find("\n  - name: ") {
+        Some(end) => &group[..end + 1],
+        None => group,
+    };
+    let duration = regex_lite::Regex::new(r"\b(\d+)([mh])\b").unwrap();
+    let scaled = duration.replace_all(group, |c: &regex_lite::Captures<'_>| {
+        let n: u64 = c[1].parse().unwrap();
+        let seconds = if &c[2] == "h" { n * 60 } else { n };
+        format!("{seconds}s")
+    });
+    let scaled = scaled
+        .replace("- name: go-runtime", "- name: go-runtime-scaled")
+        .replace(
+            "        labels:\n",
+            "        labels:\n          scaled: \"yes\"\n",
+        );
+    format!("groups:\n{scaled}")
 }
 
 /// A query as Grafana sends it with every variable at "All".
@@ -115,9 +189,13 @@ fn dashboards_and_alerts_on_live_data() {
         return;
     }
     let demo = root().join("examples/demo");
+    let swiss = swiss.unwrap();
     let calm_bin = support::build_go_dir(&demo, "demo-calm-1.23.9", &classic.unwrap(), &[], &[]);
-    let storm_bin = support::build_go_dir(&demo, "demo-storm-1.27.3", &swiss.unwrap(), &[], &[]);
-    let calm = Workload::spawn(&calm_bin);
+    let storm_bin = support::build_go_dir(&demo, "demo-storm-1.27.3", &swiss, &[], &[]);
+    let trouble_bin = support::build_fixture("trouble", &swiss, "1.27.3", &[]);
+    // A memory limit far above what it uses: the limit panels have data,
+    // and no alert has cause.
+    let calm = Workload::spawn_with(&calm_bin, &[], &[("GOMEMLIMIT", "1GiB")]);
     let storm = Workload::spawn(&storm_bin);
     // Discovery finds both; sampled assignment windows every 2 s so the
     // load-factor histogram fills within the test.
@@ -125,7 +203,7 @@ fn dashboards_and_alerts_on_live_data() {
         &[],
         &[
             "--exe-regex",
-            "^demo-(calm|storm)-",
+            "^(demo-(calm|storm)|trouble)-",
             "--assign-period-ms",
             "2000",
             "--assign-window-ms",
@@ -228,8 +306,72 @@ fn dashboards_and_alerts_on_live_data() {
         .collect();
     assert!(others.is_empty(), "alerts besides the storm: {others:#?}");
     eprintln!("RESULT GoMapGrowthStorm fired: {summary}");
+    drop(prom);
 
-    drop(calm);
-    drop(storm);
+    // The Go runtime alerts, 60 times faster, on a Prometheus of their
+    // own, with programs in trouble beside the demo.
+    let scaled = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("go-runtime-scaled-{}.yml", std::process::id()));
+    std::fs::write(
+        &scaled,
+        scaled_runtime_rules(&std::fs::read_to_string(&rules).unwrap()),
+    )
+    .unwrap();
+    let prom = Prometheus::start(
+        "go-runtime",
+        &format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: gopulse\n    static_configs:\n      - targets: ['{}']\n",
+            scaled.display(),
+            agent.addr
+        ),
+    );
+    let at_limit = Workload::trouble(&trouble_bin, "limit");
+    let queued = Workload::trouble(&trouble_bin, "sched");
+    let leaking = Workload::trouble(&trouble_bin, "leak");
+    let firing = |name: &str, pid: &str| -> bool {
+        let alerts = prom.api("/api/v1/alerts").unwrap();
+        alerts["alerts"].as_array().unwrap().iter().any(|a| {
+            a["labels"]["alertname"] == name
+                && a["labels"]["pid"] == pid
+                && a["labels"]["scaled"] == "yes"
+                && a["state"] == "firing"
+        })
+    };
+    let expected = [
+        ("GoGCCPUHigh", at_limit.pid()),
+        ("GoMemoryLimitPressure", at_limit.pid()),
+        ("GoSchedulingLatencyHigh", queued.pid()),
+        ("GoGoroutinesGrowing", leaking.pid()),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let missing = loop {
+        let missing: Vec<String> = expected
+            .iter()
+            .filter(|(name, pid)| !firing(name, pid))
+            .map(|(name, pid)| format!("{name} (pid {pid})"))
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        thread::sleep(Duration::from_secs(1));
+    };
+    assert!(missing.is_empty(), "did not fire: {missing:?}");
+    eprintln!("RESULT the Go runtime alerts fired (60 times faster): {expected:?}");
+    // The calm workload, beside them all along: none.
+    let alerts = prom.api("/api/v1/alerts").unwrap();
+    let calm_alerts: Vec<&Value> = alerts["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["labels"]["pid"] == calm.pid().as_str() && a["state"] == "firing")
+        .collect();
+    assert!(
+        calm_alerts.is_empty(),
+        "the calm workload fired: {calm_alerts:#?}"
+    );
+
+    drop((calm, storm, at_limit, queued, leaking));
     agent.stop();
 }

@@ -97,13 +97,10 @@ fn check_gc_exact(agent: &Agent, targets: &mut [(Target, &Build)]) {
         let pid = t.pid.to_string();
         let want = truth.numgc as f64;
         let m = agent.scrape_until(support::scaled(Duration::from_secs(10)), |m| {
-            m.value("gopulse_gc_cycles_total", &[("pid", &pid)]) >= want
+            m.cycles_seen(&[("pid", &pid)]) >= want
         });
         assert_eq!(
-            m.value(
-                "gopulse_gc_cycles_total",
-                &[("pid", &pid), ("go_version", &build.go_version)]
-            ),
+            m.cycles_seen(&[("pid", &pid), ("go_version", &build.go_version)]),
             want,
             "pid {pid} ({}): GC cycles, agent vs runtime",
             build.path.display()
@@ -297,26 +294,61 @@ fn replicas_share_one_set_of_probes() {
     assert!(set >= 3.0, "one set is {set} probes");
     assert_eq!(m.value("gopulse_uprobes_attached", &[]), set);
 
-    // The kernel's view: perf_event links to the agent's programs.
+    // The kernel's view: the uprobe links to the agent's programs, one per
+    // site (perf_event) or one per program (uprobe_multi).
     let ids = agent.bpf_prog_ids();
     let out = Command::new(&bpftool)
         .args(["-j", "link", "show"])
         .output()
         .expect("bpftool link show");
     let links: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
-    let uprobes = links
+    let uprobe_links: Vec<&serde_json::Value> = links
         .iter()
-        .filter(|l| l["type"] == "perf_event")
+        .filter(|l| l["type"] != "raw_tracepoint")
         .filter(|l| {
             l["prog_id"]
                 .as_u64()
                 .is_some_and(|id| ids.contains(&(id as u32)))
         })
-        .count();
-    eprintln!(
-        "RESULT 50 replicas: {set} probes by the agent's gauge, {uprobes} uprobe links in the kernel"
-    );
-    assert_eq!(uprobes as f64, set, "uprobe links in the kernel");
+        .collect();
+    if agent.logged("uprobes: uprobe_multi links") {
+        let data = std::fs::read(&b.path).unwrap();
+        let bin = gopulse_inspect::inspect_bytes(&data, &gopulse_agent::plan::wanted_functions())
+            .unwrap();
+        let plan = gopulse_agent::plan::plan(&bin, 0).unwrap();
+        let sites = plan.core.len() + plan.growth.len();
+        let programs: std::collections::BTreeSet<usize> = plan
+            .core
+            .iter()
+            .chain(&plan.growth)
+            .map(|s| s.program)
+            .collect();
+        eprintln!(
+            "RESULT 50 replicas: {set} probes by the agent's gauge, {} uprobe_multi links in the \
+             kernel",
+            uprobe_links.len()
+        );
+        assert_eq!(set, sites as f64, "the agent's gauge against its plan");
+        assert_eq!(
+            uprobe_links.len(),
+            programs.len(),
+            "one uprobe_multi link per program: {uprobe_links:?}"
+        );
+        assert!(
+            uprobe_links.iter().all(|l| l["type"] != "perf_event"),
+            "{uprobe_links:?}"
+        );
+    } else {
+        let uprobes = uprobe_links
+            .iter()
+            .filter(|l| l["type"] == "perf_event")
+            .count();
+        eprintln!(
+            "RESULT 50 replicas: {set} probes by the agent's gauge, {uprobes} uprobe links in the \
+             kernel"
+        );
+        assert_eq!(uprobes as f64, set, "uprobe links in the kernel");
+    }
 
     check_gc_exact(&agent, &mut targets);
     check_exit_removes(&agent, targets);

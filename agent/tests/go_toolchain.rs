@@ -48,8 +48,9 @@ fn per_pid(m: &Metrics, go_version: &str) -> BTreeMap<String, Seen> {
         let label = |k: &str| s.labels.get(k).cloned().unwrap_or_default();
         match s.name.as_str() {
             // The collector's series, which come with the process's
-            // unwatched kinds (the probes' come a moment before).
-            "gopulse_gc_cycles_total" => {
+            // unwatched kinds (the probes' come a moment before): the
+            // probes' count of GC cycles, one mark termination each.
+            "gopulse_gc_pause_seconds_count" if label("phase") == "mark_termination" => {
                 seen.processes = 1;
                 seen.gc_cycles = s.value;
             }

@@ -195,6 +195,7 @@ fn build_matrix_of_every_release() {
                 inspect::offsets::from_table(&found.version, found.map_impl),
                 "{what}: struct offsets"
             );
+            check_runtime_layout(&go, &bin, &found, kind, &what);
             // Go 1.21's own pause clock, found with symbols and DWARF.
             assert_eq!(
                 found.pause_clock.is_some(),
@@ -268,6 +269,108 @@ fn build_matrix_of_every_release() {
         }
     }
     assert_eq!(checked, support::GO_VERSIONS.len() * BUILDS.len());
+}
+
+/// The runtime's state (issue 19): its offsets (DWARF or the table, which
+/// agree), and every global, from symbols where there are some, from the
+/// code alone otherwise; the code's answer equals the symbols' in every
+/// build that has them.
+fn check_runtime_layout(go: &Path, bin: &Path, found: &inspect::GoBinary, kind: &str, what: &str) {
+    let rt = &found.runtime;
+    assert_eq!(rt.offsets_from_dwarf, kind != "stripped", "{what}");
+    let offsets = rt
+        .offsets
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{what}: runtime offsets: {e}"));
+    assert_eq!(
+        Some(*offsets),
+        inspect::layout::from_table(&found.version),
+        "{what}: runtime offsets vs the table"
+    );
+    assert_eq!(rt.globals.from_symbols, kind != "stripped", "{what}");
+    assert!(
+        rt.globals.missing().is_empty(),
+        "{what}: {:?}",
+        rt.globals.missing()
+    );
+    assert!(rt.globals.allgs.is_some(), "{what}: runtime.allgs");
+    let by_code = inspect::globals_from_code(&std::fs::read(bin).unwrap())
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(!by_code.from_symbols, "{what}");
+    for g in inspect::Global::ALL {
+        let code = by_code
+            .get(g)
+            .unwrap_or_else(|e| panic!("{what}: {g} from code: {e}"));
+        assert_eq!(Ok(code), rt.globals.get(g), "{what}: {g} by code vs found");
+        if kind != "stripped" {
+            assert_eq!(
+                code,
+                truth_data(go, bin, g.symbol()),
+                "{what}: {g} by code vs nm"
+            );
+        }
+    }
+    assert_eq!(by_code.allgs, rt.globals.allgs, "{what}: runtime.allgs");
+    if kind != "stripped" {
+        assert_eq!(
+            by_code.allgs,
+            Some(truth_data(go, bin, "runtime.allgs")),
+            "{what}: runtime.allgs vs nm"
+        );
+    }
+}
+
+/// Builds with experiments: 1.25's greenteagc moves `workType`'s fields
+/// (a table row of its own); the others move nothing the agent reads
+/// (`cargo xtask codegen offsets` checks that on their DWARF). Stripped, the
+/// table must give what the unstripped build's DWARF says, and the globals
+/// must be found from the code.
+#[test]
+fn experiment_builds_read_their_runtime_layout() {
+    for (version, experiment) in [
+        ("1.25.5", "greenteagc"),
+        ("1.25.5", "noswissmap"),
+        ("1.26.6", "goroutineleakprofile"),
+        ("1.26.6", "nogreenteagc"),
+        ("1.27.3", "nogreenteagc"),
+    ] {
+        let Some(go) = support::go_tool(version) else {
+            if !support::prerequisite(false, &format!("Go {version} is not installed")) {
+                return;
+            }
+            unreachable!();
+        };
+        let build = |kind: &str, args: &[&str]| {
+            let bin = support::build_fixture_env(
+                "gcload",
+                &go,
+                &format!("{version}-{experiment}-{kind}"),
+                args,
+                &[("GOEXPERIMENT", experiment)],
+            );
+            inspect::inspect(&bin, &[]).unwrap_or_else(|e| panic!("{version} {experiment}: {e}"))
+        };
+        let full = build("default", &[]);
+        let stripped = build("stripped", &["-ldflags=-s -w"]);
+        let what = format!("go{version} X:{experiment}");
+        assert!(
+            full.version.experiments.iter().any(|x| x == experiment),
+            "{what}: {}",
+            full.version
+        );
+        assert!(full.runtime.offsets_from_dwarf && !stripped.runtime.offsets_from_dwarf);
+        assert_eq!(
+            full.runtime.offsets.as_ref().ok(),
+            stripped.runtime.offsets.as_ref().ok(),
+            "{what}: the table vs DWARF"
+        );
+        assert!(full.runtime.offsets.is_ok(), "{what}");
+        assert!(
+            stripped.runtime.globals.missing().is_empty(),
+            "{what}: {:?}",
+            stripped.runtime.globals.missing()
+        );
+    }
 }
 
 /// Which functions the compiler inlined where, as the agent reads it from

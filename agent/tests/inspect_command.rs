@@ -1,11 +1,14 @@
 //! `gopulse inspect` (issue 24): what the agent makes of an executable,
 //! said right for a stripped swiss build, a PIE classic build, a running
-//! process, a program that is not Go and Debian's Go 1.19 (refused).
+//! process, a program that is not Go and Debian's Go 1.19 (refused); and
+//! whether the Go runtime's state can be read (issue 19), also for a
+//! stripped build of a layout the table does not know.
 mod support;
 
 use std::{path::Path, process::Command};
 
-use serde_json::Value;
+use gopulse_agent::inspect::{self, Global};
+use serde_json::{Value, json};
 
 /// `gopulse inspect --json ARGS`: its exit code and report.
 fn inspect(args: &[&str]) -> (i32, Value) {
@@ -89,6 +92,23 @@ fn stripped_swiss_build() {
     }
     assert!(!programs.contains(&"grow_classic"), "{programs:?}");
     probes_inside_functions(&r, &go, &twin);
+    // The runtime's state: offsets from the table, every global found from
+    // the code alone, where the symbols of the same build put it.
+    let rt = &r["runtime"];
+    assert_eq!(rt["readable"], true, "{r:#}");
+    assert_eq!(rt["offsets_from"], "table", "{r:#}");
+    assert!(rt["offsets_unknown"].is_null(), "{r:#}");
+    assert_eq!(rt["globals_from"], "code", "{r:#}");
+    assert_eq!(rt["globals_missing"], json!({}), "{r:#}");
+    let symbols = inspect::inspect(&twin, &[]).unwrap().runtime.globals;
+    assert!(symbols.from_symbols);
+    for g in Global::ALL {
+        assert_eq!(
+            rt["globals"][g.symbol()].as_u64(),
+            Some(symbols.get(g).unwrap()),
+            "{g}: {r:#}"
+        );
+    }
 }
 
 #[test]
@@ -105,6 +125,15 @@ fn pie_classic_build() {
     assert_eq!(b["stripped"], false);
     assert_eq!(b["offsets_from"], "dwarf");
     assert_eq!(r["go"]["settings"]["-buildmode"], "pie");
+    let rt = &r["runtime"];
+    assert_eq!(rt["readable"], true, "{r:#}");
+    assert_eq!(rt["offsets_from"], "dwarf", "{r:#}");
+    assert_eq!(rt["globals_from"], "symbols", "{r:#}");
+    assert_eq!(
+        rt["globals"].as_object().unwrap().len(),
+        Global::ALL.len(),
+        "{r:#}"
+    );
     assert!(
         r["probes"]
             .as_array()
@@ -137,7 +166,68 @@ fn running_process_and_text() {
     assert!(text.starts_with(&format!("pid {pid}: ")), "{text}");
     assert!(text.contains("verdict       watch"), "{text}");
     assert!(text.contains("stw_start_ret"), "{text}");
+    assert!(
+        text.contains(
+            "runtime       read from the process's memory: offsets from the binary's DWARF, \
+             7 of 7 globals found from the symbol table"
+        ),
+        "{text}"
+    );
     target.finish();
+}
+
+/// A stripped build of a layout the table does not know
+/// (`GOEXPERIMENT=staticlockranking`): watched, but its runtime's state is
+/// not read, and the report says why; with its DWARF it is.
+#[test]
+fn runtime_state_of_an_unknown_layout() {
+    let Some(go) = support::go_or_skip("1.27.3") else {
+        return;
+    };
+    let env = [("GOEXPERIMENT", "staticlockranking")];
+    let build = |kind: &str, args: &[&str]| {
+        support::build_fixture_env(
+            "maps",
+            &go,
+            &format!("1.27.3-inspect-staticlockranking-{kind}"),
+            args,
+            &env,
+        )
+    };
+    let stripped = build("stripped", &["-ldflags=-s -w"]);
+    let (code, r) = inspect(&[stripped.to_str().unwrap()]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["watchable"], true, "{r:#}");
+    let rt = &r["runtime"];
+    assert_eq!(rt["readable"], false, "{r:#}");
+    assert!(rt["offsets_from"].is_null(), "{r:#}");
+    let why = rt["offsets_unknown"].as_str().unwrap();
+    assert!(
+        why.contains("no DWARF") && why.contains("staticlockranking"),
+        "{why}"
+    );
+    assert!(rt["globals"].as_object().unwrap().is_empty(), "{r:#}");
+    assert_eq!(
+        rt["globals_missing"].as_object().unwrap().len(),
+        Global::ALL.len(),
+        "{r:#}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_gopulse"))
+        .arg("inspect")
+        .arg(&stripped)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("runtime       not read: no DWARF")
+            && text.contains("its go_* metrics are absent"),
+        "{text}"
+    );
+
+    let full = build("default", &[]);
+    let (_, r) = inspect(&[full.to_str().unwrap()]);
+    assert_eq!(r["runtime"]["readable"], true, "{r:#}");
+    assert_eq!(r["runtime"]["offsets_from"], "dwarf", "{r:#}");
 }
 
 #[test]

@@ -261,6 +261,23 @@ fn run_agent(
     );
     assert!(!agent.logged("cannot watch"));
     let watched = rss_hwm_kib(agent.pid());
+    // The Go runtime's state is read from every process at each collection
+    // (a scrape's own collection comes before it renders: this one's
+    // covers every process watched now).
+    let m = agent.scrape();
+    for t in &targets {
+        let pid = t.pid.to_string();
+        assert!(
+            m.has("go_goroutine_count", &[("pid", &pid)])
+                && m.has("go_schedule_duration_seconds_count", &[("pid", &pid)]),
+            "{label}: no Go runtime metrics for pid {pid}"
+        );
+    }
+    // What watching them costs the agent while they idle (a collection
+    // every 200 ms here: five times the default).
+    let cpu = support::cpu_seconds(agent.pid());
+    thread::sleep(Duration::from_secs(10));
+    let idle_cpu = (support::cpu_seconds(agent.pid()) - cpu) / 10.0;
     grow_and_check(&agent, &mut targets);
     settle(&agent);
     let scraped = after_scrapes(&agent);
@@ -268,9 +285,11 @@ fn run_agent(
     eprintln!(
         "RESULT memory {label}: idle {idle:?}; {n} processes watched {watched:?}; {} site \
          series counted, after 5 scrapes {scraped:?} ({per_process:.0} KiB anonymous per \
-         process over idle; {})",
+         process over idle; {}); agent CPU with them idle, collecting every 200 ms: {:.2}% of \
+         a CPU",
         n * sites::COMMITTED_SITES,
         rollup(agent.pid()),
+        idle_cpu * 100.0,
     );
     check_bound(&format!("{label}, watched"), watched, bound);
     check_bound(&format!("{label}, after scrapes"), scraped, bound);

@@ -116,6 +116,52 @@ fn assert_known_values(what: &str, minor: u32, o: &Offsets) {
     }
 }
 
+/// Runtime offsets from the research notes (§5 of
+/// /work/notes/runtime-state.md, read from other builds): an anchor that
+/// does not depend on codegen.
+fn assert_runtime_values(what: &str, minor: u32, o: &inspect::RuntimeOffsets) {
+    use inspect::layout::FreeGs;
+    assert_eq!(
+        (
+            o.gc_controller_size,
+            o.gc_percent,
+            o.memory_limit,
+            o.heap_marked
+        ),
+        (392, 0, 8, 152),
+        "{what}"
+    );
+    let (numgc, cycles, ngsys, time_to_run) = match minor {
+        21 | 22 => (7704, 400, 72, 320),
+        23 | 24 => (7704, 424, 72, 320),
+        25 => (7680, 512, 80, 344),
+        _ => (7680, 648, 96, 360),
+    };
+    assert_eq!(
+        (o.numgc, o.work_cycles, o.sched_ngsys, o.sched_time_to_run),
+        (numgc, cycles, ngsys, time_to_run),
+        "{what}"
+    );
+    match (minor, o.sched_free) {
+        (..=24, FreeGs::Counted { sched_n: 184 }) => {}
+        (
+            25,
+            FreeGs::Split {
+                sched_stack: 184,
+                sched_no_stack: 200,
+            },
+        ) => {}
+        (
+            26..,
+            FreeGs::Split {
+                sched_stack: 200,
+                sched_no_stack: 216,
+            },
+        ) => {}
+        (_, other) => panic!("{what}: gFree {other:?}"),
+    }
+}
+
 #[test]
 fn dwarf_agrees_with_the_table_for_every_release() {
     let Some(toolchains) = toolchains() else {
@@ -171,6 +217,46 @@ fn dwarf_agrees_with_the_table_for_every_release() {
                     "{what}: window {window}"
                 );
             }
+            // The runtime state's offsets (issue 19), and the moduledata
+            // fields that bound the sections its globals lie in.
+            let runtime = inspect::offsets::runtime_from_dwarf(&data)
+                .unwrap_or_else(|e| panic!("{what}: {e}"))
+                .unwrap_or_else(|| panic!("{what}: no DWARF"));
+            assert_eq!(
+                Some(runtime),
+                inspect::layout::from_table(&found),
+                "{what}: stale runtime table; run `cargo xtask codegen offsets`"
+            );
+            runtime.check().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_runtime_values(&what, found.minor, &runtime);
+            // Its nested fields (`gFree.stack.size`, `heapStats.gen`,
+            // `cpuStats.GCTotalTime`: member types followed to structs read
+            // in later passes) through small windows too.
+            for window in [1 << 10, 4093] {
+                assert_eq!(
+                    inspect::offsets::runtime_from_dwarf_through(&data, window).unwrap(),
+                    Some(runtime),
+                    "{what}: runtime offsets through a window of {window}"
+                );
+            }
+            for (field, offset) in inspect::globals::MODULEDATA_FIELDS {
+                assert_eq!(
+                    inspect::offsets::field_from_dwarf(&data, "runtime.moduledata", field)
+                        .unwrap_or_else(|e| panic!("{what}: {e}")),
+                    Some(offset),
+                    "{what}: runtime.moduledata.{field}"
+                );
+            }
+            // The arrays the agent sums have the lengths it assumes.
+            let largefree =
+                inspect::offsets::field_from_dwarf(&data, "runtime.heapStatsDelta", "largeFree")
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(
+                largefree - u64::from(runtime.delta_small_alloc_count),
+                8 * inspect::layout::SIZE_CLASSES as u64,
+                "{what}: heapStatsDelta.smallAllocCount is [68]uint64"
+            );
 
             // The other implementation's structs are not in the binary.
             let other = match imp {

@@ -9,110 +9,18 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    net::TcpStream,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use serde::Deserialize;
-use serde_json::Value;
 use support::{
     Agent, Target,
     cgroup::{Names, TestCgroup, containerd_path},
+    rotel::{Rotel, newest, now_ns, points},
 };
-
-struct Rotel {
-    child: Child,
-}
-
-impl Rotel {
-    /// rotel listening on 127.0.0.1 (`grpc`, `http` ports), appending every
-    /// data point to `dump`.
-    fn start(bin: &Path, dump: &Path, grpc: u16, http: u16) -> Self {
-        let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/rotel_dump.py");
-        let child = support::rotel_command(bin)
-            .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
-            .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
-            .args([
-                "--otlp-receiver-traces-disabled",
-                "--otlp-receiver-logs-disabled",
-            ])
-            .arg("--otlp-with-metrics-processor")
-            .arg(&hook)
-            .env("GOPULSE_ROTEL_DUMP", dump)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting rotel-agent");
-        let mut rotel = Self { child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            assert!(
-                rotel.child.try_wait().unwrap().is_none(),
-                "rotel exited at start"
-            );
-            let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
-            if up(grpc) && up(http) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "rotel did not listen");
-            thread::sleep(Duration::from_millis(50));
-        }
-        rotel
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Rotel {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-/// Every data point rotel has written so far.
-fn points(dump: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(dump).unwrap_or_default();
-    text.lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-            assert!(v.get("error").is_none(), "rotel's hook failed: {l}");
-            v
-        })
-        .collect()
-}
-
-/// The newest point of `name` stamped after `after` in the resource of
-/// `pid` (or the agent's own, `None`) whose attributes include `attrs`.
-fn newest<'a>(
-    all: &'a [Value],
-    pid: Option<u32>,
-    name: &str,
-    attrs: &[(&str, &str)],
-    after: u64,
-) -> Option<&'a Value> {
-    all.iter()
-        .filter(|p| p["name"] == name)
-        .filter(|p| p["time_unix_nano"].as_u64().unwrap_or(0) > after)
-        .filter(|p| match pid {
-            Some(pid) => p["resource"]["process.pid"].as_u64() == Some(u64::from(pid)),
-            None => p["resource"]["service.name"] == "gopulse",
-        })
-        .filter(|p| attrs.iter().all(|(k, v)| p["attributes"][*k] == *v))
-        .max_by_key(|p| p["time_unix_nano"].as_u64())
-}
 
 #[derive(Debug, Deserialize)]
 struct GcTruth {
@@ -227,7 +135,7 @@ fn check(protocol: &str, histograms: &str) {
 
     // /metrics first: it reaches the truth.
     let prom = agent.scrape_until(Duration::from_secs(15), |m| {
-        m.value("gopulse_gc_cycles_total", &[("pid", &gc_pid)]) == gc_truth.numgc as f64
+        m.value("go_memory_gc_cycles_total", &[("pid", &gc_pid)]) == gc_truth.numgc as f64
             && expected.iter().all(|(site, kind, n)| {
                 m.value(
                     "gopulse_map_growths_total",
@@ -236,7 +144,7 @@ fn check(protocol: &str, histograms: &str) {
             })
     });
     assert_eq!(
-        prom.value("gopulse_gc_cycles_total", &[("pid", &gc_pid)]),
+        prom.value("go_memory_gc_cycles_total", &[("pid", &gc_pid)]),
         gc_truth.numgc as f64
     );
     // The workloads are done: nothing changes from here on, so the next
@@ -274,7 +182,7 @@ fn check(protocol: &str, histograms: &str) {
     assert_eq!(cycles["kind"], "sum");
     assert_eq!(cycles["is_monotonic"], true);
     assert_eq!(cycles["temporality"], "AGGREGATION_TEMPORALITY_CUMULATIVE");
-    assert_eq!(cycles["unit"], "{cycle}");
+    assert_eq!(cycles["unit"], "{gc_cycle}");
     assert_eq!(cycles["value"].as_u64(), Some(gc_truth.numgc), "{cycles}");
 
     // Pauses per phase: exponential histograms whose count and sum are the
@@ -413,7 +321,7 @@ fn check(protocol: &str, histograms: &str) {
             asked.elapsed()
         );
         assert_eq!(
-            m.value("gopulse_gc_cycles_total", &[("pid", &gc_pid)]),
+            m.value("go_memory_gc_cycles_total", &[("pid", &gc_pid)]),
             gc_truth.numgc as f64
         );
         thread::sleep(Duration::from_secs(1));

@@ -105,11 +105,9 @@ fn gc_exact(agent: &Agent, t: &mut Target, n: u32, labels: &[(&str, &str)]) {
     let pid = t.pid.to_string();
     let mut labels = labels.to_vec();
     labels.push(("pid", &pid));
-    let m = agent.scrape_until(Duration::from_secs(10), |m| {
-        m.value("gopulse_gc_cycles_total", &labels) >= want
-    });
+    let m = agent.scrape_until(Duration::from_secs(10), |m| m.cycles_seen(&labels) >= want);
     assert_eq!(
-        m.value("gopulse_gc_cycles_total", &labels),
+        m.cycles_seen(&labels),
         want,
         "pid {pid}: GC cycles, agent vs runtime ({labels:?})"
     );
@@ -189,7 +187,7 @@ fn check_after_victims(agent: &Agent, bystander: &mut Target, dead: &[u32], exe:
         m.value("gopulse_probes_attached", &[("pid", &by)])
     );
     // Its GC is off but for the forced cycles: none so far.
-    assert_eq!(m.value("gopulse_gc_cycles_total", &[("pid", &by)]), 0.0);
+    assert_eq!(m.cycles_seen(&[("pid", &by)]), 0.0);
     gc_exact(agent, bystander, 5, &[("exe", exe), ("go_version", GO_A)]);
     assert!(!agent.logged("cannot watch"), "a fixture was not watched");
 }
@@ -324,7 +322,7 @@ fn exec_cases(discovery: bool) {
     let m = agent.scrape();
     assert!(
         !m.has(
-            "gopulse_gc_cycles_total",
+            "gopulse_gc_pause_seconds_count",
             &[("pid", &pid), ("exe", &name_a)]
         ),
         "pid {pid} keeps series of the program it left"
@@ -479,10 +477,7 @@ fn binary_replaced_on_disk_discovery() {
     // X's numbers are its own.
     let m = agent.scrape();
     assert_eq!(
-        m.value(
-            "gopulse_gc_cycles_total",
-            &[("pid", &x.pid.to_string()), ("go_version", GO_A)]
-        ),
+        m.cycles_seen(&[("pid", &x.pid.to_string()), ("go_version", GO_A)]),
         3.0
     );
     assert_eq!(m.value("gopulse_executables_probed", &[]), 2.0);

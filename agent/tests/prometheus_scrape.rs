@@ -44,7 +44,7 @@ fn prometheus_scrapes_the_agent() {
     );
     let pid = target.pid;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let promql = format!("gopulse_gc_cycles_total{{pid=\"{pid}\",go_version=\"go1.27.3\"}}");
+    let promql = format!("go_memory_gc_cycles_total{{pid=\"{pid}\",go_version=\"go1.27.3\"}}");
     let mut seen = None;
     while Instant::now() < deadline {
         seen = prom.value(&promql);

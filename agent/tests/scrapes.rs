@@ -72,7 +72,7 @@ fn hundred_scrapes_beside_slow_clients() {
         serde_json::from_str(&target.read_line(Duration::from_secs(60))).unwrap();
     let numgc = truth["numgc"].as_f64().unwrap();
     let pid = target.pid.to_string();
-    let cycles = |m: &Metrics| m.value("gopulse_gc_cycles_total", &[("pid", &pid)]);
+    let cycles = |m: &Metrics| m.cycles_seen(&[("pid", &pid)]);
     let before = agent.scrape_until(support::scaled(Duration::from_secs(10)), |m| {
         cycles(m) == numgc
     });

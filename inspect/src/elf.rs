@@ -20,6 +20,22 @@ const MD_TEXT: u64 = 176;
 const MD_GOFUNC: u64 = 320;
 const MD_GOFUNC_GO127: u64 = 344;
 
+/// `bss`, `ebss`, `noptrbss`, `enoptrbss` (the same in Go 1.21 to 1.27; the
+/// `offsets_table` test checks them against each release's DWARF).
+pub const MD_BSS: u64 = 224;
+pub const MD_EBSS: u64 = 232;
+pub const MD_NOPTRBSS: u64 = 240;
+pub const MD_ENOPTRBSS: u64 = 248;
+
+/// Go's zeroed data sections, link-time addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataSections {
+    /// `.bss`: zeroed data with pointers.
+    pub bss: std::ops::Range<u64>,
+    /// `.noptrbss`: zeroed data without pointers.
+    pub noptrbss: std::ops::Range<u64>,
+}
+
 /// A PT_LOAD segment.
 #[derive(Clone, Copy, Debug)]
 struct Segment {
@@ -247,6 +263,21 @@ impl<'a> Elf<'a> {
     /// on, and the `.text` section also holds C code in cgo builds.
     pub fn moduledata_text(&self, md: u64) -> Option<u64> {
         self.word(md.checked_add(MD_TEXT)?)
+    }
+
+    /// Go's zeroed data sections as the moduledata at `md` bounds them
+    /// (`bss`/`ebss`, `noptrbss`/`enoptrbss`), link-time addresses: where
+    /// the runtime's globals must lie.
+    pub fn moduledata_bss(&self, md: u64) -> Option<DataSections> {
+        let word = |field: u64| self.word(md.checked_add(field)?);
+        let range = |lo: u64, hi: u64| {
+            let (lo, hi) = (word(lo)?, word(hi)?);
+            (lo <= hi).then_some(lo..hi)
+        };
+        Some(DataSections {
+            bss: range(MD_BSS, MD_EBSS)?,
+            noptrbss: range(MD_NOPTRBSS, MD_ENOPTRBSS)?,
+        })
     }
 
     /// The executable's `go:func.*` data (inline trees and the other

@@ -5,8 +5,10 @@ pub mod buildinfo;
 mod disasm;
 mod dwarf;
 mod elf;
+pub mod globals;
 mod image;
 mod inline;
+pub mod layout;
 pub mod offsets;
 pub mod pclntab;
 mod quick;
@@ -20,7 +22,9 @@ use std::{
 
 pub use buildinfo::BuildInfo;
 pub use disasm::StackCheck;
+pub use globals::{Global, GlobalError, Globals};
 pub use image::Image;
+pub use layout::RuntimeOffsets;
 pub use offsets::{MapImpl, MapOffsets, Offsets, TypeOffsets};
 pub use pclntab::{Source, Symbolizer};
 pub use quick::{Release, go_release, go_release_in};
@@ -127,6 +131,20 @@ pub struct GoBinary {
     /// when the inline trees could not be found (no `runtime.moduledata`
     /// nor `go:func.*` symbol).
     pub inlined: Option<BTreeMap<String, BTreeSet<String>>>,
+    /// Where the runtime's state is, for reading it from a process.
+    pub runtime: RuntimeLayout,
+}
+
+/// Where the runtime keeps the state the agent reads from a process's
+/// memory ([`layout`], [`globals`]).
+#[derive(Clone, Debug)]
+pub struct RuntimeLayout {
+    /// Its structs' field offsets, or why they are unknown for this build.
+    pub offsets: Result<RuntimeOffsets, String>,
+    /// Whether [`RuntimeLayout::offsets`] came from the binary's own DWARF.
+    pub offsets_from_dwarf: bool,
+    /// Its globals.
+    pub globals: Globals,
 }
 
 /// Link-time addresses of Go 1.21's pause bookkeeping: `work.pauseStart`
@@ -201,6 +219,17 @@ fn supported_version(build: &BuildInfo) -> Result<GoVersion, InspectError> {
 /// keeps is its own: the bytes can go once it returns (the symbolizer
 /// reads names from the executable again, see [`Symbolizer`]).
 pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectError> {
+    inspect_with(data, wanted, true)
+}
+
+/// The runtime's globals as the machine code alone gives them, as for a
+/// stripped binary even when this one has symbols (to check the rules
+/// against the symbols).
+pub fn globals_from_code(data: &[u8]) -> Result<Globals, InspectError> {
+    Ok(inspect_with(data, &[], false)?.runtime.globals)
+}
+
+fn inspect_with(data: &[u8], wanted: &[&str], symbols: bool) -> Result<GoBinary, InspectError> {
     let elf = elf::Elf::parse(data)?;
     let build = elf.build_info()?;
     let version = supported_version(&build)?;
@@ -229,9 +258,15 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     }
 
     let mut functions = BTreeMap::new();
+    let mut runtime_code = Vec::new();
     for f in pcln.table.functions() {
         let (name, entry, end) = f?;
-        if !wanted.contains(&name) || functions.contains_key(name) {
+        let runtime_fn = globals::ANCHORS
+            .iter()
+            .chain(globals::CALLEES)
+            .find(|&&n| n == name);
+        let wanted_fn = wanted.contains(&name) && !functions.contains_key(name);
+        if runtime_fn.is_none() && !wanted_fn {
             continue;
         }
         // Checked when the symbolizer was built, from the same bytes.
@@ -242,6 +277,14 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
                 detail: format!("{name} past the end of the address space"),
             })?;
         let size = end.saturating_sub(entry);
+        if let Some(&known) = runtime_fn
+            && let Ok(code) = elf.code(address, size)
+        {
+            runtime_code.push((known, address, code));
+        }
+        if !wanted_fn {
+            continue;
+        }
         if let Some(sym) = elf.symtab_address(name)
             && sym != address
         {
@@ -297,14 +340,22 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
         symbolizer.set_gofunc(offset as u64, g.len() as u64);
     }
     let map_impl = map_impl(&symbolizer, data, &version);
-    // One pass over the DWARF for everything read from it.
+    // One pass over the DWARF for everything read from it (more only for
+    // the runtime's nested fields whose types lie behind them).
     let mut wanted_structs = offsets::wanted(map_impl).to_vec();
+    wanted_structs.extend(layout::STRUCTS);
     if version.minor == 21 {
         wanted_structs.extend([WORK_TYPE, MSTATS]);
     }
-    let structs = dwarf::structs(elf.file(), &wanted_structs)?;
-    let (offsets, offsets_from_dwarf) = match &structs {
-        Some(s) => (offsets::from_structs(s, map_impl)?, true),
+    let structs = dwarf::structs(elf.file(), &wanted_structs, layout::PATHS)?;
+    let (offsets, runtime_offsets, offsets_from_dwarf) = match &structs {
+        // The runtime's offsets may fail on their own: then only what is
+        // read from the process's memory is lost.
+        Some(s) => (
+            offsets::from_structs(s, map_impl)?,
+            layout::from_structs(s).map_err(|e| e.to_string()),
+            true,
+        ),
         None => (
             offsets::from_table(&version, map_impl).ok_or_else(|| {
                 InspectError::UnsupportedVersion {
@@ -314,6 +365,13 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
                              watched",
                 }
             })?,
+            layout::from_table(&version).ok_or_else(|| {
+                format!(
+                    "no DWARF, and no table row for {} (an experiment not known to leave \
+                     the runtime's layout alone)",
+                    version.raw
+                )
+            }),
             false,
         ),
     };
@@ -322,6 +380,20 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
     if offsets.types.is_none() {
         offsets.types = offsets::from_table(&version, map_impl).and_then(|o| o.types);
     }
+    let runtime_offsets = runtime_offsets.and_then(|o| {
+        o.check()
+            .map(|()| o)
+            .map_err(|e| format!("unexpected runtime layout: {e}"))
+    });
+    let globals = match &runtime_offsets {
+        Ok(o) => globals::locate(
+            &globals::Text::new(runtime_code),
+            |name| symbols.then(|| elf.symtab_data_address(name)).flatten(),
+            o,
+            moduledata.and_then(|md| elf.moduledata_bss(md)).as_ref(),
+        ),
+        Err(e) => Globals::none(GlobalError::NoOffsets(e.clone())),
+    };
     let pause_clock = match &structs {
         Some(s) if version.minor == 21 => pause_clock(&elf, s)?,
         _ => None,
@@ -340,6 +412,11 @@ pub fn inspect_bytes(data: &[u8], wanted: &[&str]) -> Result<GoBinary, InspectEr
         offsets,
         offsets_from_dwarf,
         inlined,
+        runtime: RuntimeLayout {
+            offsets: runtime_offsets,
+            offsets_from_dwarf,
+            globals,
+        },
     })
 }
 

@@ -5,6 +5,7 @@
 use crate::{
     GoVersion, InspectError,
     dwarf::{self, Structs},
+    layout::{self, RuntimeOffsets},
 };
 
 #[path = "offsets_table.rs"]
@@ -146,6 +147,53 @@ pub fn from_dwarf_through(
     imp: MapImpl,
     window: usize,
 ) -> Result<Option<Offsets>, InspectError> {
+    match read(data, wanted(imp), &[], window)? {
+        Some(structs) => Ok(Some(from_structs(&structs, imp)?)),
+        None => Ok(None),
+    }
+}
+
+/// The runtime state's offsets ([`crate::layout`]) from the executable's
+/// DWARF: `Ok(None)` without DWARF, an error when a struct or field is
+/// missing.
+pub fn runtime_from_dwarf(data: &[u8]) -> Result<Option<RuntimeOffsets>, InspectError> {
+    runtime_from_dwarf_through(data, dwarf::WINDOW)
+}
+
+/// [`runtime_from_dwarf`] reading `.debug_info` through a window of
+/// `window` bytes (tests: any window reads the same).
+#[doc(hidden)]
+pub fn runtime_from_dwarf_through(
+    data: &[u8],
+    window: usize,
+) -> Result<Option<RuntimeOffsets>, InspectError> {
+    match read(data, layout::STRUCTS, layout::PATHS, window)? {
+        Some(structs) => Ok(Some(layout::from_structs(&structs)?)),
+        None => Ok(None),
+    }
+}
+
+/// The offset of one field of a struct type from the executable's DWARF
+/// (a test's check of a constant); `Ok(None)` when the binary has no
+/// DWARF, an error when it lacks the struct or field.
+pub fn field_from_dwarf(
+    data: &[u8],
+    strukt: &str,
+    field: &str,
+) -> Result<Option<u64>, InspectError> {
+    match read(data, &[strukt], &[], dwarf::WINDOW)? {
+        Some(structs) => field_offset(&structs, strukt, field).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The structs `wanted` and nested fields `paths` of the executable's DWARF.
+fn read(
+    data: &[u8],
+    wanted: &[&str],
+    paths: &[(&str, &str)],
+    window: usize,
+) -> Result<Option<Structs>, InspectError> {
     if !data.starts_with(b"\x7fELF") {
         return Err(InspectError::NotElf);
     }
@@ -153,10 +201,12 @@ pub fn from_dwarf_through(
         section: "ELF header",
         detail: e.to_string(),
     })?;
-    match dwarf::structs_through(&file, wanted(imp), window)? {
-        Some(structs) => Ok(Some(from_structs(&structs, imp)?)),
-        None => Ok(None),
-    }
+    dwarf::structs_through(&file, wanted, paths, window)
+}
+
+/// The runtime state's offsets of every release, as generated.
+pub(crate) fn runtime_table() -> &'static [(u32, Option<&'static str>, RuntimeOffsets)] {
+    table::RUNTIME_TABLE
 }
 
 /// The offset of one field of a struct type read from the DWARF; an error
@@ -171,8 +221,7 @@ pub(crate) fn field_offset(
         .ok_or_else(|| InspectError::MissingType(strukt.to_owned()))?
         .members
         .get(field)
-        .copied()
-        .flatten()
+        .and_then(|m| m.offset)
         .ok_or_else(|| InspectError::MissingType(format!("{strukt}.{field}")))
 }
 
@@ -191,8 +240,8 @@ pub(crate) fn from_structs(structs: &Structs, imp: MapImpl) -> Result<Offsets, I
     };
     let field = |owner: &str, name: &str| -> Result<u16, InspectError> {
         let what = format!("{owner}.{name}");
-        match get(owner)?.members.get(name) {
-            Some(Some(v)) => small(what, *v),
+        match get(owner)?.members.get(name).map(|m| m.offset) {
+            Some(Some(v)) => small(what, v),
             Some(None) => Err(InspectError::Corrupt {
                 section: ".debug_info",
                 detail: format!("{what} has no constant offset"),
@@ -220,7 +269,7 @@ pub(crate) fn from_structs(structs: &Structs, imp: MapImpl) -> Result<Offsets, I
             extra: field(HMAP, "extra")?,
             // 1.24/1.25 keep the classic type as OldMapType (MapType is
             // then the swiss one, under another name); before, MapType.
-            maptype_bucket_size: if structs.contains_key(OLD_MAPTYPE) {
+            maptype_bucket_size: if structs.get(OLD_MAPTYPE).is_some() {
                 field(OLD_MAPTYPE, "BucketSize")?
             } else {
                 field(MAPTYPE, "BucketSize")?
@@ -252,12 +301,12 @@ pub(crate) fn from_structs(structs: &Structs, imp: MapImpl) -> Result<Offsets, I
             }
         }
     };
-    let types = match structs.contains_key(ABI_TYPE) {
-        true => Some(TypeOffsets {
+    let types = match structs.get(ABI_TYPE) {
+        Some(_) => Some(TypeOffsets {
             size: field(ABI_TYPE, "Size_")?,
             ptr_bytes: field(ABI_TYPE, "PtrBytes")?,
         }),
-        false => None,
+        None => None,
     };
     Ok(Offsets {
         map,

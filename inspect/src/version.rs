@@ -23,6 +23,7 @@ pub struct GoVersion {
 
 impl GoVersion {
     /// Parses `go1.21.13`, `go1.22rc1`, `go1.24.11 X:noswissmap,foo`,
+    /// `go1.26.6-X:nogreenteagc` (how Go 1.26+ joins the experiments),
     /// `devel go1.28-4d5c3a Tue ...`. Returns `None` for anything else.
     pub fn parse(raw: &str) -> Option<Self> {
         let raw = raw.trim();
@@ -31,9 +32,12 @@ impl GoVersion {
             None => (false, raw),
         };
         let mut words = rest.split_whitespace();
-        let head = words.next()?;
-        let experiments = words
-            .find_map(|w| w.strip_prefix("X:"))
+        let (head, joined) = match words.next()?.split_once("-X:") {
+            Some((head, x)) => (head, Some(x)),
+            None => (rest.split_whitespace().next()?, None),
+        };
+        let experiments = joined
+            .or_else(|| words.find_map(|w| w.strip_prefix("X:")))
             .map(|x| x.split(',').map(str::to_owned).collect())
             .unwrap_or_default();
         let num = head.strip_prefix("go")?;
@@ -126,6 +130,12 @@ mod tests {
         assert_eq!(v.patch, 11);
         assert_eq!(v.experiments, vec!["noswissmap", "aliastypeparams"]);
         assert_eq!(v.short(), "go1.24.11");
+        // Go 1.26+ joins them with a dash.
+        let v = GoVersion::parse("go1.26.6-X:nogreenteagc,goroutineleakprofile").unwrap();
+        assert_eq!((v.minor, v.patch), (26, 6));
+        assert_eq!(v.experiments, vec!["nogreenteagc", "goroutineleakprofile"]);
+        assert_eq!(v.short(), "go1.26.6");
+        assert!(v.is_supported());
     }
 
     #[test]

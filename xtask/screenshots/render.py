@@ -103,6 +103,14 @@ def fmt(v, unit):
                 return f"{number(v / scale)} {suffix}" if v else "0 s"
     if unit == "percentunit":
         return f"{number(v * 100)}%"
+    if unit == "bytes":  # IEC
+        for scale, suffix in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB"), (1, "B")):
+            if abs(v) >= scale or scale == 1:
+                return f"{number(v / scale)} {suffix}"
+    if unit == "Bps":  # SI
+        for scale, suffix in ((1e9, "GB/s"), (1e6, "MB/s"), (1e3, "kB/s"), (1, "B/s")):
+            if abs(v) >= scale or scale == 1:
+                return f"{number(v / scale)} {suffix}"
     if unit == "ops":  # SI-scaled count per second
         for scale, suffix in ((1e9, " Bil"), (1e6, " Mil"), (1e3, "K"), (1, "")):
             if abs(v) >= scale or scale == 1:
@@ -324,6 +332,9 @@ def render(board_file, prom, out_dir):
         g = p["gridPos"]
         x, y = GAP + g["x"] * col, TOP + g["y"] * (ROW + GAP)
         w, h = g["w"] * col - GAP, g["h"] * ROW + (g["h"] - 1) * GAP
+        if p["type"] == "row":  # a header across the board, no panel
+            cv.text(x, y + h / 2, p["title"], fontsize=px(14), fontweight="bold", va="center")
+            continue
         cv.fig.add_artist(FancyBboxPatch(
             (x / WIDTH, 1 - (y + h) / cv.h), w / WIDTH, h / cv.h, boxstyle="square,pad=0",
             facecolor=PANEL, edgecolor=BORDER, linewidth=1, zorder=-1))

@@ -1,6 +1,9 @@
 //! `cargo xtask codegen offsets`: regenerates `inspect/src/offsets_table.rs`,
 //! the struct field offsets per Go release, from the DWARF of the `gcload`
-//! fixture built with every toolchain in the cache.
+//! fixture built with every toolchain in the cache: the probes' offsets per
+//! map implementation, and the runtime state's ([`gopulse_inspect::layout`])
+//! per layout (a release, or a release built with an experiment that moves
+//! fields). Builds with experiments said to move nothing are checked to.
 use std::{
     fmt::Write as _,
     io::Write as _,
@@ -9,7 +12,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use gopulse_inspect::{GoVersion, MapImpl, MapOffsets, Offsets, offsets};
+use gopulse_inspect::{
+    GoVersion, MapImpl, MapOffsets, Offsets, RuntimeOffsets,
+    layout::{HARMLESS_EXPERIMENTS, LAYOUT_EXPERIMENTS},
+    offsets,
+};
 
 use crate::project::{
     GO_VERSIONS, check, describe, go_binary, go_build, run, target_dir, workspace_root,
@@ -22,6 +29,7 @@ const NOSWISSMAP_MINORS: &[u32] = &[24, 25];
 
 pub fn offsets(cache: &Path, check_only: bool) -> Result<()> {
     let mut rows = Vec::new();
+    let mut runtime_rows = Vec::new();
     for version in GO_VERSIONS {
         let go = go_binary(cache, version);
         if !go.exists() {
@@ -35,19 +43,58 @@ pub fn offsets(cache: &Path, check_only: bool) -> Result<()> {
         if NOSWISSMAP_MINORS.contains(&minor) {
             builds.push((Some("noswissmap"), MapImpl::Classic));
         }
+        // Builds for the runtime layout only: their own rows, or checked
+        // against the default's.
+        for &(m, x) in LAYOUT_EXPERIMENTS.iter().chain(HARMLESS_EXPERIMENTS) {
+            if m == minor && !builds.iter().any(|(e, _)| *e == Some(x)) {
+                builds.push((Some(x), default_impl(minor)));
+            }
+        }
+        let mut default_runtime = None;
         for (experiment, imp) in builds {
             let bin = build(cache, &go, version, experiment)?;
             let data = std::fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
             // The build must say what we asked for, or the row is mislabelled.
             let found = gopulse_inspect::inspect_bytes(&data, &[])
                 .with_context(|| format!("inspecting {}", bin.display()))?;
-            if found.version.minor != minor || MapImpl::of(&found.version) != imp {
+            let has_experiment =
+                experiment.is_none_or(|x| found.version.experiments.iter().any(|e| e == x));
+            if found.version.minor != minor || MapImpl::of(&found.version) != imp || !has_experiment
+            {
                 bail!(
-                    "{} reports {} ({:?} maps), expected Go {version} with {imp:?} maps",
+                    "{} reports {} ({:?} maps), expected Go {version} with {imp:?} maps{}",
                     bin.display(),
                     found.version,
-                    MapImpl::of(&found.version)
+                    MapImpl::of(&found.version),
+                    experiment.map_or(String::new(), |x| format!(" and X:{x}"))
                 );
+            }
+            let runtime = offsets::runtime_from_dwarf(&data)
+                .with_context(|| format!("reading the runtime's DWARF of {}", bin.display()))?
+                .with_context(|| format!("{} has no DWARF", bin.display()))?;
+            runtime
+                .check()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", bin.display()))?;
+            match experiment {
+                None => {
+                    default_runtime = Some(runtime);
+                    runtime_rows.push((minor, None, runtime, found.version.clone()));
+                }
+                Some(x) if LAYOUT_EXPERIMENTS.contains(&(minor, x)) => {
+                    runtime_rows.push((minor, Some(x), runtime, found.version.clone()));
+                }
+                Some(x) => {
+                    if default_runtime != Some(runtime) {
+                        bail!(
+                            "Go {version} built with GOEXPERIMENT={x} moves runtime fields: give it \
+                             a row of its own (LAYOUT_EXPERIMENTS in inspect/src/layout.rs), not \
+                             HARMLESS_EXPERIMENTS"
+                        );
+                    }
+                }
+            }
+            if experiment.is_some() && imp == default_impl(minor) {
+                continue; // no map table row of its own
             }
             let offs = offsets::from_dwarf(&data, imp)
                 .with_context(|| format!("reading DWARF of {}", bin.display()))?
@@ -59,7 +106,9 @@ pub fn offsets(cache: &Path, check_only: bool) -> Result<()> {
             });
         }
     }
-    let text = rustfmt(&render(&rows))?;
+    let mut source = render(&rows);
+    render_runtime(&mut source, &runtime_rows);
+    let text = rustfmt(&source)?;
     let path = workspace_root().join(TABLE_PATH);
     if check_only {
         let current = std::fs::read_to_string(&path)
@@ -121,10 +170,13 @@ fn build(cache: &Path, go: &Path, version: &str, experiment: Option<&str>) -> Re
 fn render(rows: &[Row]) -> String {
     let mut s = String::from(
         "// generated by `cargo xtask codegen offsets`; do not edit.\n\
-         //! Struct field offsets per Go release and map implementation, read\n\
-         //! from the DWARF of `agent/tests/fixtures/gcload` built with each\n\
-         //! toolchain below (linux/amd64).\n\n\
-         use super::{MapImpl, MapOffsets, Offsets, TypeOffsets};\n\n\
+         //! Struct field offsets per Go release: the probes' per map\n\
+         //! implementation (`TABLE`), the runtime state's per layout\n\
+         //! (`RUNTIME_TABLE`), read from the DWARF of\n\
+         //! `agent/tests/fixtures/gcload` built with each toolchain below\n\
+         //! (linux/amd64).\n\n\
+         use super::{MapImpl, MapOffsets, Offsets, TypeOffsets};\n\
+         use crate::layout::{FreeGs::{Counted, Split}, RuntimeOffsets};\n\n\
          pub(crate) const TABLE: &[(u32, MapImpl, Offsets)] = &[\n",
     );
     for row in rows {
@@ -189,6 +241,22 @@ fn render(rows: &[Row]) -> String {
     }
     s.push_str("];\n");
     s
+}
+
+/// Appends the runtime layouts' table: each row's offsets as their `Debug`
+/// form, which is a Rust struct expression.
+fn render_runtime(s: &mut String, rows: &[(u32, Option<&str>, RuntimeOffsets, GoVersion)]) {
+    s.push_str(
+        "\n/// The runtime state's offsets per release and layout experiment.\n\
+         pub(crate) const RUNTIME_TABLE: &[(u32, Option<&str>, RuntimeOffsets)] = &[\n",
+    );
+    for (minor, experiment, offsets, version) in rows {
+        let _ = write!(
+            s,
+            "    // {version}\n    ({minor}, {experiment:?}, {offsets:?}),\n"
+        );
+    }
+    s.push_str("];\n");
 }
 
 /// `rustfmt` on a string, so the file passes `cargo fmt --check` as written.

@@ -34,6 +34,8 @@ enum Kind {
     Stat,
     Table,
     Heatmap,
+    /// A row header: the panels after it, up to the next row, are its.
+    Row,
 }
 
 /// A board: its panels in reading order, laid out left to right.
@@ -62,8 +64,17 @@ fn panel(
         unit,
         queries: queries.iter().map(|(q, l)| ((*q).to_owned(), *l)).collect(),
         w,
-        h: if matches!(kind, Kind::Stat) { 4 } else { 8 },
+        h: match kind {
+            Kind::Stat => 4,
+            Kind::Row => 1,
+            _ => 8,
+        },
     }
+}
+
+/// A row header across the board.
+fn row(title: &'static str) -> Panel {
+    panel(title, Kind::Row, "none", 24, "", &[])
 }
 
 /// The label matchers of the board's variables.
@@ -74,17 +85,29 @@ fn selector(vars: &[&str]) -> String {
         .join(", ")
 }
 
-/// Fills `{sel}` in a query with the board's selector.
+/// Fills `{sel}` in a query with the board's selector (`{x="y", sel}` adds
+/// it to matchers of the query's own).
 fn with_selector(panels: Vec<Panel>, sel: &str) -> Vec<Panel> {
     panels
         .into_iter()
         .map(|mut p| {
             for q in &mut p.queries {
-                q.0 = q.0.replace("{sel}", &format!("{{{sel}}}"));
+                q.0 =
+                    q.0.replace("{sel}", &format!("{{{sel}}}"))
+                        .replace(", sel}", &format!(", {sel}}}"));
             }
             p
         })
         .collect()
+}
+
+/// GC CPU over all the CPU the runtime accounts, by the given labels, over
+/// `window` (`{sel}` still to fill).
+fn gc_cpu_fraction(by: &str, window: &str) -> String {
+    format!(
+        "sum by ({by}) (rate(go_cpu_time_seconds_total{{go_cpu_state=\"gc\", sel}}[{window}])) \
+         / sum by ({by}) (rate(go_cpu_time_seconds_total{{sel}}[{window}]))"
+    )
 }
 
 fn fleet() -> Board {
@@ -149,6 +172,43 @@ fn fleet() -> Board {
             )],
         ),
         panel(
+            "Top processes by GC CPU (range)",
+            Table,
+            "percentunit",
+            8,
+            "The share of its CPU (GOMAXPROCS × time) each process's GC took over the range, as the runtime accounts it",
+            &[(
+                format!(
+                    "topk(10, {})",
+                    gc_cpu_fraction("namespace, pod, exe, pid", "$__range")
+                )
+                .as_str(),
+                "{{exe}} {{pid}} {{pod}}",
+            )],
+        ),
+        panel(
+            "Top processes by live heap / memory limit",
+            Table,
+            "percentunit",
+            8,
+            "The heap the last GC cycle kept, over GOMEMLIMIT (processes with a limit): near 1 the GC runs back to back",
+            &[(
+                "topk(10, max by (namespace, pod, exe, pid) (gopulse_gc_heap_live_bytes{sel}) / max by (namespace, pod, exe, pid) (go_memory_limit_bytes{sel}))",
+                "{{exe}} {{pid}} {{pod}}",
+            )],
+        ),
+        panel(
+            "Top processes by goroutines",
+            Table,
+            "none",
+            8,
+            "Goroutines now (/sched/goroutines: from Go 1.26 on with the runtime's own)",
+            &[(
+                "topk(10, max by (namespace, pod, exe, pid) (go_goroutine_count{sel}))",
+                "{{exe}} {{pid}} {{pod}}",
+            )],
+        ),
+        panel(
             "GC pause p50 / p99 by phase",
             Timeseries,
             "s",
@@ -183,7 +243,7 @@ fn fleet() -> Board {
             12,
             "Completed GC cycles per second, by process",
             &[(
-                "sum by (namespace, pod, exe, pid) (rate(gopulse_gc_cycles_total{sel}[$__rate_interval]))",
+                "sum by (namespace, pod, exe, pid) (rate(go_memory_gc_cycles_total{sel}[$__rate_interval]))",
                 "{{exe}} {{pid}} {{pod}}",
             )],
         ),
@@ -278,7 +338,120 @@ fn fleet() -> Board {
 fn process() -> Board {
     use Kind::*;
     const VARS: &[&str] = &["namespace", "pod", "exe", "pid"];
+    let by = "exe, pid";
     let panels = vec![
+        row("Memory and GC (the Go runtime's own numbers, read from the process)"),
+        panel(
+            "Memory used by the Go runtime",
+            Timeseries,
+            "bytes",
+            12,
+            "/memory/classes/total less what is released to the OS, by type: stack (goroutine and OS thread stacks) and other",
+            &[(
+                "sum by (exe, pid, go_memory_type) (go_memory_used_bytes{sel})",
+                "{{exe}} {{pid}} {{go_memory_type}}",
+            )],
+        ),
+        panel(
+            "Heap: live, goal and memory limit",
+            Timeseries,
+            "bytes",
+            12,
+            "What the last GC cycle kept, where the next one aims to end (from GOGC, or lower under the limit) and GOMEMLIMIT (when set)",
+            &[
+                (
+                    "max by (exe, pid) (gopulse_gc_heap_live_bytes{sel})",
+                    "live {{exe}} {{pid}}",
+                ),
+                (
+                    "max by (exe, pid) (go_memory_gc_goal_bytes{sel})",
+                    "goal {{exe}} {{pid}}",
+                ),
+                (
+                    "max by (exe, pid) (go_memory_limit_bytes{sel})",
+                    "limit {{exe}} {{pid}}",
+                ),
+            ],
+        ),
+        panel(
+            "GC CPU fraction",
+            Timeseries,
+            "percentunit",
+            12,
+            "GC CPU over all the CPU the runtime accounts (GOMAXPROCS × time), as gctrace's %; the runtime updates it at the end of each cycle",
+            &[(
+                gc_cpu_fraction(by, "$__rate_interval").as_str(),
+                "{{exe}} {{pid}}",
+            )],
+        ),
+        panel(
+            "GC cycles per second",
+            Timeseries,
+            "ops",
+            12,
+            "Completed GC cycles per second (the runtime's own count)",
+            &[(
+                "sum by (exe, pid) (rate(go_memory_gc_cycles_total{sel}[$__rate_interval]))",
+                "{{exe}} {{pid}}",
+            )],
+        ),
+        panel(
+            "Goroutines",
+            Timeseries,
+            "none",
+            12,
+            "Goroutines now (/sched/goroutines: from Go 1.26 on with the runtime's own)",
+            &[(
+                "max by (exe, pid) (go_goroutine_count{sel})",
+                "{{exe}} {{pid}}",
+            )],
+        ),
+        panel(
+            "Scheduling latency p50 / p99",
+            Timeseries,
+            "s",
+            12,
+            "How long runnable goroutines waited for a P (the runtime samples one transition in eight)",
+            &[
+                (
+                    "histogram_quantile(0.5, sum by (le, exe, pid) (rate(go_schedule_duration_seconds_bucket{sel}[$__rate_interval])))",
+                    "p50 {{exe}} {{pid}}",
+                ),
+                (
+                    "histogram_quantile(0.99, sum by (le, exe, pid) (rate(go_schedule_duration_seconds_bucket{sel}[$__rate_interval])))",
+                    "p99 {{exe}} {{pid}}",
+                ),
+            ],
+        ),
+        panel(
+            "Heap allocation rate",
+            Timeseries,
+            "Bps",
+            12,
+            "Bytes allocated on the heap per second",
+            &[(
+                "sum by (exe, pid) (rate(go_memory_allocated_bytes_total{sel}[$__rate_interval]))",
+                "{{exe}} {{pid}}",
+            )],
+        ),
+        panel(
+            "GOGC and GOMAXPROCS",
+            Timeseries,
+            "none",
+            12,
+            "The GC's target percentage (-1: off) and the Ps that run Go code",
+            &[
+                (
+                    "max by (exe, pid) (go_config_gogc_percent{sel})",
+                    "GOGC {{exe}} {{pid}}",
+                ),
+                (
+                    "max by (exe, pid) (go_processor_limit{sel})",
+                    "GOMAXPROCS {{exe}} {{pid}}",
+                ),
+            ],
+        ),
+        row("Maps and pauses"),
         panel(
             "Map growths per second by site and kind",
             Timeseries,
@@ -484,7 +657,7 @@ fn datasource() -> Value {
 }
 
 fn variable(label: &str) -> Value {
-    let query = format!("label_values(gopulse_gc_cycles_total, {label})");
+    let query = format!("label_values(gopulse_probes_attached, {label})");
     json!({
         "type": "query",
         "name": label,
@@ -509,6 +682,16 @@ fn render_panel(p: &Panel, id: u32, x: u32, y: u32) -> Value {
         Kind::Stat => "stat",
         Kind::Table => "table",
         Kind::Heatmap => "heatmap",
+        Kind::Row => {
+            return json!({
+                "id": id,
+                "type": "row",
+                "title": p.title,
+                "collapsed": false,
+                "gridPos": {"h": p.h, "w": p.w, "x": x, "y": y},
+                "panels": [],
+            });
+        }
     };
     let targets: Vec<Value> = p
         .queries
@@ -555,6 +738,7 @@ fn render_panel(p: &Panel, id: u32, x: u32, y: u32) -> Value {
         Kind::Table => {
             json!({"showHeader": true, "sortBy": [{"displayName": "Value", "desc": true}]})
         }
+        Kind::Row => json!({}),
         Kind::Heatmap => json!({
             "calculate": false,
             "yAxis": {"unit": p.unit},
@@ -702,6 +886,10 @@ mod tests {
                 assert!(ids.insert(p["id"].as_u64().unwrap()));
                 let g = &p["gridPos"];
                 assert!(g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24);
+                if p["type"] == "row" {
+                    assert_eq!(g["x"], 0, "a row starts a line");
+                    continue;
+                }
                 for t in p["targets"].as_array().unwrap() {
                     let expr = t["expr"].as_str().unwrap();
                     assert!(!expr.contains("{sel}"), "{expr}");

@@ -109,9 +109,9 @@ fn parse_value(s: &str) -> Result<f64> {
 mod tests {
     use super::*;
 
-    const TEXT: &str = r#"# HELP gopulse_gc_cycles Completed GC cycles.
-# TYPE gopulse_gc_cycles counter
-gopulse_gc_cycles_total{pid="42",exe="/tmp/demo",go_version="go1.27.3"} 17
+    const TEXT: &str = r#"# HELP go_memory_gc_cycles Completed GC cycles.
+# TYPE go_memory_gc_cycles counter
+go_memory_gc_cycles_total{pid="42",exe="/tmp/demo",go_version="go1.27.3"} 17
 # TYPE gopulse_gc_pause_seconds histogram
 gopulse_gc_pause_seconds_bucket{phase="mark_termination",pid="42",le="1e-6"} 0
 gopulse_gc_pause_seconds_bucket{phase="mark_termination",pid="42",le="+Inf"} 17 # {trace_id="x"} 0.5 1.0
@@ -125,7 +125,7 @@ up 1 1700000000
         let samples = parse(TEXT).unwrap();
         assert_eq!(samples.len(), 5);
         let cycles = &samples[0];
-        assert_eq!(cycles.name, "gopulse_gc_cycles_total");
+        assert_eq!(cycles.name, "go_memory_gc_cycles_total");
         assert_eq!(cycles.label("pid"), Some("42"));
         assert_eq!(cycles.label("go_version"), Some("go1.27.3"));
         assert_eq!(cycles.value, 17.0);

@@ -107,11 +107,13 @@ pub fn screenshots(cache: &Path, minutes: u64) -> Result<()> {
     let mut workloads = Vec::new();
     for ((kind, _), bin) in WORKLOADS.iter().zip(&workload_bins) {
         let log = out_dir.join(format!("demo-{kind}.log"));
-        workloads.push(Managed::spawn(
-            "demo workload",
-            &mut Command::new(bin),
-            &log,
-        )?);
+        let mut cmd = Command::new(bin);
+        // As in the dashboards test: a memory limit (far above its use) for
+        // the limit panels to show.
+        if *kind == "calm" {
+            cmd.env("GOMEMLIMIT", "1GiB");
+        }
+        workloads.push(Managed::spawn("demo workload", &mut cmd, &log)?);
     }
     println!("screenshots: workloads started; collecting for {minutes} min, Ctrl-C to stop");
     let mut children: Vec<&mut Managed> = vec![&mut agent, &mut prometheus];
@@ -325,7 +327,7 @@ fn progress(agent: &str, web: &str) -> String {
         Ok(s) => format!(
             "{} processes watched, {} GC cycles, {} map growths",
             sum(&s, "gopulse_processes_watched"),
-            sum(&s, "gopulse_gc_cycles_total"),
+            sum(&s, "go_memory_gc_cycles_total"),
             sum(&s, "gopulse_map_growths_total")
         ),
         Err(err) => format!("agent scrape failed: {err:#}"),

@@ -6,7 +6,7 @@ use crate::{
     openmetrics::Sample,
 };
 
-const GC_CYCLES: &str = "gopulse_gc_cycles_total";
+const GC_CYCLES: &str = "go_memory_gc_cycles_total";
 const GC_PAUSE: &str = "gopulse_gc_pause_seconds";
 const STW_PAUSE: &str = "gopulse_stw_pause_seconds";
 const STW_MAX: &str = "gopulse_stw_pause_max_seconds";
@@ -230,7 +230,7 @@ mod tests {
     }
 
     const SCRAPE: &str = r#"
-gopulse_gc_cycles_total{pid="7",exe="/d",go_version="go1.27.3"} 12
+go_memory_gc_cycles_total{pid="7",exe="/d",go_version="go1.27.3"} 12
 gopulse_events_lost_total{pid="7",exe="/d",go_version="go1.27.3"} 0
 gopulse_gc_pause_seconds_bucket{pid="7",phase="mark_termination",le="0.0001"} 6
 gopulse_gc_pause_seconds_bucket{pid="7",phase="mark_termination",le="0.00025"} 12

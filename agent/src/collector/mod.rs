@@ -1,11 +1,13 @@
 //! The collection stage: kernel counters, tables and events become metrics,
 //! per watched process: GC and stop-the-world pauses (`gc`), map growth,
-//! sites and shapes (`maps`), and probe hits and what they cost. It reads
-//! the kernel maps through its own handles; attaching, detaching and the
-//! budget belong to the attach stage (`crate::probes`).
+//! sites and shapes (`maps`), the Go runtime's own state read from the
+//! process's memory (`runtime`), and probe hits and what they cost. It
+//! reads the kernel maps through its own handles; attaching, detaching and
+//! the budget belong to the attach stage (`crate::probes`).
 mod gc;
 mod maps;
 pub mod names;
+mod runtime;
 mod slices;
 
 use std::{
@@ -42,6 +44,9 @@ pub struct NewProc {
     /// one executable).
     pub names: Arc<FunctionNames>,
     pub map_offsets: MapOffsets,
+    /// Reads the Go runtime's state from the process; `None` when its
+    /// executable's runtime layout is unknown.
+    pub runtime: Option<crate::runtime_state::Reader>,
     /// Growth kinds its executable's probes cannot count.
     pub unwatched: Vec<&'static str>,
 }
@@ -71,6 +76,7 @@ struct Proc {
     maps_taken: u64,
     maps_untracked: u64,
     slices: SliceState,
+    runtime: Option<runtime::RuntimeProc>,
 }
 
 pub struct Collector {
@@ -82,6 +88,8 @@ pub struct Collector {
     max_sites: usize,
     storm_rule: StormRule,
     slice_rule: SliceRule,
+    /// Where each process's runtime state is read into, in turn.
+    scratch: crate::runtime_state::Scratch,
 }
 
 impl Collector {
@@ -102,6 +110,7 @@ impl Collector {
             max_sites,
             storm_rule,
             slice_rule,
+            scratch: crate::runtime_state::Scratch::default(),
         }
     }
 
@@ -116,7 +125,6 @@ impl Collector {
         // Create the series now, so they read 0 rather than being absent.
         let m = &self.metrics;
         for f in [
-            &m.gc_cycles,
             &m.events_lost,
             &m.map_sites_dropped,
             &m.maps_untracked,
@@ -169,6 +177,7 @@ impl Collector {
                 maps_taken: 0,
                 maps_untracked: 0,
                 slices: SliceState::default(),
+                runtime: p.runtime.map(runtime::RuntimeProc::new),
             },
         );
     }
@@ -230,8 +239,6 @@ impl Collector {
             fold_hits(&self.metrics, &self.costs, p, &stats);
             let m = &self.metrics;
             let d = |now: u64, then: u64| now.saturating_sub(then);
-            m.gc_cycles
-                .inc_by(&p.labels, d(stats.gc_cycles, p.synced.gc_cycles));
             m.map_growths_unattributed.inc_by(
                 &p.labels,
                 d(stats.growths_unattributed, p.synced.growths_unattributed),
@@ -241,6 +248,11 @@ impl Collector {
             maps::refresh_shapes(&self.metrics, pid, p);
             fold_anomalies(&self.metrics, pid, p, &stats);
             p.synced = stats;
+        }
+        // The runtime's state is read whether or not the kernel's counters
+        // were (a process is read here, not in the kernel).
+        for (&pid, p) in &mut self.procs {
+            runtime::fold(&self.metrics, &mut self.scratch, pid, p);
         }
     }
 

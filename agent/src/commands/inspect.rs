@@ -1,15 +1,16 @@
 //! `gopulse inspect`: what gopulse makes of one executable, without BPF:
 //! the Go release and build, where the struct offsets come from, every
-//! probe site it would attach and what each measures, and, for a program it
-//! would refuse, why.
-use std::{fmt::Write as _, fs::File, path::Path};
+//! probe site it would attach and what each measures, whether the Go
+//! runtime's own state can be read from its processes, and, for a program
+//! it would refuse, why.
+use std::{collections::BTreeMap, fmt::Write as _, fs::File, path::Path};
 
 use serde::Serialize;
 
 use crate::{
     discover::exe::ExeKey,
     exe_map::Mapped,
-    inspect::{self, GoBinary, MapImpl},
+    inspect::{self, Global, GoBinary, MapImpl},
     plan::{self, Group, PROGRAM_TABLE, Plan, Plumbing, ProbeSite, Trap},
     procfs,
 };
@@ -28,6 +29,9 @@ pub struct Report {
     pub go: Option<GoFacts>,
     /// What reading it found, when gopulse supports its release.
     pub binary: Option<BinaryFacts>,
+    /// Whether the Go runtime's state (the `go_*` metrics) can be read from
+    /// its processes, when gopulse supports its release.
+    pub runtime: Option<RuntimeFacts>,
     /// Where each probe goes, when it is watchable.
     pub probes: Vec<Probe>,
     /// Growth kinds no probe counts, and how the others are counted when
@@ -57,6 +61,64 @@ pub struct BinaryFacts {
     pub functions: usize,
     /// Pages of text holding plumbing the site walk steps over.
     pub plumbing_pages: usize,
+}
+
+/// What of the Go runtime's state the agent can read from a process's
+/// memory (see README, "The Go runtime's own metrics").
+#[derive(Debug, Serialize)]
+pub struct RuntimeFacts {
+    /// Every `go_*` runtime metric can be read: the struct offsets are
+    /// known and every global was found.
+    pub readable: bool,
+    /// `dwarf` (the binary's own) or `table` (generated per release);
+    /// `null` when the offsets are unknown.
+    pub offsets_from: Option<&'static str>,
+    /// Why the offsets are unknown: then none of the metrics is read.
+    pub offsets_unknown: Option<String>,
+    /// `symbols` (the symbol table) or `code` (a stripped binary: found
+    /// from the machine code of runtime functions).
+    pub globals_from: &'static str,
+    /// The globals found: symbol → link-time address.
+    pub globals: BTreeMap<&'static str, u64>,
+    /// The globals not found, with why: the metrics that need one are
+    /// absent.
+    pub globals_missing: BTreeMap<&'static str, String>,
+}
+
+impl RuntimeFacts {
+    fn of(bin: &GoBinary) -> Self {
+        let rt = &bin.runtime;
+        let mut globals = BTreeMap::new();
+        let mut globals_missing = BTreeMap::new();
+        for g in Global::ALL {
+            match rt.globals.get(g) {
+                Ok(at) => {
+                    globals.insert(g.symbol(), at);
+                }
+                Err(e) => {
+                    globals_missing.insert(g.symbol(), e.to_string());
+                }
+            }
+        }
+        Self {
+            readable: rt.offsets.is_ok() && globals_missing.is_empty(),
+            offsets_from: rt.offsets.as_ref().ok().map(|_| {
+                if rt.offsets_from_dwarf {
+                    "dwarf"
+                } else {
+                    "table"
+                }
+            }),
+            offsets_unknown: rt.offsets.as_ref().err().cloned(),
+            globals_from: if rt.globals.from_symbols {
+                "symbols"
+            } else {
+                "code"
+            },
+            globals,
+            globals_missing,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -103,6 +165,7 @@ pub fn report(path: Option<&Path>, pid: Option<u32>) -> anyhow::Result<Report> {
         refused: None,
         go: None,
         binary: None,
+        runtime: None,
         probes: Vec::new(),
         growth_unwatched: Vec::new(),
         coverage_notes: Vec::new(),
@@ -143,6 +206,7 @@ pub fn report(path: Option<&Path>, pid: Option<u32>) -> anyhow::Result<Report> {
         functions: bin.symbolizer.len(),
         plumbing_pages: Plumbing::default().pages(&bin.symbolizer, data).len(),
     });
+    report.runtime = Some(RuntimeFacts::of(&bin));
     match plan {
         Ok(plan) => {
             report.watchable = true;
@@ -259,6 +323,11 @@ impl Report {
                 "text", b.functions, b.text_start, b.plumbing_pages
             );
         }
+        if let Some(rt) = &self.runtime {
+            for line in rt.text() {
+                let _ = writeln!(out, "  {:<14}{line}", "runtime");
+            }
+        }
         for note in &self.coverage_notes {
             let _ = writeln!(out, "  {:<14}{note}", "coverage");
         }
@@ -276,5 +345,43 @@ impl Report {
             }
         }
         out
+    }
+}
+
+impl RuntimeFacts {
+    /// What the text report says of it, a line each.
+    fn text(&self) -> Vec<String> {
+        let Some(from) = self.offsets_from else {
+            return vec![format!(
+                "not read: {}; its go_* metrics are absent",
+                self.offsets_unknown.as_deref().unwrap_or("offsets unknown")
+            )];
+        };
+        let from = if from == "dwarf" {
+            "the binary's DWARF"
+        } else {
+            "the table for its release"
+        };
+        let found = if self.globals_from == "symbols" {
+            "the symbol table"
+        } else {
+            "the machine code (no symbols)"
+        };
+        let mut lines = vec![format!(
+            "{}: offsets from {from}, {} of {} globals found from {found}",
+            if self.readable {
+                "read from the process's memory"
+            } else {
+                "partly read"
+            },
+            self.globals.len(),
+            self.globals.len() + self.globals_missing.len()
+        )];
+        for (g, why) in &self.globals_missing {
+            lines.push(format!(
+                "{g} not found ({why}): the metrics that need it are absent"
+            ));
+        }
+        lines
     }
 }

@@ -257,6 +257,13 @@ fn endpoint_url(e: &str, protocol: OtlpProtocol) -> Result<String, ConfigError> 
     })
 }
 
+/// Observations given as counts (the scheduling latency histogram, read
+/// bucketed from the runtime) replayed into one series per export at
+/// most; beyond, they are counted in `gopulse_otlp_points_dropped_total`.
+/// A process whose goroutines switch a million times a second has the
+/// runtime sample some 125,000 of them a second: 7.5 million a minute.
+const MAX_REPLAY: u64 = 10_000_000;
+
 /// The kinds of growth one process can have: its runtime has either the
 /// two classic ones or the four swiss ones.
 const KINDS_PER_PROCESS: usize = 4;
@@ -265,14 +272,17 @@ const KINDS_PER_PROCESS: usize = 4;
 /// its labels: the SDK sizes each instrument's table for its limit up
 /// front (its default, 2,000, cost about 190 KB a process and 10 KB a site
 /// series), and a set past the limit goes to an overflow series. Sites
-/// are bounded by `max_sites` (plus `other`); the other labels (stop
-/// reasons, GC phases, probes) have a few dozen values at most.
+/// are bounded by `max_sites` (plus `other`); the Go runtime's memory types
+/// and CPU states are two and four; the other labels (stop reasons, GC
+/// phases, probes) have a few dozen values at most.
 fn cardinality_limit(d: &Decl, max_sites: usize) -> usize {
     d.labels
         .iter()
         .map(|l| match l.prom {
             "site" => max_sites.saturating_add(1),
             "kind" => KINDS_PER_PROCESS,
+            "go_memory_type" => 2,
+            "go_cpu_state" => 4,
             _ => 32,
         })
         .fold(1usize, usize::saturating_mul)
@@ -497,9 +507,10 @@ impl Otlp {
             }
         }
         let resources = &self.resources;
+        let mut dropped = 0;
         self.model.take_pending(
             |group| resources.contains_key(group),
-            |group, d, values, xs| {
+            |group, d, values, pending| {
                 // Only groups with a resource are taken (above).
                 let Some(h) = resources
                     .get(group)
@@ -508,13 +519,23 @@ impl Otlp {
                     return;
                 };
                 let attrs = attributes(d, values);
-                for (x, n) in xs {
-                    for _ in 0..n {
+                for x in pending.values {
+                    h.record(x, &attrs);
+                }
+                // The SDK takes observations one at a time: counts read
+                // already bucketed are replayed, up to a bound per export.
+                let mut budget = MAX_REPLAY;
+                for (x, n) in pending.weighted {
+                    let now = n.min(budget);
+                    for _ in 0..now {
                         h.record(x, &attrs);
                     }
+                    budget -= now;
+                    dropped += n - now;
                 }
             },
         );
+        self.model.count_dropped(dropped);
     }
 
     /// A group's meter provider: its resource made of `attrs` (whose
@@ -633,6 +654,12 @@ impl Otlp {
             }
             Kind::Gauge(Number::Float) => {
                 observable!(f64_observable_gauge, Float);
+            }
+            Kind::UpDownCounter(Number::Int) => {
+                observable!(i64_observable_up_down_counter, Int);
+            }
+            Kind::UpDownCounter(Number::Float) => {
+                observable!(f64_observable_up_down_counter, Float);
             }
             Kind::Histogram(_) => {}
         }

@@ -19,7 +19,9 @@ use crate::model::{
 
 /// A registry whose only content is the model.
 pub fn registry(model: &Model) -> Registry {
-    let mut registry = Registry::with_prefix("gopulse");
+    // Names are whole in the declarations: ours `gopulse_*`, the Go
+    // runtime conventions' `go_*`.
+    let mut registry = Registry::default();
     registry.register_collector(Box::new(ModelCollector {
         model: model.clone(),
     }));
@@ -80,12 +82,13 @@ impl Collector for ModelCollector {
             }
             let unit = match d.prom_unit {
                 Some("seconds") => Some(Unit::Seconds),
+                Some("bytes") => Some(Unit::Bytes),
                 Some(other) => Some(Unit::Other(other.to_owned())),
                 None => None,
             };
             let ty = match d.kind {
                 Kind::Counter(_) => MetricType::Counter,
-                Kind::Gauge(_) => MetricType::Gauge,
+                Kind::Gauge(_) | Kind::UpDownCounter(_) => MetricType::Gauge,
                 Kind::Histogram(_) => MetricType::Histogram,
             };
             result = (|| {
@@ -145,7 +148,15 @@ mod tests {
             go_version: "go1.27.3".into(),
             ..ProcLabels::default()
         };
-        m.gc_cycles.inc(&proc);
+        m.runtime.gc_cycles.set_total(&proc, 1);
+        m.runtime.gogc.set(&proc, -1);
+        m.runtime.memory_used.set(
+            &ProcAnd {
+                proc: &proc,
+                value: "stack",
+            },
+            65536,
+        );
         m.gc_pause.observe(
             &ProcAnd {
                 proc: &proc,
@@ -156,9 +167,21 @@ mod tests {
         m.events_lost.create(&proc);
         let out = render(&registry).unwrap();
         assert!(
-            out.contains(r#"gopulse_gc_cycles_total{pid="1",exe="x",go_version="go1.27.3"} 1"#),
+            out.contains(r#"go_memory_gc_cycles_total{pid="1",exe="x",go_version="go1.27.3"} 1"#),
             "{out}"
         );
+        assert!(out.contains("# TYPE go_config_gogc_percent gauge"), "{out}");
+        assert!(
+            out.contains("# UNIT go_config_gogc_percent percent"),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"go_config_gogc_percent{pid="1",exe="x",go_version="go1.27.3"} -1"#)
+        );
+        assert!(out.contains("# UNIT go_memory_used_bytes bytes"), "{out}");
+        assert!(out.contains(
+            r#"go_memory_used_bytes{pid="1",exe="x",go_version="go1.27.3",go_memory_type="stack"} 65536"#
+        ));
         assert!(out.contains(r#"gopulse_gc_pause_seconds_count{pid="1",exe="x",go_version="go1.27.3",phase="mark_termination"} 1"#));
         assert!(out.contains(r#"gopulse_gc_pause_seconds_bucket{le="0.000025",pid="1",exe="x",go_version="go1.27.3",phase="mark_termination"} 1"#), "{out}");
         assert!(out.contains(r#"gopulse_gc_pause_seconds_bucket{le="+Inf",pid="1",exe="x",go_version="go1.27.3",phase="mark_termination"} 1"#));

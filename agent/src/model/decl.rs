@@ -7,10 +7,15 @@
 /// What a metric is.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Kind {
-    /// Only goes up (from 0 when its series appears).
+    /// Only goes up (from 0 when its series appears, or from the runtime's
+    /// own total).
     Counter(Number),
     /// A value that goes up and down.
     Gauge(Number),
+    /// A value that goes up and down and is a sum of its parts (OpenTelemetry's
+    /// UpDownCounter, as the Go runtime conventions declare them; a gauge
+    /// on `/metrics`).
+    UpDownCounter(Number),
     /// Observations in buckets (upper bounds, ascending; +Inf implied).
     Histogram(&'static [f64]),
 }
@@ -42,9 +47,12 @@ pub enum Scope {
 /// One metric.
 #[derive(Debug, PartialEq)]
 pub struct Decl {
-    /// After `gopulse_` and before the unit and `_total` suffixes.
+    /// The Prometheus name before the unit and `_total` suffixes:
+    /// `gopulse_...` for ours, the OpenTelemetry name translated as the
+    /// OTLP-to-Prometheus convention does (`go.memory.used` → `go_memory_used`)
+    /// for the Go runtime's semantic conventions.
     pub name: &'static str,
-    /// `seconds` or none; Prometheus appends it to the name.
+    /// `seconds`, `bytes`, `percent` or none; Prometheus appends it to the name.
     pub prom_unit: Option<&'static str>,
     /// The OpenTelemetry name (semantic conventions where they exist).
     pub otel: &'static str,
@@ -60,7 +68,7 @@ impl Decl {
     /// The name of its series on `/metrics` (`_total` for counters; the
     /// histogram's `_bucket`, `_sum`, `_count` go after it).
     pub fn prom_series_name(&self) -> String {
-        let mut n = format!("gopulse_{}", self.name);
+        let mut n = self.name.to_owned();
         if let Some(u) = self.prom_unit {
             n.push('_');
             n.push_str(u);
@@ -71,11 +79,12 @@ impl Decl {
         n
     }
 
-    /// `counter`, `gauge` or `histogram`.
+    /// `counter`, `gauge`, `updowncounter` or `histogram`.
     pub fn type_name(&self) -> &'static str {
         match self.kind {
             Kind::Counter(_) => "counter",
             Kind::Gauge(_) => "gauge",
+            Kind::UpDownCounter(_) => "updowncounter",
             Kind::Histogram(_) => "histogram",
         }
     }
@@ -94,6 +103,8 @@ pub const PROBE: Label = label("probe", "gopulse.probe");
 pub const SKIP_REASON: Label = label("reason", "gopulse.discovery.skip_reason");
 pub const RESULT: Label = label("result", "gopulse.otlp.result");
 pub const EXE: Label = label("exe", "process.executable.name");
+pub const GO_MEMORY_TYPE: Label = label("go_memory_type", "go.memory.type");
+pub const GO_CPU_STATE: Label = label("go_cpu_state", "go.cpu.state");
 
 /// Pause buckets in seconds: 1-2.5-5 steps from 1 µs to 10 s, so 10 µs is
 /// told from 50 µs and 100 ms from 1 s.
@@ -101,6 +112,46 @@ pub const PAUSE_BUCKETS: [f64; 22] = [
     1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
     5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// Scheduling latency bucket bounds in nanoseconds: the runtime's own
+/// bucket boundaries (four per power of two of nanoseconds) nearest each
+/// 1-2.5-5 step from 1 µs to 10 s, so each exported bucket is a union of
+/// the runtime's and its count is exact.
+pub const SCHED_BUCKETS_NS: [u64; 22] = [
+    1_024,
+    2_560,
+    5_120,
+    10_240,
+    24_576,
+    49_152,
+    98_304,
+    262_144,
+    524_288,
+    1_048_576,
+    2_621_440,
+    5_242_880,
+    10_485_760,
+    25_165_824,
+    50_331_648,
+    100_663_296,
+    268_435_456,
+    536_870_912,
+    1_073_741_824,
+    2_684_354_560,
+    5_368_709_120,
+    10_737_418_240,
+];
+
+/// [`SCHED_BUCKETS_NS`] in seconds.
+pub const SCHED_BUCKETS: [f64; 22] = {
+    let mut out = [0.0; 22];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = SCHED_BUCKETS_NS[i] as f64 / 1e9;
+        i += 1;
+    }
+    out
+};
 
 /// Load factor buckets: fine near the top, where growth happens (6.5/8 and
 /// 7/8), coarse below, where oversized maps sit.
@@ -119,23 +170,170 @@ pub const SLICE_CAPACITY_BUCKETS: [f64; 11] = [
 pub const ATTACH_DELAY_BUCKETS: [f64; 10] =
     [0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 1.0, 2.5, 10.0];
 
-use Kind::{Counter, Gauge, Histogram};
+use Kind::{Counter, Gauge, Histogram, UpDownCounter};
 use Number::{Float, Int};
 use Scope::{Node, Process};
 
-pub static GC_CYCLES: Decl = Decl {
-    name: "gc_cycles",
-    prom_unit: None,
-    otel: "go.memory.gc.cycles",
-    otel_unit: "{cycle}",
+// The Go runtime's own state, read from the process's memory at each
+// collection (`crate::runtime_state`): the OpenTelemetry semantic
+// conventions for Go runtime metrics (`model/go`), and ours beside them.
+
+pub static GO_MEMORY_USED: Decl = Decl {
+    name: "go_memory_used",
+    prom_unit: Some("bytes"),
+    otel: "go.memory.used",
+    otel_unit: "By",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[GO_MEMORY_TYPE],
+    help: "Memory used by the Go runtime (/memory/classes/total:bytes minus \
+           /memory/classes/heap/released:bytes), by type: stack (heap/stacks + os-stacks) \
+           and other",
+};
+
+pub static GO_MEMORY_LIMIT: Decl = Decl {
+    name: "go_memory_limit",
+    prom_unit: Some("bytes"),
+    otel: "go.memory.limit",
+    otel_unit: "By",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "The Go runtime's memory limit (GOMEMLIMIT, debug.SetMemoryLimit; \
+           /gc/gomemlimit:bytes); absent while no limit is set",
+};
+
+pub static GO_MEMORY_ALLOCATED: Decl = Decl {
+    name: "go_memory_allocated",
+    prom_unit: Some("bytes"),
+    otel: "go.memory.allocated",
+    otel_unit: "By",
     kind: Counter(Int),
     scope: Process,
     labels: &[],
-    help: "Completed GC cycles (runtime.gcMarkTermination) since the agent attached",
+    help: "Bytes the program allocated on the heap since it started (/gc/heap/allocs:bytes)",
+};
+
+pub static GO_MEMORY_ALLOCATIONS: Decl = Decl {
+    name: "go_memory_allocations",
+    prom_unit: None,
+    otel: "go.memory.allocations",
+    otel_unit: "{allocation}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Heap allocations the program made since it started (/gc/heap/allocs:objects)",
+};
+
+pub static GO_MEMORY_GC_GOAL: Decl = Decl {
+    name: "go_memory_gc_goal",
+    prom_unit: Some("bytes"),
+    otel: "go.memory.gc.goal",
+    otel_unit: "By",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Heap size the GC aims to finish the current cycle at (/gc/heap/goal:bytes): from \
+           GOGC, or lower under the memory limit",
+};
+
+pub static GO_MEMORY_GC_CYCLES: Decl = Decl {
+    name: "go_memory_gc_cycles",
+    prom_unit: None,
+    otel: "go.memory.gc.cycles",
+    otel_unit: "{gc_cycle}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Completed GC cycles since the process started (/gc/cycles/total:gc-cycles)",
+};
+
+pub static GC_HEAP_LIVE: Decl = Decl {
+    name: "gopulse_gc_heap_live",
+    prom_unit: Some("bytes"),
+    otel: "gopulse.gc.heap.live",
+    otel_unit: "By",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Heap the last GC cycle marked live (/gc/heap/live:bytes): what the heap goal is \
+           computed from",
+};
+
+pub static GO_GOROUTINE_COUNT: Decl = Decl {
+    name: "go_goroutine_count",
+    prom_unit: None,
+    otel: "go.goroutine.count",
+    otel_unit: "{goroutine}",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "Live goroutines (/sched/goroutines:goroutines): from Go 1.26 on the runtime's own \
+           system goroutines included, before not",
+};
+
+pub static GOROUTINE_SYSTEM: Decl = Decl {
+    name: "gopulse_goroutine_system",
+    prom_unit: None,
+    otel: "gopulse.goroutine.system",
+    otel_unit: "{goroutine}",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "The runtime's own system goroutines (sched.ngsys): runtime.NumGoroutine() is \
+           go_goroutine_count minus this on Go 1.26+, go_goroutine_count itself before",
+};
+
+pub static GO_PROCESSOR_LIMIT: Decl = Decl {
+    name: "go_processor_limit",
+    prom_unit: None,
+    otel: "go.processor.limit",
+    otel_unit: "{thread}",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "GOMAXPROCS: OS threads that may run Go code at once (/sched/gomaxprocs:threads)",
+};
+
+pub static GO_CONFIG_GOGC: Decl = Decl {
+    name: "go_config_gogc",
+    prom_unit: Some("percent"),
+    otel: "go.config.gogc",
+    otel_unit: "%",
+    kind: UpDownCounter(Int),
+    scope: Process,
+    labels: &[],
+    help: "GOGC (/gc/gogc:percent); -1 when the GC is off",
+};
+
+pub static GO_SCHEDULE_DURATION: Decl = Decl {
+    name: "go_schedule_duration",
+    prom_unit: Some("seconds"),
+    otel: "go.schedule.duration",
+    otel_unit: "s",
+    kind: Histogram(&SCHED_BUCKETS),
+    scope: Process,
+    labels: &[],
+    help: "Time goroutines waited runnable before they ran (/sched/latencies:seconds; the \
+           runtime samples one transition in eight). Buckets are unions of the runtime's own, \
+           so counts are exact; the sum is estimated from the midpoints of its buckets",
+};
+
+pub static GO_CPU_TIME: Decl = Decl {
+    name: "go_cpu_time",
+    prom_unit: Some("seconds"),
+    otel: "go.cpu.time",
+    otel_unit: "s",
+    kind: Counter(Float),
+    scope: Process,
+    labels: &[GO_CPU_STATE],
+    help: "CPU time the Go runtime accounts to user code, the GC, the scavenger and idle Ps \
+           (/cpu/classes/...:cpu-seconds); an estimate the runtime updates at the end of \
+           each GC cycle",
 };
 
 pub static GC_PAUSE: Decl = Decl {
-    name: "gc_pause",
+    name: "gopulse_gc_pause",
     prom_unit: Some("seconds"),
     otel: "go.memory.gc.pause.duration",
     otel_unit: "s",
@@ -148,7 +346,7 @@ pub static GC_PAUSE: Decl = Decl {
 };
 
 pub static STW_PAUSE: Decl = Decl {
-    name: "stw_pause",
+    name: "gopulse_stw_pause",
     prom_unit: Some("seconds"),
     otel: "gopulse.stw.pause.duration",
     otel_unit: "s",
@@ -159,7 +357,7 @@ pub static STW_PAUSE: Decl = Decl {
 };
 
 pub static STW_PAUSE_MAX: Decl = Decl {
-    name: "stw_pause_max",
+    name: "gopulse_stw_pause_max",
     prom_unit: Some("seconds"),
     otel: "gopulse.stw.pause.max",
     otel_unit: "s",
@@ -170,7 +368,7 @@ pub static STW_PAUSE_MAX: Decl = Decl {
 };
 
 pub static EVENTS_LOST: Decl = Decl {
-    name: "events_lost",
+    name: "gopulse_events_lost",
     prom_unit: None,
     otel: "gopulse.events.lost",
     otel_unit: "{event}",
@@ -181,7 +379,7 @@ pub static EVENTS_LOST: Decl = Decl {
 };
 
 pub static PROBES_ATTACHED: Decl = Decl {
-    name: "probes_attached",
+    name: "gopulse_probes_attached",
     prom_unit: None,
     otel: "gopulse.probes.attached",
     otel_unit: "{probe}",
@@ -192,7 +390,7 @@ pub static PROBES_ATTACHED: Decl = Decl {
 };
 
 pub static MAP_GROWTHS: Decl = Decl {
-    name: "map_growths",
+    name: "gopulse_map_growths",
     prom_unit: None,
     otel: "gopulse.map.growths",
     otel_unit: "{growth}",
@@ -205,7 +403,7 @@ pub static MAP_GROWTHS: Decl = Decl {
 };
 
 pub static MAP_GROWTHS_UNATTRIBUTED: Decl = Decl {
-    name: "map_growths_unattributed",
+    name: "gopulse_map_growths_unattributed",
     prom_unit: None,
     otel: "gopulse.map.growths.unattributed",
     otel_unit: "{growth}",
@@ -217,7 +415,7 @@ pub static MAP_GROWTHS_UNATTRIBUTED: Decl = Decl {
 };
 
 pub static MAP_SITES_DROPPED: Decl = Decl {
-    name: "map_sites_dropped",
+    name: "gopulse_map_sites_dropped",
     prom_unit: None,
     otel: "gopulse.map.sites.dropped",
     otel_unit: "{growth}",
@@ -229,7 +427,7 @@ pub static MAP_SITES_DROPPED: Decl = Decl {
 };
 
 pub static MAP_GROWTH_STORMS: Decl = Decl {
-    name: "map_growth_storms",
+    name: "gopulse_map_growth_storms",
     prom_unit: None,
     otel: "gopulse.map.growth.storms",
     otel_unit: "{storm}",
@@ -242,7 +440,7 @@ pub static MAP_GROWTH_STORMS: Decl = Decl {
 };
 
 pub static MAP_ENTRIES: Decl = Decl {
-    name: "map_entries",
+    name: "gopulse_map_entries",
     prom_unit: None,
     otel: "gopulse.map.entries",
     otel_unit: "{entry}",
@@ -254,7 +452,7 @@ pub static MAP_ENTRIES: Decl = Decl {
 };
 
 pub static MAP_CAPACITY: Decl = Decl {
-    name: "map_capacity_slots",
+    name: "gopulse_map_capacity_slots",
     prom_unit: None,
     otel: "gopulse.map.capacity",
     otel_unit: "{slot}",
@@ -266,7 +464,7 @@ pub static MAP_CAPACITY: Decl = Decl {
 };
 
 pub static MAP_LOAD_FACTOR: Decl = Decl {
-    name: "map_load_factor",
+    name: "gopulse_map_load_factor",
     prom_unit: None,
     otel: "gopulse.map.load_factor",
     otel_unit: "1",
@@ -277,7 +475,7 @@ pub static MAP_LOAD_FACTOR: Decl = Decl {
 };
 
 pub static MAP_OVERFLOW: Decl = Decl {
-    name: "map_overflow_buckets",
+    name: "gopulse_map_overflow_buckets",
     prom_unit: None,
     otel: "gopulse.map.overflow_buckets",
     otel_unit: "{bucket}",
@@ -289,7 +487,7 @@ pub static MAP_OVERFLOW: Decl = Decl {
 };
 
 pub static MAP_TABLES: Decl = Decl {
-    name: "map_tables",
+    name: "gopulse_map_tables",
     prom_unit: None,
     otel: "gopulse.map.tables",
     otel_unit: "{table}",
@@ -300,7 +498,7 @@ pub static MAP_TABLES: Decl = Decl {
 };
 
 pub static MAP_LOAD_FACTOR_RATIO: Decl = Decl {
-    name: "map_load_factor_ratio",
+    name: "gopulse_map_load_factor_ratio",
     prom_unit: None,
     otel: "gopulse.map.load_factor.sampled",
     otel_unit: "1",
@@ -312,7 +510,7 @@ pub static MAP_LOAD_FACTOR_RATIO: Decl = Decl {
 };
 
 pub static PROBE_HITS: Decl = Decl {
-    name: "probe_hits",
+    name: "gopulse_probe_hits",
     prom_unit: None,
     otel: "gopulse.probe.hits",
     otel_unit: "{hit}",
@@ -323,7 +521,7 @@ pub static PROBE_HITS: Decl = Decl {
 };
 
 pub static PROBE_OVERHEAD: Decl = Decl {
-    name: "probe_overhead",
+    name: "gopulse_probe_overhead",
     prom_unit: Some("seconds"),
     otel: "gopulse.probe.overhead",
     otel_unit: "s",
@@ -335,7 +533,7 @@ pub static PROBE_OVERHEAD: Decl = Decl {
 };
 
 pub static MAP_ASSIGN_ATTACHED: Decl = Decl {
-    name: "map_assign_probes_attached",
+    name: "gopulse_map_assign_probes_attached",
     prom_unit: None,
     otel: "gopulse.map.assign_probes.attached",
     otel_unit: "1",
@@ -348,7 +546,7 @@ pub static MAP_ASSIGN_ATTACHED: Decl = Decl {
 };
 
 pub static MAP_GROWTH_ATTACHED: Decl = Decl {
-    name: "map_growth_probes_attached",
+    name: "gopulse_map_growth_probes_attached",
     prom_unit: None,
     otel: "gopulse.map.growth_probes.attached",
     otel_unit: "1",
@@ -362,7 +560,7 @@ pub static MAP_GROWTH_ATTACHED: Decl = Decl {
 };
 
 pub static MAP_GROWTH_UNWATCHED: Decl = Decl {
-    name: "map_growth_unwatched",
+    name: "gopulse_map_growth_unwatched",
     prom_unit: None,
     otel: "gopulse.map.growth.unwatched",
     otel_unit: "1",
@@ -376,7 +574,7 @@ pub static MAP_GROWTH_UNWATCHED: Decl = Decl {
 };
 
 pub static MAPS_UNTRACKED: Decl = Decl {
-    name: "map_untracked",
+    name: "gopulse_map_untracked",
     prom_unit: None,
     otel: "gopulse.map.untracked",
     otel_unit: "{map}",
@@ -388,7 +586,7 @@ pub static MAPS_UNTRACKED: Decl = Decl {
 };
 
 pub static BPF_ANOMALIES: Decl = Decl {
-    name: "bpf_anomalies",
+    name: "gopulse_bpf_anomalies",
     prom_unit: None,
     otel: "gopulse.bpf.anomalies",
     otel_unit: "{anomaly}",
@@ -402,7 +600,7 @@ pub static BPF_ANOMALIES: Decl = Decl {
 };
 
 pub static MAP_EVACUATED_BUCKETS: Decl = Decl {
-    name: "map_evacuated_buckets",
+    name: "gopulse_map_evacuated_buckets",
     prom_unit: None,
     otel: "gopulse.map.evacuated_buckets",
     otel_unit: "{bucket}",
@@ -414,7 +612,7 @@ pub static MAP_EVACUATED_BUCKETS: Decl = Decl {
 };
 
 pub static SLICE_GROWTHS: Decl = Decl {
-    name: "slice_growths",
+    name: "gopulse_slice_growths",
     prom_unit: None,
     otel: "gopulse.slice.growths",
     otel_unit: "{growth}",
@@ -428,7 +626,7 @@ pub static SLICE_GROWTHS: Decl = Decl {
 };
 
 pub static SLICE_COPIED: Decl = Decl {
-    name: "slice_copied",
+    name: "gopulse_slice_copied",
     prom_unit: Some("bytes"),
     otel: "gopulse.slice.copied",
     otel_unit: "By",
@@ -440,7 +638,7 @@ pub static SLICE_COPIED: Decl = Decl {
 };
 
 pub static SLICE_CAPACITY: Decl = Decl {
-    name: "slice_capacity",
+    name: "gopulse_slice_capacity",
     prom_unit: Some("bytes"),
     otel: "gopulse.slice.capacity",
     otel_unit: "By",
@@ -453,7 +651,7 @@ pub static SLICE_CAPACITY: Decl = Decl {
 };
 
 pub static SLICE_GROWTH_STORMS: Decl = Decl {
-    name: "slice_growth_storms",
+    name: "gopulse_slice_growth_storms",
     prom_unit: None,
     otel: "gopulse.slice.growth.storms",
     otel_unit: "{storm}",
@@ -466,7 +664,7 @@ pub static SLICE_GROWTH_STORMS: Decl = Decl {
 };
 
 pub static SLICE_GROWTHS_UNATTRIBUTED: Decl = Decl {
-    name: "slice_growths_unattributed",
+    name: "gopulse_slice_growths_unattributed",
     prom_unit: None,
     otel: "gopulse.slice.growths.unattributed",
     otel_unit: "{growth}",
@@ -478,7 +676,7 @@ pub static SLICE_GROWTHS_UNATTRIBUTED: Decl = Decl {
 };
 
 pub static SLICE_SITES_DROPPED: Decl = Decl {
-    name: "slice_sites_dropped",
+    name: "gopulse_slice_sites_dropped",
     prom_unit: None,
     otel: "gopulse.slice.sites.dropped",
     otel_unit: "{growth}",
@@ -490,7 +688,7 @@ pub static SLICE_SITES_DROPPED: Decl = Decl {
 };
 
 pub static SLICE_PROBES_ATTACHED: Decl = Decl {
-    name: "slice_probes_attached",
+    name: "gopulse_slice_probes_attached",
     prom_unit: None,
     otel: "gopulse.slice.probes.attached",
     otel_unit: "1",
@@ -502,7 +700,7 @@ pub static SLICE_PROBES_ATTACHED: Decl = Decl {
 };
 
 pub static SLICE_SAMPLE_RATIO: Decl = Decl {
-    name: "slice_sample_ratio",
+    name: "gopulse_slice_sample_ratio",
     prom_unit: None,
     otel: "gopulse.slice.sample_ratio",
     otel_unit: "1",
@@ -516,7 +714,7 @@ pub static SLICE_SAMPLE_RATIO: Decl = Decl {
 };
 
 pub static PROBE_HIT_COST: Decl = Decl {
-    name: "probe_hit_cost",
+    name: "gopulse_probe_hit_cost",
     prom_unit: Some("seconds"),
     otel: "gopulse.probe.hit_cost",
     otel_unit: "s",
@@ -529,7 +727,7 @@ pub static PROBE_HIT_COST: Decl = Decl {
 };
 
 pub static UPROBES_ATTACHED: Decl = Decl {
-    name: "uprobes_attached",
+    name: "gopulse_uprobes_attached",
     prom_unit: None,
     otel: "gopulse.uprobes.attached",
     otel_unit: "{uprobe}",
@@ -541,7 +739,7 @@ pub static UPROBES_ATTACHED: Decl = Decl {
 };
 
 pub static EXECUTABLES_PROBED: Decl = Decl {
-    name: "executables_probed",
+    name: "gopulse_executables_probed",
     prom_unit: None,
     otel: "gopulse.executables.probed",
     otel_unit: "{executable}",
@@ -552,7 +750,7 @@ pub static EXECUTABLES_PROBED: Decl = Decl {
 };
 
 pub static DISCOVERY_EXECS: Decl = Decl {
-    name: "discovery_execs",
+    name: "gopulse_discovery_execs",
     prom_unit: None,
     otel: "gopulse.discovery.execs",
     otel_unit: "{exec}",
@@ -563,7 +761,7 @@ pub static DISCOVERY_EXECS: Decl = Decl {
 };
 
 pub static DISCOVERY_SKIPPED: Decl = Decl {
-    name: "discovery_skipped",
+    name: "gopulse_discovery_skipped",
     prom_unit: None,
     otel: "gopulse.discovery.skipped",
     otel_unit: "{process}",
@@ -576,7 +774,7 @@ pub static DISCOVERY_SKIPPED: Decl = Decl {
 };
 
 pub static DISCOVERY_EVENTS_LOST: Decl = Decl {
-    name: "discovery_events_lost",
+    name: "gopulse_discovery_events_lost",
     prom_unit: None,
     otel: "gopulse.discovery.events.lost",
     otel_unit: "{event}",
@@ -588,7 +786,7 @@ pub static DISCOVERY_EVENTS_LOST: Decl = Decl {
 };
 
 pub static DISCOVERY_EXECUTABLES_JUDGED: Decl = Decl {
-    name: "discovery_executables_judged",
+    name: "gopulse_discovery_executables_judged",
     prom_unit: None,
     otel: "gopulse.discovery.executables.judged",
     otel_unit: "{executable}",
@@ -600,7 +798,7 @@ pub static DISCOVERY_EXECUTABLES_JUDGED: Decl = Decl {
 };
 
 pub static PROCESSES_WATCHED: Decl = Decl {
-    name: "processes_watched",
+    name: "gopulse_processes_watched",
     prom_unit: None,
     otel: "gopulse.processes.watched",
     otel_unit: "{process}",
@@ -611,7 +809,7 @@ pub static PROCESSES_WATCHED: Decl = Decl {
 };
 
 pub static DISCOVERY_ATTACH_DELAY: Decl = Decl {
-    name: "discovery_attach_delay",
+    name: "gopulse_discovery_attach_delay",
     prom_unit: Some("seconds"),
     otel: "gopulse.discovery.attach_delay",
     otel_unit: "s",
@@ -622,7 +820,7 @@ pub static DISCOVERY_ATTACH_DELAY: Decl = Decl {
 };
 
 pub static DISCOVERY_RESCANS: Decl = Decl {
-    name: "discovery_rescans",
+    name: "gopulse_discovery_rescans",
     prom_unit: None,
     otel: "gopulse.discovery.rescans",
     otel_unit: "{scan}",
@@ -633,7 +831,7 @@ pub static DISCOVERY_RESCANS: Decl = Decl {
 };
 
 pub static WATCH_FAILURES: Decl = Decl {
-    name: "watch_failures",
+    name: "gopulse_watch_failures",
     prom_unit: None,
     otel: "gopulse.watch.failures",
     otel_unit: "{process}",
@@ -646,7 +844,7 @@ pub static WATCH_FAILURES: Decl = Decl {
 };
 
 pub static OTLP_EXPORTS: Decl = Decl {
-    name: "otlp_exports",
+    name: "gopulse_otlp_exports",
     prom_unit: None,
     otel: "gopulse.otlp.exports",
     otel_unit: "{export}",
@@ -659,21 +857,33 @@ pub static OTLP_EXPORTS: Decl = Decl {
 };
 
 pub static OTLP_POINTS_DROPPED: Decl = Decl {
-    name: "otlp_points_dropped",
+    name: "gopulse_otlp_points_dropped",
     prom_unit: None,
     otel: "gopulse.otlp.points.dropped",
     otel_unit: "{point}",
     kind: Counter(Int),
     scope: Node,
     labels: &[],
-    help: "Histogram observations (pauses, load factors, attach delays) OTLP never \
-           received: more than 100,000 per series waited between two exports, or the \
-           export that carried them failed",
+    help: "Histogram observations (pauses, load factors, attach delays, scheduling \
+           latencies) OTLP never received: more than 100,000 per series waited between two \
+           exports (10,000,000 scheduling latencies), or the export that carried them failed",
 };
 
 /// Every metric, in the order `/metrics` lists them.
-pub static ALL: [&Decl; 45] = [
-    &GC_CYCLES,
+pub static ALL: [&Decl; 57] = [
+    &GO_MEMORY_USED,
+    &GO_MEMORY_LIMIT,
+    &GO_MEMORY_ALLOCATED,
+    &GO_MEMORY_ALLOCATIONS,
+    &GO_MEMORY_GC_GOAL,
+    &GO_MEMORY_GC_CYCLES,
+    &GC_HEAP_LIVE,
+    &GO_GOROUTINE_COUNT,
+    &GOROUTINE_SYSTEM,
+    &GO_PROCESSOR_LIMIT,
+    &GO_CONFIG_GOGC,
+    &GO_SCHEDULE_DURATION,
+    &GO_CPU_TIME,
     &GC_PAUSE,
     &STW_PAUSE,
     &STW_PAUSE_MAX,
@@ -743,7 +953,15 @@ mod tests {
         assert_eq!((prom.len(), otel.len()), (n, n));
         for d in ALL {
             assert!(d.name.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
-            assert!(d.otel.starts_with("gopulse.") || d.otel.starts_with("go."));
+            // Ours are gopulse_/gopulse., the conventions' go_/go.; the GC
+            // pause histogram is ours under OpenTelemetry's name (README).
+            assert!(
+                (d.name.starts_with("gopulse_") && d.otel.starts_with("gopulse."))
+                    || (d.name.starts_with("go_") && d.otel.starts_with("go."))
+                    || std::ptr::eq(d, &GC_PAUSE),
+                "{}",
+                d.name
+            );
             assert!(!d.help.is_empty() && !d.otel_unit.is_empty());
             if let Kind::Histogram(b) = d.kind {
                 assert!(b.windows(2).all(|w| w[0] < w[1]), "{}", d.name);
@@ -794,6 +1012,60 @@ mod tests {
                 assert!(mapped, "{} -> {} is not in the README", l.prom, l.otel);
             }
             assert_eq!(d.scope == Scope::Node, row[4].contains("(node)"), "{name}");
+        }
+    }
+
+    /// The Go runtime conventions' metrics are named on `/metrics` as the
+    /// OpenTelemetry Collector's Prometheus translation names them, so
+    /// boards built on OBI's or the Collector's Go runtime data work on ours.
+    #[test]
+    fn semconv_names_translate_to_prometheus() {
+        let mut semconv = 0;
+        for d in ALL.iter().filter(|d| d.otel.starts_with("go.")) {
+            if d.otel == GC_PAUSE.otel {
+                continue; // ours, under the name OpenTelemetry's Go instrumentation uses
+            }
+            semconv += 1;
+            assert_eq!(d.name, d.otel.replace('.', "_"), "{}", d.otel);
+            let unit = match d.otel_unit {
+                "By" => Some("bytes"),
+                "s" => Some("seconds"),
+                "%" => Some("percent"),
+                u if u.starts_with('{') => None,
+                u => panic!("{}: unit {u}", d.otel),
+            };
+            assert_eq!(d.prom_unit, unit, "{}", d.otel);
+            assert_eq!(d.scope, Scope::Process);
+        }
+        assert_eq!(semconv, 11);
+        assert_eq!(
+            GO_MEMORY_ALLOCATED.prom_series_name(),
+            "go_memory_allocated_bytes_total"
+        );
+        assert_eq!(GO_CONFIG_GOGC.prom_series_name(), "go_config_gogc_percent");
+        assert_eq!(GO_GOROUTINE_COUNT.prom_series_name(), "go_goroutine_count");
+        assert_eq!(GO_CPU_TIME.prom_series_name(), "go_cpu_time_seconds_total");
+    }
+
+    /// Every scheduling latency bound is one of the runtime's bucket
+    /// boundaries (`timeHistogram`: 0, 64, 128, 192 ns, then four linear
+    /// steps per power of two of nanoseconds up to 2^47).
+    #[test]
+    fn schedule_buckets_are_runtime_boundaries() {
+        let boundary = |ns: u64| {
+            (ns < 256 && ns.is_multiple_of(64))
+                || (9..=47).any(|l: u32| {
+                    (0..4u64).any(|j| ns == (1u64 << (l - 1)) + j * (1u64 << (l - 3)))
+                })
+        };
+        for (ns, s) in SCHED_BUCKETS_NS.iter().zip(SCHED_BUCKETS) {
+            assert!(boundary(*ns), "{ns} ns");
+            assert!((s * 1e9 - *ns as f64).abs() < 1e-3);
+        }
+        // Within 10% of each 1-2.5-5 step.
+        for (ns, step) in SCHED_BUCKETS_NS.iter().zip(PAUSE_BUCKETS) {
+            let r = *ns as f64 / (step * 1e9);
+            assert!((0.9..1.1).contains(&r), "{ns} ns for {step} s");
         }
     }
 

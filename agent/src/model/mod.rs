@@ -47,8 +47,27 @@ pub struct Hist {
     /// Per bucket of the declaration (not cumulative), then the +Inf one.
     pub buckets: Vec<u64>,
     /// Observations since the OTLP exporter last took them (only kept while
-    /// it runs): values, each with how many times it was observed.
-    pub pending: Vec<(f64, u64)>,
+    /// it runs).
+    pub pending: Vec<f64>,
+    /// Observations given as counts of a value, since the OTLP exporter
+    /// last took them (a histogram the agent reads already bucketed, whose
+    /// observations are replayed at a value inside their bucket).
+    pub weighted: Vec<(f64, u64)>,
+}
+
+impl Hist {
+    /// Observations waiting for OTLP.
+    fn waiting(&self) -> u64 {
+        self.pending.len() as u64 + self.weighted.iter().map(|(_, n)| n).sum::<u64>()
+    }
+}
+
+/// Histogram observations waiting for OTLP: single values, and values
+/// with how many times each was observed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Pending {
+    pub values: Vec<f64>,
+    pub weighted: Vec<(f64, u64)>,
 }
 
 /// A series' value.
@@ -68,8 +87,10 @@ impl Value {
     fn zero(d: &Decl) -> Self {
         match d.kind {
             Kind::Counter(Number::Int) => Value::Count(0),
-            Kind::Gauge(Number::Int) => Value::Int(0),
-            Kind::Counter(Number::Float) | Kind::Gauge(Number::Float) => Value::Float(0.0),
+            Kind::Gauge(Number::Int) | Kind::UpDownCounter(Number::Int) => Value::Int(0),
+            Kind::Counter(Number::Float)
+            | Kind::Gauge(Number::Float)
+            | Kind::UpDownCounter(Number::Float) => Value::Float(0.0),
             Kind::Histogram(bounds) => Value::Hist(Box::new(Hist {
                 buckets: vec![0; bounds.len() + 1],
                 ..Hist::default()
@@ -222,7 +243,7 @@ impl Model {
     pub fn take_pending(
         &self,
         mut take: impl FnMut(&Group) -> bool,
-        mut f: impl FnMut(&Group, &'static Decl, &[String], Vec<(f64, u64)>),
+        mut f: impl FnMut(&Group, &'static Decl, &[String], Pending),
     ) {
         let mut tables = self.lock();
         for (group, t) in tables.groups.iter_mut() {
@@ -232,10 +253,14 @@ impl Model {
                 }
                 for (k, v) in t.iter_mut() {
                     if let Value::Hist(h) = v
-                        && !h.pending.is_empty()
+                        && h.waiting() > 0
                         && take(group)
                     {
-                        f(group, d, k, std::mem::take(&mut h.pending));
+                        let pending = Pending {
+                            values: std::mem::take(&mut h.pending),
+                            weighted: std::mem::take(&mut h.weighted),
+                        };
+                        f(group, d, k, pending);
                     }
                 }
             }
@@ -259,7 +284,7 @@ impl Model {
             .iter()
             .flat_map(|t| t.values())
             .map(|v| match v {
-                Value::Hist(h) => h.pending.iter().map(|(_, n)| n).sum(),
+                Value::Hist(h) => h.waiting(),
                 _ => 0,
             })
             .sum();
@@ -272,6 +297,18 @@ impl Model {
         let mut tables = self.lock();
         let dropped = op(tables.series_mut(id, key), keep);
         add_dropped(&mut tables, dropped);
+    }
+
+    /// Drops one series; observations it kept for OTLP are counted lost.
+    fn remove(&self, id: usize, key: &SeriesKey) {
+        let mut tables = self.lock();
+        let gone = tables
+            .groups
+            .get_mut(&key.group)
+            .and_then(|t| t[id].remove(key.values.as_slice()));
+        if let Some(Value::Hist(h)) = gone {
+            add_dropped(&mut tables, h.waiting());
+        }
     }
 
     fn read<T>(&self, id: usize, key: &SeriesKey, f: impl FnOnce(&Value) -> T) -> Option<T> {
@@ -392,9 +429,13 @@ impl<L: LabelKind> Family<L> {
         });
     }
 
-    /// Sets an integer gauge.
+    /// Sets an integer gauge or up-down counter.
     pub fn set(&self, l: &L::Of<'_>, n: i64) {
-        self.update(l, Kind::Gauge(Number::Int), |v| {
+        let kind = match self.decl.kind {
+            k @ Kind::UpDownCounter(Number::Int) => k,
+            _ => Kind::Gauge(Number::Int),
+        };
+        self.update(l, kind, |v| {
             *v = Value::Int(n);
         });
     }
@@ -404,6 +445,60 @@ impl<L: LabelKind> Family<L> {
         self.update(l, Kind::Gauge(Number::Float), |v| {
             *v = Value::Float(x);
         });
+    }
+
+    /// Sets an integer counter to a total kept elsewhere (the runtime's
+    /// own, since the process started).
+    pub fn set_total(&self, l: &L::Of<'_>, n: u64) {
+        self.update(l, Kind::Counter(Number::Int), |v| {
+            *v = Value::Count(n);
+        });
+    }
+
+    /// Sets a floating point counter to a total kept elsewhere.
+    pub fn set_total_float(&self, l: &L::Of<'_>, x: f64) {
+        self.update(l, Kind::Counter(Number::Float), |v| {
+            *v = Value::Float(x);
+        });
+    }
+
+    /// Sets a histogram to counts kept elsewhere, already in the
+    /// declaration's buckets (`buckets`: one per bound, then +Inf; not
+    /// cumulative), with their sum; `new` are the observations since the
+    /// last call, as (a value in its bucket, how many), kept for OTLP.
+    pub fn set_histogram(&self, l: &L::Of<'_>, buckets: &[u64], sum: f64, new: &[(f64, u64)]) {
+        let Kind::Histogram(bounds) = self.decl.kind else {
+            debug_assert!(false, "{} is not a histogram", self.decl.name);
+            return;
+        };
+        debug_assert_eq!(buckets.len(), bounds.len() + 1, "{}", self.decl.name);
+        self.model.with(self.id, l.key(), |v, keep| {
+            let Value::Hist(h) = v else { return 0 };
+            h.buckets.clear();
+            h.buckets.extend_from_slice(buckets);
+            h.count = buckets.iter().sum();
+            h.sum = sum;
+            if !keep {
+                return 0;
+            }
+            for &(x, n) in new.iter().filter(|(_, n)| *n > 0) {
+                match h
+                    .weighted
+                    .iter_mut()
+                    .find(|(y, _)| y.to_bits() == x.to_bits())
+                {
+                    Some((_, m)) => *m += n,
+                    None => h.weighted.push((x, n)),
+                }
+            }
+            0
+        });
+    }
+
+    /// Removes a series (a value that cannot be read now is absent, not
+    /// stale).
+    pub fn remove(&self, l: &L::Of<'_>) {
+        self.model.remove(self.id, &l.key());
     }
 
     /// Raises a floating point gauge to `x` if it is below.
@@ -432,7 +527,7 @@ impl<L: LabelKind> Family<L> {
             if !keep {
                 0
             } else if h.pending.len() < MAX_PENDING {
-                h.pending.push((x, 1));
+                h.pending.push(x);
                 0
             } else {
                 1
@@ -463,8 +558,8 @@ impl<L: LabelKind> Family<L> {
                     *b += n;
                 }
                 if !keep {
-                } else if h.pending.len() < MAX_PENDING {
-                    h.pending.push((sum / n as f64, n));
+                } else if h.weighted.len() < MAX_PENDING {
+                    h.weighted.push((sum / n as f64, n));
                 } else {
                     dropped += n;
                 }
@@ -500,7 +595,7 @@ mod tests {
     #[test]
     fn records_and_removes_by_process() {
         let m = Model::new();
-        let cycles = m.family::<ProcLabels>(&decl::GC_CYCLES);
+        let cycles = m.family::<ProcLabels>(&decl::EVENTS_LOST);
         let (a, b) = (proc("1"), proc("2"));
         cycles.inc_by(&a, 3);
         cycles.create(&b);
@@ -535,8 +630,8 @@ mod tests {
         assert_eq!(v.buckets[10], 1);
         let mut taken = Vec::new();
         m.take_pending(|_| false, |_, _, _, _| panic!("not asked for"));
-        m.take_pending(|_| true, |_, _, _, xs| taken.extend(xs));
-        assert_eq!(taken, vec![(0.3, 1)]);
+        m.take_pending(|_| true, |_, _, _, p| taken.extend(p.values));
+        assert_eq!(taken, vec![0.3]);
         m.take_pending(|_| true, |_, _, _, _| panic!("taken twice"));
     }
 
@@ -563,10 +658,45 @@ mod tests {
             }
         });
         let mut taken = Vec::new();
-        m.take_pending(|_| true, |_, _, _, xs| taken.extend(xs));
+        m.take_pending(|_| true, |_, _, _, p| taken.extend(p.weighted));
         assert_eq!(taken.len(), 2);
         assert!((taken[0].0 - 0.15).abs() < 1e-9 && taken[0].1 == 4);
         assert_eq!(taken[1], (3.0, 1));
+    }
+
+    #[test]
+    fn histograms_set_from_counts_keep_their_new_observations_for_otlp() {
+        let m = Model::new();
+        let h = m.family::<ProcLabels>(&decl::GO_SCHEDULE_DURATION);
+        let p = proc("3");
+        let mut buckets = vec![0; decl::SCHED_BUCKETS.len() + 1];
+        buckets[0] = 5;
+        buckets[3] = 2;
+        h.set_histogram(&p, &buckets, 1e-5, &[(1e-6, 5)]);
+        m.keep_observations(true);
+        h.set_histogram(&p, &buckets, 1e-5, &[(5e-7, 3), (8e-6, 2), (5e-7, 1)]);
+        let mut got = None;
+        m.visit_group(&decl::GO_SCHEDULE_DURATION, &Some(p.clone()), |_, v| {
+            got = Some(v.clone());
+        });
+        let Some(Value::Hist(v)) = got else {
+            panic!("{got:?}")
+        };
+        assert_eq!((v.count, v.buckets[3]), (7, 2));
+        assert_eq!(v.weighted, vec![(5e-7, 4), (8e-6, 2)]);
+        let mut taken = Vec::new();
+        m.take_pending(|_| true, |_, _, _, p| taken.push(p));
+        assert_eq!(
+            taken,
+            vec![Pending {
+                values: vec![],
+                weighted: vec![(5e-7, 4), (8e-6, 2)]
+            }]
+        );
+        // Removed with observations waiting: counted lost.
+        h.set_histogram(&p, &buckets, 1e-5, &[(1e-6, 9)]);
+        h.remove(&p);
+        assert_eq!(m.family::<()>(&decl::OTLP_POINTS_DROPPED).get(&()), 9);
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub(super) fn lease_of(fd: std::os::fd::RawFd) -> libc::c_int {
 /// Detaches links, then closes `file` (and so releases its lease): a writer
 /// waiting on the lease goes on only once every probe is gone. On a thread
 /// of its own, as [`crate::bpf::drop_in_background`].
-pub(super) fn drop_then_close(links: Vec<aya::programs::uprobe::UProbeLink>, file: std::fs::File) {
+pub(super) fn drop_then_close(links: Vec<crate::bpf::Link>, file: std::fs::File) {
     let work = move || {
         crate::bpf::drop_in_parallel(links);
         drop(file);

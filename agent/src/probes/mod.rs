@@ -55,6 +55,44 @@ pub enum StatsMode {
 const STATS_ON: Duration = Duration::from_secs(1);
 const STATS_PERIOD: Duration = Duration::from_secs(30);
 
+/// Where in its period each sampling window of the assignment probes opens:
+/// at a random point of the period's slack (period − window), drawn anew
+/// each period. At a fixed phase, a workload whose bursts keep time with the
+/// period would be missed by every window of a run (the demo's 4 s bursts
+/// and 2 s windows, once uprobe_multi links made attaching punctual; the
+/// perf-event path's waits in the kernel had jittered the windows).
+pub struct WindowPhase {
+    state: u64,
+}
+
+impl WindowPhase {
+    pub fn new(seed: u64) -> Self {
+        Self { state: seed }
+    }
+
+    /// A seed that differs between agents and runs.
+    pub fn seed() -> u64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        now ^ (u64::from(std::process::id()) << 32)
+    }
+
+    /// How long to wait, from the start of a period, before opening its
+    /// window.
+    pub fn lead(&mut self, period: Duration, window: Duration) -> Duration {
+        // splitmix64: uniform enough, and no dependency for one number a
+        // period.
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let fraction = (z >> 11) as f64 / (1u64 << 53) as f64;
+        period.saturating_sub(window).mul_f64(fraction)
+    }
+}
+
 /// How the map assignment/deletion probes run (`--map-assign-probes`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AccessMode {
@@ -900,4 +938,31 @@ fn exe_name<'a>(exe: &Exe, procs: &'a BTreeMap<u32, Attached>) -> &'a str {
         .first()
         .and_then(|p| procs.get(p))
         .map_or("", |a| a.labels.exe.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_open_anywhere_in_the_slack() {
+        let (period, window) = (Duration::from_millis(2000), Duration::from_millis(1000));
+        let mut phase = WindowPhase::new(7);
+        let leads: Vec<Duration> = (0..1000).map(|_| phase.lead(period, window)).collect();
+        assert!(leads.iter().all(|&l| l <= period - window));
+        let (min, max) = (leads.iter().min().unwrap(), leads.iter().max().unwrap());
+        assert!(*min < Duration::from_millis(50) && *max > Duration::from_millis(950));
+        // Every tenth of the slack is hit.
+        for tenth in 0..10 {
+            let (lo, hi) = (tenth * 100, (tenth + 1) * 100);
+            assert!(
+                leads
+                    .iter()
+                    .any(|l| (lo..hi).contains(&(l.as_millis() as u64))),
+                "no window opened {lo}-{hi} ms into its period"
+            );
+        }
+        // No slack, no wait.
+        assert_eq!(phase.lead(window, window), Duration::ZERO);
+    }
 }

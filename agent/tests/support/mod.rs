@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod prometheus;
+pub mod rotel;
 
 /// A TCP port free on 127.0.0.1 (for servers that cannot take port 0).
 pub fn free_port() -> u16 {
@@ -245,6 +246,11 @@ impl Target {
             .unwrap_or_else(|e| panic!("fixture {} printed nothing in {timeout:?}: {e}", self.pid))
     }
 
+    /// A line the fixture printed, if one is waiting.
+    pub fn try_read_line(&mut self) -> Option<String> {
+        self.lines.try_recv().ok()
+    }
+
     /// Closes stdin and waits for a clean exit.
     pub fn finish(mut self) {
         drop(self.stdin.take());
@@ -320,7 +326,7 @@ impl Agent {
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }
-        // Counters folded five times a second, unless the test says.
+        // Collected five times a second unless the test says otherwise.
         if !flags.contains(&"--poll-interval-ms") {
             cmd.args(["--poll-interval-ms", "200"]);
         }
@@ -452,6 +458,8 @@ pub struct Sample {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub value: f64,
+    /// The value as written (integers beyond 2^53 are exact only here).
+    pub raw: String,
 }
 
 /// A parsed scrape.
@@ -485,6 +493,7 @@ impl Metrics {
                 name: name.to_owned(),
                 labels,
                 value: value.parse().expect("sample value"),
+                raw: value.to_owned(),
             });
         }
         Self {
@@ -512,6 +521,31 @@ impl Metrics {
             matching.len()
         );
         matching.first().map_or(0.0, |s| s.value)
+    }
+
+    /// The value of the one series matching `name` and `labels` as written,
+    /// if there is one.
+    pub fn raw(&self, name: &str, labels: &[(&str, &str)]) -> Option<&str> {
+        let mut matching = self.samples.iter().filter(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        });
+        let first = matching.next();
+        assert!(
+            matching.next().is_none(),
+            "{name} {labels:?} matches many series"
+        );
+        first.map(|s| s.raw.as_str())
+    }
+
+    /// GC cycles the probes saw since the agent attached to the process with
+    /// `labels`: its mark-termination pauses (one per cycle).
+    pub fn cycles_seen(&self, labels: &[(&str, &str)]) -> f64 {
+        let mut l = labels.to_vec();
+        l.push(("phase", "mark_termination"));
+        self.value("gopulse_gc_pause_seconds_count", &l)
     }
 
     /// Whether any series of `name` carries `labels`.
@@ -1022,6 +1056,21 @@ pub fn kernel_cleared(
 
 /// A copy of `bin` under a name of its own (`<dir>/<name>`), so that
 /// kernel objects naming it are this test's, whatever else runs.
+/// The fixture's sites without what its hash seed decides: how full a
+/// map was when it last grew (which swiss table split last, which classic
+/// bucket overflowed) differs between any two runs, agent or not.
+pub fn seed_free(sites: &serde_json::Value) -> serde_json::Value {
+    let mut sites = sites.clone();
+    if let Some(sites) = sites.as_object_mut() {
+        for site in sites.values_mut() {
+            if let Some(site) = site.as_object_mut() {
+                site.remove("at_last_growth");
+            }
+        }
+    }
+    sites
+}
+
 pub fn private_copy(bin: &Path, name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("private-{}-{name}", std::process::id()));

@@ -2,6 +2,10 @@
 //! attach stage) and the kernel maps, split between the stage that writes
 //! them (processes and executables registered) and the collector that reads
 //! them.
+//!
+//! Uprobes go in one of two ways, chosen once at start-up ([`UprobeMode`]):
+//! uprobe_multi links (one link per program per executable, `multi`), where
+//! the kernel has them, else one perf-event uprobe per site (aya's).
 use std::{
     collections::BTreeMap,
     num::NonZeroU32,
@@ -27,34 +31,102 @@ use gopulse_common::{
 
 use crate::plan::{PROGRAM_TABLE, ProbeSite};
 
+mod multi;
+mod sys;
+
 /// The program the agent times its own uprobe traps with (does nothing).
 pub const PROG_CALIBRATE: &str = "calibrate";
+
+/// The eBPF object, built by `build.rs`.
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gopulse"))
+}
+
+/// How uprobes are attached (`--uprobe-mode`, or `GOPULSE_UPROBE_MODE`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum UprobeMode {
+    /// uprobe_multi links if the kernel gives working ones (tried at
+    /// start-up), else perf-event uprobes.
+    #[default]
+    Auto,
+    /// uprobe_multi links, or refuse to start.
+    Multi,
+    /// Perf-event uprobes, one per site (the fallback, forced: keeps that
+    /// path tested on kernels that have multi links).
+    Perf,
+}
+
+/// The environment variable that picks the [`UprobeMode`] when the flag
+/// is not given (tests set it for the agents and libraries they start).
+pub const UPROBE_MODE_ENV: &str = "GOPULSE_UPROBE_MODE";
+
+impl UprobeMode {
+    /// From `GOPULSE_UPROBE_MODE` (`auto`, `multi`, `perf`), else `auto`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        match std::env::var(UPROBE_MODE_ENV) {
+            Err(std::env::VarError::NotPresent) => Ok(Self::Auto),
+            Ok(v) => <Self as clap::ValueEnum>::from_str(&v, true)
+                .map_err(|_| anyhow!("{UPROBE_MODE_ENV}={v:?}: expected auto, multi or perf")),
+            Err(e) => Err(anyhow!("{UPROBE_MODE_ENV}: {e}")),
+        }
+    }
+}
+
+/// The way uprobes go in, as chosen at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UprobePath {
+    /// One uprobe_multi link per program per executable.
+    Multi,
+    /// One perf-event uprobe (and its link) per site.
+    Perf,
+}
+
+impl std::fmt::Display for UprobePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Multi => "uprobe_multi links",
+            Self::Perf => "perf-event uprobes",
+        })
+    }
+}
+
+/// One link: dropping it detaches its uprobes (one, or for a uprobe_multi
+/// link every site of one program in one executable), and needs no access
+/// to the programs.
+#[derive(Debug)]
+pub enum Link {
+    Perf(UProbeLink),
+    Multi(OwnedFd),
+}
 
 /// The links attached for one group of probes of one executable, taken
 /// out of their programs: dropping them detaches the probes, and needs no
 /// access to the programs.
 #[derive(Debug, Default)]
 pub struct Links {
-    links: Vec<UProbeLink>,
+    links: Vec<Link>,
+    /// Uprobes (sites) they hold.
+    probes: usize,
 }
 
 impl Links {
+    /// How many uprobes (sites) the links hold.
     pub fn len(&self) -> usize {
-        self.links.len()
+        self.probes
     }
 
     pub fn is_empty(&self) -> bool {
-        self.links.is_empty()
+        self.probes == 0
     }
 
-    pub fn into_inner(self) -> Vec<UProbeLink> {
+    pub fn into_inner(self) -> Vec<Link> {
         self.links
     }
 
     /// Detaches the probes. Returns at once: the kernel waits out an RCU
-    /// grace period for each uprobe it removes (about 0.1 s each here, one
-    /// after another), so the links are dropped on threads of their own,
-    /// all at once, and nothing waits for them.
+    /// grace period for each link it removes (for each perf-event uprobe,
+    /// one after another), so the links are dropped on threads of their
+    /// own, all at once, and nothing waits for them.
     pub fn detach(self) {
         drop_in_background(self.links);
     }
@@ -154,12 +226,18 @@ const LIFE_PROGRAMS: [(&str, &str); 2] = [
     ("on_exit", "sched_process_exit"),
 ];
 
-/// The programs, behind a lock of their own: attaching a uprobe can wait
-/// seconds in the kernel (behind its queue of uprobe removals), and the
+/// The programs, behind a lock of their own for the perf-event path:
+/// attaching a perf-event uprobe can wait seconds in the kernel (behind its
+/// queue of uprobe removals), and aya attaches through the program, so the
 /// attach stage's bookkeeping, exits and budget checks must not wait with
 /// it. Only attaching and reading the programs' statistics take the lock.
+/// The uprobe_multi programs need none: a link is made from the program's
+/// descriptor.
 #[derive(Clone, Debug)]
-pub struct Attacher(Arc<Mutex<Ebpf>>);
+pub struct Attacher {
+    ebpf: Arc<Mutex<Ebpf>>,
+    multi: Option<Arc<multi::Programs>>,
+}
 
 /// The programs (to attach) and the maps processes and executables are
 /// registered in.
@@ -174,7 +252,9 @@ pub struct Bpf {
 }
 
 impl Bpf {
-    /// Loads and verifies every program.
+    /// Loads and verifies every program, the uprobe programs for the path
+    /// `mode` picks (see [`UprobeMode`]; `auto` tries uprobe_multi links
+    /// first, for real).
     /// The per-process maps are sized for `max_processes` (PROCS holds a
     /// copy per CPU: a few hundred bytes × CPUs × processes). With
     /// `debug`, the programs log each anomaly through aya-log, forwarded
@@ -182,6 +262,7 @@ impl Bpf {
     pub fn load(
         max_processes: u32,
         debug: bool,
+        mode: UprobeMode,
     ) -> anyhow::Result<(Self, CollectorMaps, LifeMaps)> {
         raise_memlock_limit();
         // aya-log's level global is read-only data the kernel freezes: at 0
@@ -193,10 +274,7 @@ impl Bpf {
             .map_max_entries("STW", max_processes)
             .map_max_entries("SLICE_WINDOWS", max_processes)
             .override_global(aya_log::LEVEL, &level, true)
-            .load(aya::include_bytes_aligned!(concat!(
-                env!("OUT_DIR"),
-                "/gopulse"
-            )))
+            .load(object())
             .map_err(|e| {
                 anyhow!(
                     "loading the eBPF object: {e}{}",
@@ -206,10 +284,60 @@ impl Bpf {
         // Verification dominates start-up on older kernels (6.1's verifier
         // walks our programs far longer than 6.12's): say what it took.
         let mut verified = Verified::default();
+        let uprobe_names = || PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]);
+        let multi = match mode {
+            UprobeMode::Perf => {
+                tracing::info!("uprobes: {} (--uprobe-mode perf)", UprobePath::Perf);
+                None
+            }
+            UprobeMode::Auto | UprobeMode::Multi => {
+                // A kernel without the links says so at the probe (info); one
+                // that has them but refuses our programs for them is a fault
+                // to look into (warn). Either way the fallback takes over.
+                let probed = multi::probe();
+                let loaded = probed.as_ref().map_err(|e| anyhow!("{e}")).and_then(|()| {
+                    multi::Programs::load(object(), &ebpf, uprobe_names(), |n, t, i| {
+                        verified.note(n, t, i);
+                    })
+                });
+                match loaded {
+                    Ok(p) => {
+                        tracing::info!(
+                            "uprobes: {} (one link per program per executable)",
+                            UprobePath::Multi
+                        );
+                        Some(Arc::new(p))
+                    }
+                    Err(e) if mode == UprobeMode::Multi => {
+                        return Err(
+                            e.context("--uprobe-mode multi: uprobe_multi links are not available")
+                        );
+                    }
+                    Err(e) if probed.is_ok() => {
+                        tracing::warn!(
+                            "uprobes: {} (the kernel has uprobe_multi links, but loading the \
+                             programs for them failed: {e:#})",
+                            UprobePath::Perf
+                        );
+                        verified = Verified::default();
+                        None
+                    }
+                    Err(e) => {
+                        tracing::info!(
+                            "uprobes: {} (uprobe_multi links are not available: {e:#})",
+                            UprobePath::Perf
+                        );
+                        verified = Verified::default();
+                        None
+                    }
+                }
+            }
+        };
         let uprobe = |p: &mut aya::programs::Program| <&mut UProbe>::try_from(p)?.load();
         let raw_tp = |p: &mut aya::programs::Program| <&mut RawTracePoint>::try_from(p)?.load();
-        let uprobes = PROGRAM_TABLE.iter().map(|p| p.name).chain([PROG_CALIBRATE]);
-        let uprobes = uprobes.map(|name| (name, uprobe as LoadFn));
+        let uprobes = uprobe_names()
+            .filter(|_| multi.is_none())
+            .map(|name| (name, uprobe as LoadFn));
         let lifecycle = LIFE_PROGRAMS
             .iter()
             .map(|&(name, _)| (name, raw_tp as LoadFn));
@@ -218,7 +346,9 @@ impl Bpf {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the eBPF object"))?;
             let started = std::time::Instant::now();
-            load(prog).with_context(|| format!("loading program {name}"))?;
+            load(prog).with_context(|| {
+                format!("loading program {name}{}", crate::caps::bpf_load_hint())
+            })?;
             let insns = prog
                 .info()
                 .ok()
@@ -268,7 +398,10 @@ impl Bpf {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| anyhow!("counting CPUs: {e}"))?;
         Ok((
             Self {
-                attacher: Attacher(Arc::new(Mutex::new(ebpf))),
+                attacher: Attacher {
+                    ebpf: Arc::new(Mutex::new(ebpf)),
+                    multi,
+                },
                 procs: first,
                 plumbing,
                 slice_windows,
@@ -347,7 +480,16 @@ impl Bpf {
 
 impl Attacher {
     fn programs(&self) -> MutexGuard<'_, Ebpf> {
-        crate::server::lock(&self.0)
+        crate::server::lock(&self.ebpf)
+    }
+
+    /// The way uprobes go in.
+    pub fn path(&self) -> UprobePath {
+        if self.multi.is_some() {
+            UprobePath::Multi
+        } else {
+            UprobePath::Perf
+        }
     }
 
     /// Turns on the lifecycle events: exits of watched processes, and with
@@ -372,27 +514,58 @@ impl Attacher {
     /// (the programs tell watched processes apart by pid); all or nothing.
     /// `target` is a path to the file (through /proc, so the right file is
     /// probed even when its path is in another mount namespace or was
-    /// replaced on disk).
+    /// replaced on disk). With uprobe_multi links, one link per program.
     pub fn attach_sites(&self, target: &Path, sites: &[ProbeSite]) -> anyhow::Result<Links> {
         let mut links = Links::default();
+        let Some(multi) = &self.multi else {
+            for site in sites {
+                let name = PROGRAM_TABLE[site.program].name;
+                let attached = attach(
+                    &mut self.programs(),
+                    name,
+                    target,
+                    site.file_offset,
+                    UProbeScope::AllProcesses,
+                );
+                match attached {
+                    Ok(link) => {
+                        links.links.push(Link::Perf(link));
+                        links.probes += 1;
+                    }
+                    Err(e) => {
+                        links.detach();
+                        bail!(
+                            "attaching {name} at {} (file offset {:#x}): {e:#}{}",
+                            site.function,
+                            site.file_offset,
+                            crate::caps::uprobe_hint(&e)
+                        );
+                    }
+                }
+            }
+            return Ok(links);
+        };
+        let mut by_program: BTreeMap<usize, Vec<&ProbeSite>> = BTreeMap::new();
         for site in sites {
-            let name = PROGRAM_TABLE[site.program].name;
-            let attached = attach(
-                &mut self.programs(),
-                name,
-                target,
-                site.file_offset,
-                UProbeScope::AllProcesses,
-            );
-            match attached {
-                Ok(link) => links.links.push(link),
+            by_program.entry(site.program).or_default().push(site);
+        }
+        for (program, sites) in by_program {
+            let name = PROGRAM_TABLE[program].name;
+            let offsets: Vec<u64> = sites.iter().map(|s| s.file_offset).collect();
+            match multi.attach(name, target, &offsets, 0) {
+                Ok(link) => {
+                    links.links.push(Link::Multi(link));
+                    links.probes += offsets.len();
+                }
                 Err(e) => {
                     links.detach();
+                    let at: Vec<String> = sites
+                        .iter()
+                        .map(|s| format!("{} (file offset {:#x})", s.function, s.file_offset))
+                        .collect();
                     bail!(
-                        "attaching {name} at {} (file offset {:#x}): {e:#}{}",
-                        site.function,
-                        site.file_offset,
-                        crate::caps::uprobe_hint(&e)
+                        "attaching {name} at {} with a uprobe_multi link: {e:#}",
+                        at.join(", ")
                     );
                 }
             }
@@ -407,14 +580,26 @@ impl Attacher {
         target: &Path,
         file_offset: u64,
         pid: u32,
-    ) -> anyhow::Result<UProbeLink> {
+    ) -> anyhow::Result<Link> {
+        if let Some(multi) = &self.multi {
+            return Ok(Link::Multi(multi.attach(
+                program,
+                target,
+                &[file_offset],
+                pid,
+            )?));
+        }
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).context("pid 0")?);
-        attach(&mut self.programs(), program, target, file_offset, scope)
+        attach(&mut self.programs(), program, target, file_offset, scope).map(Link::Perf)
     }
 
     /// The kernel's run-time statistics of a program (total run time and
     /// runs; both 0 unless statistics are enabled).
     pub fn program_stats(&self, name: &str) -> anyhow::Result<(Duration, u64)> {
+        if let Some(multi) = &self.multi {
+            let s = multi.stats(name)?;
+            return Ok((s.run_time, s.runs));
+        }
         stats(&mut self.programs(), name)
     }
 
@@ -422,7 +607,12 @@ impl Attacher {
     /// while an attach holds the programs (the budget check that asks must
     /// not wait for the kernel: it keeps the costs it has).
     pub fn all_program_stats(&self) -> Option<[Option<(Duration, u64)>; PROGRAMS]> {
-        let mut ebpf = match self.0.try_lock() {
+        if self.multi.is_some() {
+            return Some(std::array::from_fn(|i| {
+                self.program_stats(PROGRAM_TABLE[i].name).ok()
+            }));
+        }
+        let mut ebpf = match self.ebpf.try_lock() {
             Ok(g) => g,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
@@ -558,7 +748,7 @@ fn start_bpf_log(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 
 /// Drops links on threads of their own, in parallel, without waiting (see
 /// [`Links::detach`]).
-pub fn drop_in_background(links: Vec<UProbeLink>) {
+pub fn drop_in_background(links: Vec<Link>) {
     if links.is_empty() {
         return;
     }
