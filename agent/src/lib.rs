@@ -13,6 +13,7 @@ pub mod cost;
 pub mod discover;
 pub mod exe_map;
 pub mod export;
+pub mod gctrace;
 pub mod governor;
 pub mod mapshape;
 pub mod memory;

@@ -13,7 +13,7 @@ use clap::Parser;
 
 use gopulse_agent::{
     bpf, caps,
-    collector::{Collector, SliceRule},
+    collector::{Collector, CycleSettings, SliceRule, TraceLine},
     discover::{
         Discovery, Naming, Selection,
         events::LifeEvents,
@@ -21,6 +21,7 @@ use gopulse_agent::{
         selector::LabelSelector,
     },
     export::otlp::{HistogramKind, Otlp, OtlpConfig, OtlpProtocol},
+    gctrace,
     governor::Budget,
     metrics::{self, LabelChoice},
     plan::{DEFAULT_MAP_METHODS, DEFAULT_PLUMBING, Plumbing},
@@ -51,6 +52,27 @@ enum Command {
     /// probe site and what it measures, or why it would not be watched.
     /// Needs no BPF. Exits 0 if it would be watched, 1 if not.
     Inspect(InspectArgs),
+    /// Print the runtime's own GODEBUG=gctrace=1 line for each GC cycle of
+    /// running Go processes that were started without it: the same fields,
+    /// rounding and order, read from the runtime at the end of each cycle
+    /// (a time-triggered cycle is preceded by "GC forced", as the runtime
+    /// prints it). From attaching until the processes exit or Ctrl-C. Needs
+    /// the agent's capabilities.
+    Gctrace(GctraceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct GctraceArgs {
+    /// The Go process to trace; repeat for several (each line then starts
+    /// with its pid).
+    #[arg(long = "pid", value_name = "PID", required = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pids: Vec<u32>,
+    /// One JSON object a cycle instead: every value at full precision
+    /// (nanoseconds, bytes), what started the cycle (heap, time, forced)
+    /// and, for a forced one, the Go function that called runtime.GC.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -179,6 +201,14 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     storm_growths: u64,
+
+    /// A forced-GC storm is more than this many forced GC cycles (runtime.GC,
+    /// debug.FreeOSMemory) at one site within --storm-window-ms (the
+    /// default, 100 in 10 s, is 10 a second); each storm increments
+    /// gopulse_gc_forced_storms_total and logs one line.
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    gc_storm_cycles: u64,
 
     /// The window, in milliseconds, for --storm-growths.
     #[arg(long, value_name = "MS", default_value_t = 10_000,
@@ -311,19 +341,29 @@ fn main() -> ExitCode {
         return handoff::close_links(&fds.to_string_lossy());
     }
     gopulse_agent::memory::hold_mmap_threshold();
+    let cli = Cli::parse();
+    // gctrace's stdout is its lines: only what goes wrong on stderr.
+    let quiet = matches!(cli.command, Some(Command::Gctrace(_)));
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(if quiet { "warn" } else { "info" })
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
-    if let Some(Command::Inspect(a)) = cli.command {
-        return inspect(&a);
-    }
-    let args = cli.args;
+    let (args, trace) = match cli.command {
+        Some(Command::Inspect(a)) => return inspect(&a),
+        Some(Command::Gctrace(a)) => match gctrace_args(&a) {
+            Ok(args) => (args, Some(a.json)),
+            Err(e) => {
+                eprintln!("gopulse gctrace: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => (cli.args, None),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -338,7 +378,7 @@ fn main() -> ExitCode {
     let result = if args.list {
         runtime.block_on(list(args))
     } else {
-        runtime.block_on(run(args))
+        runtime.block_on(run(args, trace))
     };
     // Tasks still running (a connection that would not close, an export
     // that would not end) are not waited for.
@@ -348,6 +388,55 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// The agent's settings for `gopulse gctrace`: the named processes, no
+/// port, no sampled probes.
+fn gctrace_args(a: &GctraceArgs) -> anyhow::Result<Args> {
+    let mut argv: Vec<String> = [
+        "gopulse",
+        "--listen",
+        "127.0.0.1:0",
+        "--no-prometheus",
+        "--map-assign-probes",
+        "off",
+        "--slice-probes",
+        "off",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for pid in &a.pids {
+        argv.extend(["--pid".to_owned(), pid.to_string()]);
+    }
+    Ok(Cli::try_parse_from(argv)?.args)
+}
+
+/// Prints each cycle's line as it comes, until the collector is dropped.
+fn print_cycles(lines: std::sync::mpsc::Receiver<TraceLine>, json: bool, several: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        let text = if json {
+            gctrace::json(l.pid, &l.cycle, l.init_time, l.trigger, l.site.as_deref()).to_string()
+        } else {
+            let prefix = if several {
+                format!("{}: ", l.pid)
+            } else {
+                String::new()
+            };
+            let mut t = String::new();
+            if l.trigger == Some(gctrace::Trigger::Time) {
+                t.push_str(&format!("{prefix}GC forced\n"));
+            }
+            t.push_str(&prefix);
+            t.push_str(&gctrace::line(&l.cycle, l.init_time));
+            t
+        };
+        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+            return; // stdout closed
         }
     }
 }
@@ -460,7 +549,9 @@ async fn list(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The agent, or with `trace` (`Some(json)`) `gopulse gctrace`: the same
+/// watching, each cycle's line printed, ending when the processes have.
+async fn run(args: Args, trace: Option<bool>) -> anyhow::Result<()> {
     // The probes report pids of the host's namespace; /proc here would
     // name other ones (or none).
     if !gopulse_agent::procfs::in_host_pid_namespace().unwrap_or(true) {
@@ -591,6 +682,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
         },
     );
+    let mut collector = collector;
+    let (sink, lines) = std::sync::mpsc::channel();
+    collector.set_cycles(CycleSettings {
+        storm: StormRule {
+            growths: args.gc_storm_cycles,
+            window: Duration::from_millis(args.storm_window_ms),
+        },
+        sink: trace.is_some().then_some(sink),
+    });
+    if let Some(json) = trace {
+        let several = args.pids.len() > 1;
+        std::thread::Builder::new()
+            .name("gctrace".into())
+            .spawn(move || print_cycles(lines, json, several))
+            .context("starting the gctrace printer")?;
+    }
     let app = Arc::new(App {
         collector: Mutex::new(collector),
         probes: Mutex::new(probes),
@@ -610,6 +717,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         app.with_collector(|c| c.request(pid));
         if let Err(e) = watch(&app, pid, &plumbing, &naming) {
             let hint = caps::target_hint(pid).map_or_else(String::new, |h| format!(" ({h})"));
+            if trace.is_some() {
+                anyhow::bail!("pid {pid}: cannot trace: {e:#}{hint}");
+            }
             tracing::error!(pid, "pid {pid}: cannot watch: {e:#}{hint}");
             if gopulse_agent::procfs::start_time(pid).is_ok() {
                 discovery_metrics.watch_failed(pid);
@@ -815,8 +925,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // ends the process.
     let (signalled_tx, signalled_rx) = tokio::sync::oneshot::channel();
     let (detach_app, stop_otlp_now) = (app.clone(), stop_otlp.clone());
+    let gone_app = app.clone();
     let stop = async move {
-        let at = shutdown_signal().await;
+        // gctrace ends with its processes too.
+        let all_gone = async {
+            if trace.is_none() {
+                return std::future::pending().await;
+            }
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                if gone_app.with_collector(|c| c.count()) == 0 {
+                    gone_app.with_collector(|c| c.drain());
+                    return tokio::time::Instant::now();
+                }
+            }
+        };
+        let at = tokio::select! {
+            at = shutdown_signal() => at,
+            at = all_gone => at,
+        };
         // Off the async workers: without the helper, closing a uprobe waits
         // out the kernel's RCU grace period (seconds on a loaded machine),
         // and a worker must stay free to see a second signal.

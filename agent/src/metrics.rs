@@ -333,6 +333,11 @@ pub const CPU_STATES: [&str; 4] = ["user", "gc", "scavenge", "idle"];
 pub struct Metrics {
     pub runtime: RuntimeMetrics,
     pub gc_pause: Family<ProcAnd<'static>>,
+    pub gc_triggers: Family<ProcAnd<'static>>,
+    pub gc_forced: Family<ProcAnd<'static>>,
+    pub gc_forced_storms: Family<ProcAnd<'static>>,
+    pub gc_mark_duration: Family<Proc>,
+    pub gc_assist_cpu: Family<Proc>,
     pub stw_pause: Family<ProcAnd<'static>>,
     pub stw_pause_max: Family<ProcAnd<'static>>,
     pub events_lost: Family<Proc>,
@@ -374,6 +379,11 @@ impl Metrics {
         let m = Self {
             runtime: RuntimeMetrics::new(model),
             gc_pause: model.family(&decl::GC_PAUSE),
+            gc_triggers: model.family(&decl::GC_TRIGGERS),
+            gc_forced: model.family(&decl::GC_FORCED),
+            gc_forced_storms: model.family(&decl::GC_FORCED_STORMS),
+            gc_mark_duration: model.family(&decl::GC_MARK_DURATION),
+            gc_assist_cpu: model.family(&decl::GC_ASSIST_CPU),
             stw_pause: model.family(&decl::STW_PAUSE),
             stw_pause_max: model.family(&decl::STW_PAUSE_MAX),
             events_lost: model.family(&decl::EVENTS_LOST),

@@ -646,6 +646,10 @@ pub fn plan(bin: &GoBinary, load_bias: u64) -> anyhow::Result<Plan> {
         load_bias,
         ..ProcConfig::default()
     };
+    // Cycle records (gctrace, triggers) where the runtime's state is known.
+    if let Ok(layout) = crate::gctrace::Layout::of(bin) {
+        stw.trace = layout.config(load_bias);
+    }
     if let Some(clock) = bin.pause_clock {
         stw.pause_start_addr = clock.pause_start.wrapping_add(load_bias);
         stw.last_gc_nanotime_addr = clock.last_gc_nanotime.wrapping_add(load_bias);

@@ -241,6 +241,10 @@ pub fn watch(app: &App, pid: u32, plumbing: &Plumbing, naming: &Naming) -> anyho
                 .ok()
                 .map(|layout| runtime_state::Reader::new(layout.clone(), load_bias)),
             unwatched: plan.coverage.unwatched.clone(),
+            gctrace: (plan.stw.trace.work != 0)
+                .then(|| crate::gctrace::Layout::of(bin).ok())
+                .flatten()
+                .map(|l| crate::collector::TraceProc::new(Arc::new(l), load_bias)),
         })
     });
     Ok(())

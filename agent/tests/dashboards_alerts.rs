@@ -6,7 +6,9 @@
 //! burst grows its maps ~180 times within a second) and must fire
 //! GoMapGrowthStorm, naming the process and the site; the classic build
 //! grows its maps ~20 times a burst, below the storm threshold, and must fire
-//! nothing. The rule files also pass `promtool check rules` and their unit
+//! nothing; a `trouble gcstorm` program forcing some 40 GC cycles a second
+//! from one function must fire GoForcedGCStorm, naming it. The rule files
+//! also pass `promtool check rules` and their unit
 //! tests (`promtool test rules`).
 //!
 //! The Go runtime alerts (the `go-runtime` group) hold for 5 to 15 minutes
@@ -214,6 +216,7 @@ fn dashboards_and_alerts_on_live_data() {
         m.value("gopulse_processes_watched", &[]) == 2.0
     });
     assert_eq!(m.value("gopulse_processes_watched", &[]), 2.0);
+    let gc_storm = Workload::trouble(&trouble_bin, "gcstorm");
 
     let rules = root().join("deploy/prometheus/gopulse-rules.yml");
     let prom = Prometheus::start(
@@ -283,6 +286,27 @@ fn dashboards_and_alerts_on_live_data() {
         "{summary}"
     );
 
+    // The forced-GC storm fires for its program, naming the function.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let gc_storms = loop {
+        let storms = firing("GoForcedGCStorm", &gc_storm.pid());
+        if !storms.is_empty() || Instant::now() > deadline {
+            break storms;
+        }
+        thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        !gc_storms.is_empty(),
+        "GoForcedGCStorm did not fire for the program forcing GC cycles"
+    );
+    let gc_summary = gc_storms[0]["annotations"]["summary"].as_str().unwrap();
+    assert!(
+        gc_summary.contains(&format!("(pid {})", gc_storm.pid()))
+            && gc_summary.contains("main.collectOften"),
+        "{gc_summary}"
+    );
+    eprintln!("RESULT GoForcedGCStorm fired: {gc_summary}");
+
     // The calm build grew maps all along, and fired nothing; nothing else
     // fired for the storming one either.
     let m = agent.scrape();
@@ -300,8 +324,10 @@ fn dashboards_and_alerts_on_live_data() {
         .unwrap()
         .iter()
         .filter(|a| {
-            a["labels"]["alertname"] != "GoMapGrowthStorm"
-                || a["labels"]["pid"] != storm.pid().as_str()
+            (a["labels"]["alertname"] != "GoMapGrowthStorm"
+                || a["labels"]["pid"] != storm.pid().as_str())
+                && (a["labels"]["alertname"] != "GoForcedGCStorm"
+                    || a["labels"]["pid"] != gc_storm.pid().as_str())
         })
         .collect();
     assert!(others.is_empty(), "alerts besides the storm: {others:#?}");
@@ -372,6 +398,6 @@ fn dashboards_and_alerts_on_live_data() {
         "the calm workload fired: {calm_alerts:#?}"
     );
 
-    drop((calm, storm, at_limit, queued, leaking));
+    drop((calm, storm, gc_storm, at_limit, queued, leaking));
     agent.stop();
 }

@@ -311,11 +311,22 @@ fn check_runtime_layout(go: &Path, bin: &Path, found: &inspect::GoBinary, kind: 
         }
     }
     assert_eq!(by_code.allgs, rt.globals.allgs, "{what}: runtime.allgs");
+    // gctrace's `@` (issue 20).
+    assert_eq!(
+        by_code.runtime_init_time, rt.globals.runtime_init_time,
+        "{what}: runtime.runtimeInitTime"
+    );
+    assert!(by_code.runtime_init_time.is_some(), "{what}: runtime.runtimeInitTime");
     if kind != "stripped" {
         assert_eq!(
             by_code.allgs,
             Some(truth_data(go, bin, "runtime.allgs")),
             "{what}: runtime.allgs vs nm"
+        );
+        assert_eq!(
+            by_code.runtime_init_time,
+            Some(truth_data(go, bin, "runtime.runtimeInitTime")),
+            "{what}: runtime.runtimeInitTime vs nm"
         );
     }
 }

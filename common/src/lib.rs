@@ -517,6 +517,60 @@ pub struct StwState {
     /// before `seq` moves past it).
     pub seq: u64,
     pub log: [StwEvent; STW_LOG],
+    /// What each completed cycle's record ([`GcCycle`]) is read from.
+    pub trace: GcTraceConfig,
+    /// The return addresses on the stack of the goroutine that started the
+    /// cycle in progress, taken when its sweep termination ended (`nframes`
+    /// of them; 0 once used, or if not seen).
+    pub frames: [u64; GC_FRAMES],
+    pub nframes: u32,
+    pub _pad2: u32,
+    /// Cycle records the ring had no room for.
+    pub cycles_lost: u64,
+}
+
+/// Return addresses kept of the goroutine that started a GC cycle: the
+/// caller of `runtime.gcStart` (what triggered it) and, for a forced
+/// cycle, the function that called `runtime.GC` past the runtime's own.
+pub const GC_FRAMES: usize = 16;
+/// Bytes of `runtime.work`, `runtime.gcController` and `runtime.memstats`
+/// a cycle record copies (each a window holding every field gctrace prints;
+/// the agent checks they fit).
+pub const GC_WORK_BYTES: usize = 256;
+pub const GC_CTRL_BYTES: usize = 128;
+pub const GC_MSTATS_BYTES: usize = 32;
+/// The ring of cycle records: 560 bytes and a header each, so some 450 can
+/// wait for the agent's next read (every 250 ms).
+pub const GC_RING_BYTES: u32 = 256 * 1024;
+
+/// Where a process's cycle records are read from: runtime addresses of the
+/// three windows (0: no records), and the offsets that lead from the
+/// system stack to the goroutine that stopped the world.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcTraceConfig {
+    pub work: u64,
+    pub ctrl: u64,
+    pub mstats: u64,
+    /// `g.m`, `m.curg`, `g.sched.bp`.
+    pub g_m: u16,
+    pub m_curg: u16,
+    pub g_sched_bp: u16,
+    pub _pad: u16,
+}
+
+/// One completed GC cycle as the runtime had it when the world restarted
+/// after mark termination (every field `GODEBUG=gctrace=1` prints is final
+/// then), with the stack of the goroutine that started it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GcCycle {
+    pub pid: u32,
+    pub nframes: u32,
+    pub frames: [u64; GC_FRAMES],
+    pub work: [u8; GC_WORK_BYTES],
+    pub ctrl: [u8; GC_CTRL_BYTES],
+    pub mstats: [u8; GC_MSTATS_BYTES],
 }
 
 impl Default for StwState {
@@ -533,6 +587,11 @@ impl Default for StwState {
             hits: [0; STW_PROGRAMS],
             seq: 0,
             log: [StwEvent::default(); STW_LOG],
+            trace: GcTraceConfig::default(),
+            frames: [0; GC_FRAMES],
+            nframes: 0,
+            _pad2: 0,
+            cycles_lost: 0,
         }
     }
 }
@@ -609,6 +668,8 @@ mod pod {
     unsafe impl aya::Pod for super::MapKey {}
     unsafe impl aya::Pod for super::MapSeen {}
     unsafe impl aya::Pod for super::LifeEvent {}
+    unsafe impl aya::Pod for super::GcTraceConfig {}
+    unsafe impl aya::Pod for super::GcCycle {}
 }
 
 /// Go's size classes (`runtime/sizeclasses.go`, `internal/runtime/gc` from

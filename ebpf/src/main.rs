@@ -32,26 +32,29 @@ compile_error!("gopulse reads Go's amd64 register ABI; only x86_64 is supported"
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST, pt_regs},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
+    bindings::{BPF_ANY, BPF_NOEXIST, BPF_RB_NO_WAKEUP, pt_regs},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+    },
     macros::{map, raw_tracepoint, uprobe},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{ProbeContext, RawTracePointContext},
 };
 use aya_log_ebpf::warn;
 use gopulse_common::{
-    GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW, GROW_SWISS_PRUNE,
-    GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GROWTH_DIR_WALK, GrowthCount, GrowthKey, LIFE_EXEC,
-    LIFE_EXIT, LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES, MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS,
-    MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH, MAX_SLICE_KEYS, MAX_TRACKED_MAPS, MapKey,
-    MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM, PROG_GROW_CLASSIC, PROG_GROW_SLICE,
-    PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN, PROG_MAP_DELETE, PROG_MAP_EVACUATE,
-    PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE, PROG_SPLIT_TABLE, PROG_STW_START_ENTRY,
-    PROG_STW_START_RET, PROG_STW_STOP, PageBits, PageKey, PendingStw, ProcConfig, ProcCpu,
-    ProcStats, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST, START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE,
-    STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START, STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG,
-    SWISS_GROUP_SLOTS, SWISS_MAX_TABLE_CAPACITY, SiteCache, SliceCount, SliceKey, SliceWindow,
-    StwEvent, StwState, TABLE_HEADER_BYTES, grown_slice_bytes, slice_bucket,
+    GC_FRAMES, GC_RING_BYTES, GROW_CLASSIC_DOUBLE, GROW_CLASSIC_SAME_SIZE, GROW_SWISS_GROW,
+    GROW_SWISS_PRUNE, GROW_SWISS_SPLIT, GROW_SWISS_TO_TABLE, GROWTH_DIR_WALK, GcCycle, GrowthCount,
+    GrowthKey, LIFE_EXEC, LIFE_EXIT, LIFE_RING_BYTES, LifeEvent, MAP_HEADER_BYTES,
+    MAP_IMPL_CLASSIC, MAX_GROWTH_KEYS, MAX_PLUMBING_PAGES, MAX_PROCS, MAX_SITE_DEPTH,
+    MAX_SLICE_KEYS, MAX_TRACKED_MAPS, MapKey, MapSeen, PLUMBING_BLOCK_SHIFT, PROG_GC_MARK_TERM,
+    PROG_GROW_CLASSIC, PROG_GROW_SLICE, PROG_GROW_TABLE, PROG_GROW_TO_TABLE, PROG_MAP_ASSIGN,
+    PROG_MAP_DELETE, PROG_MAP_EVACUATE, PROG_PRUNE_BODY, PROG_PRUNE_TABLE, PROG_REHASH_TABLE,
+    PROG_SPLIT_TABLE, PROG_STW_START_ENTRY, PROG_STW_START_RET, PROG_STW_STOP, PageBits, PageKey,
+    PendingStw, ProcConfig, ProcCpu, ProcStats, SITE_CACHE, SITE_FOUND, SITE_OUTERMOST,
+    START_ARGS_WORLDSTOP, STW_FLAG_CYCLE_DONE, STW_FLAG_END_AT_ENTRY, STW_FLAG_GO_START,
+    STW_FLAG_IDLE, STW_FLAG_NO_START, STW_LOG, SWISS_GROUP_SLOTS, SWISS_MAX_TABLE_CAPACITY,
+    SiteCache, SliceCount, SliceKey, SliceWindow, StwEvent, StwState, TABLE_HEADER_BYTES,
+    grown_slice_bytes, slice_bucket,
 };
 
 /// Go's `stwGCMarkTerm`, the reason a cycle's final pause carries.
@@ -99,6 +102,12 @@ static MAP_SEEN: LruHashMap<MapKey, MapSeen> = LruHashMap::with_max_entries(MAX_
 /// Exec and exit events for discovery.
 #[map]
 static LIFE: RingBuf = RingBuf::with_byte_size(LIFE_RING_BYTES, 0);
+
+/// Completed GC cycles, as gctrace prints them (`GcCycle`): written at
+/// the end of each cycle without a wakeup; the agent reads them on its
+/// own schedule.
+#[map]
+static GC_RING: RingBuf = RingBuf::with_byte_size(GC_RING_BYTES, 0);
 
 /// Lifecycle events the ring had no room for (the agent rescans /proc when
 /// this grows).
@@ -341,6 +350,13 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
         end_ns = pending.start_entry_ns;
         pending.flags |= STW_FLAG_END_AT_ENTRY;
     }
+    if s.trace.work != 0 {
+        if pending.reason == STW_REASON_GC_SWEEP_TERM {
+            walk_starter(s, regs(&ctx));
+        } else if cycle_end {
+            record_cycle(pid, s);
+        }
+    }
     // The agent reads the log on its own schedule: no wakeup. Volatile
     // writes keep their order: the entry before the count that publishes
     // it (x86 keeps stores in order).
@@ -360,6 +376,66 @@ pub fn stw_start_ret(ctx: ProbeContext) -> u32 {
     // SAFETY: as above.
     unsafe { core::ptr::write_volatile(&raw mut s.seq, seq + 1) };
     0
+}
+
+/// At the end of a cycle's sweep termination: the return addresses of the
+/// goroutine that started the cycle (the caller of `runtime.gcStart` says
+/// why). The world restarts on the system stack (g0 in R14), and
+/// `systemstack` left the goroutine's frame pointer in its `g.sched.bp`.
+#[inline(always)]
+fn walk_starter(s: &mut StwState, r: &pt_regs) {
+    let t = s.trace;
+    let m: u64 = read(r.r14.wrapping_add(u64::from(t.g_m)));
+    let curg: u64 = read(m.wrapping_add(u64::from(t.m_curg)));
+    let mut bp: u64 = read(curg.wrapping_add(u64::from(t.g_sched_bp)));
+    let mut n = 0u32;
+    for i in 0..GC_FRAMES {
+        if bp == 0 {
+            break;
+        }
+        let Some([next, ret]) = try_read::<[u64; 2]>(bp) else {
+            break;
+        };
+        if ret == 0 {
+            break;
+        }
+        if let Some(slot) = s.frames.get_mut(i) {
+            *slot = ret;
+        }
+        n += 1;
+        bp = next;
+    }
+    s.nframes = n;
+}
+
+/// At the end of a cycle's mark termination: the runtime's account of the
+/// cycle (every field gctrace prints is final, and the runtime holds
+/// `worldsema` until it has printed them), with the starter's stack.
+#[inline(always)]
+fn record_cycle(pid: u32, s: &mut StwState) {
+    let Some(mut e) = GC_RING.reserve::<GcCycle>(0) else {
+        s.cycles_lost += 1;
+        return;
+    };
+    let c = e.as_mut_ptr();
+    let t = s.trace;
+    // SAFETY: `c` is the reserved record; bpf_probe_read_user_buf copes
+    // with any source address (it zeroes the buffer on failure).
+    let read = unsafe {
+        (*c).pid = pid;
+        (*c).nframes = s.nframes;
+        (*c).frames = s.frames;
+        bpf_probe_read_user_buf(t.work as *const u8, &mut (*c).work).is_ok()
+            && bpf_probe_read_user_buf(t.ctrl as *const u8, &mut (*c).ctrl).is_ok()
+            && bpf_probe_read_user_buf(t.mstats as *const u8, &mut (*c).mstats).is_ok()
+    };
+    s.nframes = 0;
+    if read {
+        e.submit(u64::from(BPF_RB_NO_WAKEUP));
+    } else {
+        e.discard(u64::from(BPF_RB_NO_WAKEUP));
+        s.read_failed += 1;
+    }
 }
 
 /// `runtime.gcMarkTermination` entry: once per completed cycle, inside the

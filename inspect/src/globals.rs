@@ -157,6 +157,9 @@ pub struct Globals {
     pub allgs: Option<u64>,
     /// Taken from the symbol table (else from code).
     pub from_symbols: bool,
+    /// `runtime.runtimeInitTime` (`int64`: the monotonic clock when
+    /// `runtime.main` began; gctrace's `@` is counted from it), when known.
+    pub runtime_init_time: Option<u64>,
 }
 
 impl Globals {
@@ -183,6 +186,7 @@ impl Globals {
             found: Global::ALL.iter().map(|&g| (g, Err(why.clone()))).collect(),
             allgs: None,
             from_symbols: false,
+            runtime_init_time: None,
         }
     }
 }
@@ -201,6 +205,7 @@ pub(crate) const ANCHORS: &[&str] = &[
     "runtime.stopTheWorldWithSema",
     "runtime.allgadd",
     "runtime.procresize",
+    "runtime.main",
 ];
 
 /// Functions the rules look for as call targets.
@@ -212,6 +217,7 @@ pub(crate) const CALLEES: &[&str] = &[
     LFSTACK_PUSH,
     TIME_HISTOGRAM_RECORD,
     LOCK2,
+    NANOTIME1,
 ];
 
 const GC_INIT: &str = "runtime.(*gcControllerState).init";
@@ -221,6 +227,7 @@ const HEAP_STATS_RELEASE: &str = "runtime.(*consistentHeapStats).release";
 const LFSTACK_PUSH: &str = "runtime.(*lfstack).push";
 const TIME_HISTOGRAM_RECORD: &str = "runtime.(*timeHistogram).record";
 const LOCK2: &str = "runtime.lock2";
+const NANOTIME1: &str = "runtime.nanotime1";
 
 /// The code the rules read: [`ANCHORS`] decoded, and the entries of
 /// [`CALLEES`].
@@ -510,6 +517,23 @@ fn allgs_from_code(text: &Text) -> Option<u64> {
     }
 }
 
+/// `runtime.runtimeInitTime` by the code: `runtime.main` begins with
+/// `runtimeInitTime = nanotime()`, the first store of RAX to a RIP-relative
+/// place right after a call to `runtime.nanotime1`.
+fn init_time_from_code(text: &Text) -> Option<u64> {
+    let insns = text.code("runtime.main");
+    let k = insns.iter().position(|i| text.calls(i, &[NANOTIME1]))?;
+    // nanotime1 is assembly (ABI0): its result comes back on the stack and
+    // is loaded into RAX (restoring X15 and R14 first) before the store.
+    insns[k + 1..].iter().take(6).find_map(|store| {
+        let shape = store.mnemonic() == Mnemonic::Mov
+            && store.op0_kind() == OpKind::Memory
+            && store.op1_kind() == OpKind::Register
+            && store.op1_register() == Register::RAX;
+        if shape { rip_target(store) } else { None }
+    })
+}
+
 /// Checks a global's address against where the linker puts it.
 fn placed(g: Global, addr: u64, o: &RuntimeOffsets, s: &DataSections) -> Result<u64, GlobalError> {
     let align = g.alignment();
@@ -557,10 +581,17 @@ pub(crate) fn locate(
         })
         .collect();
     let allgs = symbol("runtime.allgs").or_else(|| allgs_from_code(text));
+    // An int64 in .noptrbss, as every release declares it.
+    let runtime_init_time = symbol("runtime.runtimeInitTime")
+        .or_else(|| init_time_from_code(text))
+        .filter(|&a| {
+            a.is_multiple_of(8) && sections.noptrbss.contains(&a) && a + 8 <= sections.noptrbss.end
+        });
     Globals {
         found,
         allgs,
         from_symbols,
+        runtime_init_time,
     }
 }
 

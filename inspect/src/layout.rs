@@ -17,6 +17,7 @@ pub const WORK: &str = "runtime.workType";
 pub const SCHED: &str = "runtime.schedt";
 pub const P: &str = "runtime.p";
 pub const TIME_HISTOGRAM: &str = "runtime.timeHistogram";
+pub const G: &str = "runtime.g";
 
 /// The struct types [`from_structs`] reads.
 pub const STRUCTS: &[&str] = &[
@@ -27,6 +28,7 @@ pub const STRUCTS: &[&str] = &[
     SCHED,
     P,
     TIME_HISTOGRAM,
+    G,
 ];
 
 /// The nested fields [`from_structs`] reads (fields of fields, each on
@@ -48,6 +50,7 @@ pub const PATHS: &[(&str, &str)] = &[
     (WORK, "cpuStats.idleTime"),
     (WORK, "cpuStats.UserTime"),
     (WORK, "cpuStats.userTime"),
+    (G, "sched.bp"),
 ];
 
 /// Size classes of small objects (`_NumSizeClasses`, 68 in every supported
@@ -130,6 +133,28 @@ pub struct RuntimeOffsets {
     pub hist_counts: u16,
     pub hist_underflow: u16,
     pub hist_overflow: u16,
+    /// What `GODEBUG=gctrace=1` prints of a cycle (`gcMarkTermination`):
+    /// `workType.userForced`, the phase clocks and the three heap sizes.
+    pub work_user_forced: u16,
+    pub work_t_sweep_term: u16,
+    pub work_t_mark: u16,
+    pub work_t_mark_term: u16,
+    pub work_t_end: u16,
+    pub work_heap0: u16,
+    pub work_heap1: u16,
+    pub work_heap2: u16,
+    /// `gcControllerState`: the goal, scan sizes and mark CPU of the cycle.
+    pub last_heap_goal: u16,
+    pub last_stack_scan: u16,
+    pub globals_scan: u16,
+    pub assist_time: u16,
+    pub dedicated_mark_time: u16,
+    pub fractional_mark_time: u16,
+    pub idle_mark_time: u16,
+    pub gc_cpu_fraction: u16,
+    /// `g.sched.bp`: a goroutine's frame pointer while it is off its stack
+    /// (the GC's stop on the system stack), where its callers are walked.
+    pub g_sched_bp: u16,
 }
 
 impl RuntimeOffsets {
@@ -300,6 +325,23 @@ pub(crate) fn from_structs(d: &Structs) -> Result<RuntimeOffsets, InspectError> 
         hist_counts: field(TIME_HISTOGRAM, "counts")?,
         hist_underflow: field(TIME_HISTOGRAM, "underflow")?,
         hist_overflow: field(TIME_HISTOGRAM, "overflow")?,
+        work_user_forced: field(WORK, "userForced")?,
+        work_t_sweep_term: field(WORK, "tSweepTerm")?,
+        work_t_mark: field(WORK, "tMark")?,
+        work_t_mark_term: field(WORK, "tMarkTerm")?,
+        work_t_end: field(WORK, "tEnd")?,
+        work_heap0: field(WORK, "heap0")?,
+        work_heap1: field(WORK, "heap1")?,
+        work_heap2: field(WORK, "heap2")?,
+        last_heap_goal: field(g, "lastHeapGoal")?,
+        last_stack_scan: field(g, "lastStackScan")?,
+        globals_scan: field(g, "globalsScan")?,
+        assist_time: field(g, "assistTime")?,
+        dedicated_mark_time: field(g, "dedicatedMarkTime")?,
+        fractional_mark_time: field(g, "fractionalMarkTime")?,
+        idle_mark_time: field(g, "idleMarkTime")?,
+        gc_cpu_fraction: field(MSTATS, "gc_cpu_fraction")?,
+        g_sched_bp: field(G, "sched.bp")?,
     })
 }
 

@@ -451,6 +451,63 @@ fn process() -> Board {
                 ),
             ],
         ),
+        row("Why GC runs"),
+        panel(
+            "GC cycles per second by trigger",
+            Timeseries,
+            "ops",
+            12,
+            "What started each GC cycle: heap (the heap reached its trigger, or the lower goal of the memory limit), time (no cycle for 2 minutes: the periodic GC), forced (runtime.GC, debug.FreeOSMemory)",
+            &[(
+                "sum by (trigger) (rate(gopulse_gc_triggers_total{sel}[$__rate_interval]))",
+                "{{trigger}}",
+            )],
+        ),
+        panel(
+            "Forced GCs per second by site",
+            Timeseries,
+            "ops",
+            12,
+            "Forced cycles by the Go function that called runtime.GC or debug.FreeOSMemory (the 10 busiest sites); each is a whole cycle its caller waits for",
+            &[(
+                "topk(10, sum by (site) (rate(gopulse_gc_forced_total{sel}[$__rate_interval])))",
+                "{{site}}",
+            )],
+        ),
+        panel(
+            "Concurrent mark time p50 / p99",
+            Timeseries,
+            "s",
+            12,
+            "Wall time of each cycle's concurrent mark, between its two stop-the-world pauses (the middle clock figure of gctrace)",
+            &[
+                (
+                    "histogram_quantile(0.5, sum by (le, exe, pid) (rate(gopulse_gc_mark_duration_seconds_bucket{sel}[$__rate_interval])))",
+                    "p50 {{exe}} {{pid}}",
+                ),
+                (
+                    "histogram_quantile(0.99, sum by (le, exe, pid) (rate(gopulse_gc_mark_duration_seconds_bucket{sel}[$__rate_interval])))",
+                    "p99 {{exe}} {{pid}}",
+                ),
+            ],
+        ),
+        panel(
+            "Mark assist CPU per cycle p50 / p99",
+            Timeseries,
+            "s",
+            12,
+            "CPU time goroutines spent marking for the GC when they allocated, per cycle (the assist figure of gctrace's mark CPU): time taken from the program's own work",
+            &[
+                (
+                    "histogram_quantile(0.5, sum by (le, exe, pid) (rate(gopulse_gc_assist_cpu_seconds_bucket{sel}[$__rate_interval])))",
+                    "p50 {{exe}} {{pid}}",
+                ),
+                (
+                    "histogram_quantile(0.99, sum by (le, exe, pid) (rate(gopulse_gc_assist_cpu_seconds_bucket{sel}[$__rate_interval])))",
+                    "p99 {{exe}} {{pid}}",
+                ),
+            ],
+        ),
         row("Maps and pauses"),
         panel(
             "Map growths per second by site and kind",

@@ -208,6 +208,8 @@ pub struct CollectorMaps {
     pub seen: HashMap<MapData, MapKey, MapSeen>,
     /// Slice growths per (process, site).
     pub slices: HashMap<MapData, SliceKey, SliceCount>,
+    /// Completed GC cycles (`GcCycle` records).
+    pub gc_ring: RingBuf<MapData>,
 }
 
 /// The exec and exit events discovery reads.
@@ -385,6 +387,7 @@ impl Bpf {
             growths: HashMap::try_from(take("GROWTHS")?)?,
             seen: HashMap::try_from(take("MAP_SEEN")?)?,
             slices: HashMap::try_from(take("SLICES")?)?,
+            gc_ring: RingBuf::try_from(take("GC_RING")?)?,
         };
         let life = LifeMaps {
             ring: RingBuf::try_from(take("LIFE")?)?,

@@ -4,6 +4,7 @@
 //! process's memory (`runtime`), and probe hits and what they cost. It
 //! reads the kernel maps through its own handles; attaching, detaching and
 //! the budget belong to the attach stage (`crate::probes`).
+mod cycles;
 mod gc;
 mod maps;
 pub mod names;
@@ -17,6 +18,8 @@ use std::{
 
 use gopulse_common::GrowthKey;
 
+use crate::gctrace::Trigger;
+pub use cycles::{CycleSettings, TraceLine, TraceProc};
 use maps::MapRef;
 pub use maps::OTHER_SITE;
 pub use names::FunctionNames;
@@ -49,6 +52,9 @@ pub struct NewProc {
     pub runtime: Option<crate::runtime_state::Reader>,
     /// Growth kinds its executable's probes cannot count.
     pub unwatched: Vec<&'static str>,
+    /// Where its cycle records' fields are; `None` when the probes write
+    /// none for it.
+    pub gctrace: Option<TraceProc>,
 }
 
 /// A watched process, as collection sees it.
@@ -77,6 +83,7 @@ struct Proc {
     maps_untracked: u64,
     slices: SliceState,
     runtime: Option<runtime::RuntimeProc>,
+    gctrace: Option<TraceProc>,
 }
 
 pub struct Collector {
@@ -90,6 +97,7 @@ pub struct Collector {
     slice_rule: SliceRule,
     /// Where each process's runtime state is read into, in turn.
     scratch: crate::runtime_state::Scratch,
+    cycles: CycleSettings,
 }
 
 impl Collector {
@@ -111,7 +119,14 @@ impl Collector {
             storm_rule,
             slice_rule,
             scratch: crate::runtime_state::Scratch::default(),
+            cycles: CycleSettings::default(),
         }
+    }
+
+    /// The forced-GC storm rule, and where each cycle's line goes (for
+    /// `gopulse gctrace`).
+    pub fn set_cycles(&mut self, cycles: CycleSettings) {
+        self.cycles = cycles;
     }
 
     /// Notes a process the user asked for (ready once it is watched).
@@ -150,6 +165,14 @@ impl Collector {
                 value: kind,
             });
         }
+        if p.gctrace.is_some() {
+            for trigger in [Trigger::Heap, Trigger::Time, Trigger::Forced] {
+                m.gc_triggers.create(&ProcAnd {
+                    proc: &labels,
+                    value: trigger.label(),
+                });
+            }
+        }
         for kind in p.unwatched {
             m.map_growth_unwatched.set(
                 &ProcAnd {
@@ -178,6 +201,7 @@ impl Collector {
                 maps_untracked: 0,
                 slices: SliceState::default(),
                 runtime: p.runtime.map(runtime::RuntimeProc::new),
+                gctrace: p.gctrace,
             },
         );
     }
@@ -202,6 +226,7 @@ impl Collector {
     /// Reads the pauses the probes logged since the last call.
     pub fn drain(&mut self) {
         self.drain_stw();
+        self.drain_cycles();
     }
 
     /// Folds the kernel counters, the growth table and what the assignment

@@ -98,6 +98,29 @@ impl FunctionNames {
     }
 }
 
+impl FunctionNames {
+    /// The functions at the call before return address `ret` (link-time),
+    /// inlined ones innermost first, as their import paths read.
+    pub fn frames_at(&self, pid: u32, ret: u64) -> Option<Vec<String>> {
+        let (file, exe, stamp) = ExeKey::open(pid).ok()?;
+        if (exe, stamp) != (self.exe, self.stamp) {
+            return None;
+        }
+        let frames = self.symbolizer.frames_in(&file, ret.wrapping_sub(1))?;
+        Some(
+            frames
+                .into_iter()
+                .map(|f| symname::unescape(&f).into_owned())
+                .collect(),
+        )
+    }
+
+    /// Whether a function is plumbing to the site walk.
+    pub fn is_plumbing(&self, function: &str) -> bool {
+        self.plumbing.class(function) == Some(true)
+    }
+}
+
 /// Of the functions at a pc, innermost first (escaped), the site: the
 /// first not plumbing, else the last (the function whose code it is).
 fn pick_site(plumbing: &Plumbing, frames: Vec<String>) -> Option<String> {

@@ -105,6 +105,7 @@ pub const RESULT: Label = label("result", "gopulse.otlp.result");
 pub const EXE: Label = label("exe", "process.executable.name");
 pub const GO_MEMORY_TYPE: Label = label("go_memory_type", "go.memory.type");
 pub const GO_CPU_STATE: Label = label("go_cpu_state", "go.cpu.state");
+pub const TRIGGER: Label = label("trigger", "gopulse.gc.trigger");
 
 /// Pause buckets in seconds: 1-2.5-5 steps from 1 µs to 10 s, so 10 µs is
 /// told from 50 µs and 100 ms from 1 s.
@@ -343,6 +344,68 @@ pub static GC_PAUSE: Decl = Decl {
     help: "GC stop-the-world pauses by phase, from the stop request until the world runs \
            again; one per phase per cycle (an abandoned mark-termination stop is added to \
            its cycle's mark_termination pause)",
+};
+
+pub static GC_TRIGGERS: Decl = Decl {
+    name: "gopulse_gc_triggers",
+    prom_unit: None,
+    otel: "gopulse.gc.triggers",
+    otel_unit: "{cycle}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[TRIGGER],
+    help: "Completed GC cycles since attach by what started them: heap (the heap reached its \
+           trigger, the memory limit's included), time (the periodic GC after 2 minutes \
+           without one) or forced (runtime.GC, debug.FreeOSMemory)",
+};
+
+pub static GC_FORCED: Decl = Decl {
+    name: "gopulse_gc_forced",
+    prom_unit: None,
+    otel: "gopulse.gc.forced",
+    otel_unit: "{cycle}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Forced GC cycles by the Go function that called runtime.GC or \
+           debug.FreeOSMemory (walked past the runtime and the plumbing of map growth sites)",
+};
+
+pub static GC_FORCED_STORMS: Decl = Decl {
+    name: "gopulse_gc_forced_storms",
+    prom_unit: None,
+    otel: "gopulse.gc.forced.storms",
+    otel_unit: "{storm}",
+    kind: Counter(Int),
+    scope: Process,
+    labels: &[SITE],
+    help: "Forced-GC storms: episodes of more than --gc-storm-cycles forced cycles at one \
+           site within --storm-window-ms",
+};
+
+pub static GC_MARK_DURATION: Decl = Decl {
+    name: "gopulse_gc_mark_duration",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.gc.mark.duration",
+    otel_unit: "s",
+    kind: Histogram(&PAUSE_BUCKETS),
+    scope: Process,
+    labels: &[],
+    help: "Concurrent mark wall time of each completed GC cycle (work.tMarkTerm - \
+           work.tMark, the middle clock figure of gctrace)",
+};
+
+pub static GC_ASSIST_CPU: Decl = Decl {
+    name: "gopulse_gc_assist_cpu",
+    prom_unit: Some("seconds"),
+    otel: "gopulse.gc.assist.cpu",
+    otel_unit: "s",
+    kind: Histogram(&PAUSE_BUCKETS),
+    scope: Process,
+    labels: &[],
+    help: "CPU time goroutines spent assisting the marking of each completed GC cycle \
+           (gcController.assistTime, gctrace's assist figure): the allocation slowdown the \
+           GC charged the program",
 };
 
 pub static STW_PAUSE: Decl = Decl {
@@ -870,7 +933,7 @@ pub static OTLP_POINTS_DROPPED: Decl = Decl {
 };
 
 /// Every metric, in the order `/metrics` lists them.
-pub static ALL: [&Decl; 57] = [
+pub static ALL: [&Decl; 62] = [
     &GO_MEMORY_USED,
     &GO_MEMORY_LIMIT,
     &GO_MEMORY_ALLOCATED,
@@ -885,6 +948,11 @@ pub static ALL: [&Decl; 57] = [
     &GO_SCHEDULE_DURATION,
     &GO_CPU_TIME,
     &GC_PAUSE,
+    &GC_TRIGGERS,
+    &GC_FORCED,
+    &GC_FORCED_STORMS,
+    &GC_MARK_DURATION,
+    &GC_ASSIST_CPU,
     &STW_PAUSE,
     &STW_PAUSE_MAX,
     &EVENTS_LOST,
