@@ -244,7 +244,9 @@ fn trace_one(version: &str, kind: &str, args: &[&str]) -> (usize, usize) {
         if line == want {
             same += 1;
         } else {
-            eprintln!("{what}: cycle {n} differs in its times:\n  runtime {want}\n  gopulse {line}");
+            eprintln!(
+                "{what}: cycle {n} differs in its times:\n  runtime {want}\n  gopulse {line}"
+            );
         }
         *triggers
             .entry(got["trigger"].as_str().unwrap_or("none").to_owned())
@@ -262,11 +264,22 @@ fn trace_one(version: &str, kind: &str, args: &[&str]) -> (usize, usize) {
         Some(3),
         "{what}: {sites:?}"
     );
-    assert_eq!(sites.get("main.freeC").copied(), Some(2), "{what}: {sites:?}");
+    assert_eq!(
+        sites.get("main.freeC").copied(),
+        Some(2),
+        "{what}: {sites:?}"
+    );
     // forceA: the workload's 4 and the attach probe's first (and any
     // earlier ones the tracer saw).
-    let first_a = ours.values().filter(|v| v["forced_site"] == "main.forceA").count() as u64;
-    assert_eq!(sites.get("main.forceA").copied(), Some(first_a), "{what}: {sites:?}");
+    let first_a = ours
+        .values()
+        .filter(|v| v["forced_site"] == "main.forceA")
+        .count() as u64;
+    assert_eq!(
+        sites.get("main.forceA").copied(),
+        Some(first_a),
+        "{what}: {sites:?}"
+    );
     assert!(first_a >= 5, "{what}: {sites:?}");
     assert_eq!(
         triggers.get("forced").copied(),
@@ -285,7 +298,10 @@ fn trace_all(kind: &str, args: &[&str]) {
     let (mut same, mut all) = (0, 0);
     for v in RELEASES {
         let (s, a) = trace_one(v, kind, args);
-        assert!(a == 0 || s * 10 >= a * 9, "go{v} {kind}: {s}/{a} lines identical");
+        assert!(
+            a == 0 || s * 10 >= a * 9,
+            "go{v} {kind}: {s}/{a} lines identical"
+        );
         same += s;
         all += a;
     }
@@ -352,12 +368,18 @@ fn watch(version: &'static str) -> Option<Watched> {
         f.run("forceA 1");
         thread::sleep(Duration::from_millis(300));
         let m = agent.scrape();
-        if m.value("gopulse_gc_triggers_total", &[("pid", &pid), ("trigger", "forced")]) > 0.0
+        if m.value(
+            "gopulse_gc_triggers_total",
+            &[("pid", &pid), ("trigger", "forced")],
+        ) > 0.0
             && !text_out.lock().unwrap().is_empty()
         {
             break;
         }
-        assert!(Instant::now() < deadline, "go{version}: no forced cycle counted");
+        assert!(
+            Instant::now() < deadline,
+            "go{version}: no forced cycle counted"
+        );
     }
     let before = f.counts();
     // Every cycle so far collected (the fixture answers after its line).
@@ -386,7 +408,9 @@ fn triggers_and_forced_sites_equal_the_runtimes_counts_with_a_periodic_cycle() {
     else {
         return;
     };
-    let workload = ["heap 8", "forceA 3", "forceB 2", "free 1", "idle 130", "forceB 1"];
+    let workload = [
+        "heap 8", "forceA 3", "forceB 2", "free 1", "idle 130", "forceB 1",
+    ];
     for w in &mut runs {
         for c in workload {
             writeln!(w.f.stdin, "{c}").unwrap();
@@ -410,8 +434,10 @@ fn triggers_and_forced_sites_equal_the_runtimes_counts_with_a_periodic_cycle() {
         let deadline = Instant::now() + support::scaled(Duration::from_secs(10));
         let delta = loop {
             let now = counters(&w.agent.scrape(), &pid);
-            let delta: BTreeMap<String, f64> =
-                now.iter().map(|(k, v)| (k.clone(), v - w.base[k])).collect();
+            let delta: BTreeMap<String, f64> = now
+                .iter()
+                .map(|(k, v)| (k.clone(), v - w.base[k]))
+                .collect();
             let automatic = delta["heap"] + delta["time"];
             if want.iter().all(|(k, v)| delta[*k] == *v) && automatic == d("automatic") as f64 {
                 break delta;
@@ -426,7 +452,11 @@ fn triggers_and_forced_sites_equal_the_runtimes_counts_with_a_periodic_cycle() {
             thread::sleep(Duration::from_millis(200));
         };
         assert_eq!(d("forced"), 7, "go{}: the fixture's own count", w.version);
-        assert!(delta["time"] >= 1.0, "go{}: no periodic cycle: {delta:?}", w.version);
+        assert!(
+            delta["time"] >= 1.0,
+            "go{}: no periodic cycle: {delta:?}",
+            w.version
+        );
         // The runtime's own "GC forced" before the periodic cycle's line,
         // and gopulse gctrace's.
         let theirs = w.f.trace.lock().unwrap().clone();
@@ -439,7 +469,11 @@ fn triggers_and_forced_sites_equal_the_runtimes_counts_with_a_periodic_cycle() {
                 .collect()
         };
         let (want_p, got_p) = (periodic(&theirs), periodic(&ours));
-        assert!(!got_p.is_empty(), "go{}: no `GC forced` from gopulse", w.version);
+        assert!(
+            !got_p.is_empty(),
+            "go{}: no `GC forced` from gopulse",
+            w.version
+        );
         for l in &got_p {
             assert!(
                 want_p.iter().any(|x| sizes(x) == sizes(l)),
@@ -497,7 +531,10 @@ fn bad_pids_and_ctrl_c() {
         if let Some(s) = t.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "gopulse gctrace did not exit on SIGINT");
+        assert!(
+            Instant::now() < deadline,
+            "gopulse gctrace did not exit on SIGINT"
+        );
         thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}: {:?}", t.err.lock().unwrap());
@@ -566,7 +603,10 @@ fn hugo_rebuilding_a_site_has_the_runtimes_lines() {
             t.err.lock().unwrap()
         );
         edit += 1;
-        let mut f = std::fs::OpenOptions::new().append(true).open(&config).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&config)
+            .unwrap();
         writeln!(f, "# edit {edit}").unwrap();
         thread::sleep(Duration::from_secs(2));
     }
@@ -588,6 +628,9 @@ fn hugo_rebuilding_a_site_has_the_runtimes_lines() {
             eprintln!("hugo: cycle {n} differs in its times:\n  runtime {want}\n  gopulse {line}");
         }
     }
-    assert!(all >= 50 && same * 10 >= all * 9, "hugo: {same}/{all} identical");
+    assert!(
+        all >= 50 && same * 10 >= all * 9,
+        "hugo: {same}/{all} identical"
+    );
     eprintln!("RESULT hugo 0.168.0: {same}/{all} lines identical over {edit} rebuilds");
 }

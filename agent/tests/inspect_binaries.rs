@@ -316,7 +316,10 @@ fn check_runtime_layout(go: &Path, bin: &Path, found: &inspect::GoBinary, kind: 
         by_code.runtime_init_time, rt.globals.runtime_init_time,
         "{what}: runtime.runtimeInitTime"
     );
-    assert!(by_code.runtime_init_time.is_some(), "{what}: runtime.runtimeInitTime");
+    assert!(
+        by_code.runtime_init_time.is_some(),
+        "{what}: runtime.runtimeInitTime"
+    );
     if kind != "stripped" {
         assert_eq!(
             by_code.allgs,

@@ -40,4 +40,3 @@ pub fn site(dir: &Path, pages: usize) {
         w(&format!("content/posts/p{i}.md"), &body);
     }
 }
-
