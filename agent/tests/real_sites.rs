@@ -7,7 +7,8 @@ mod support;
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    fmt::Write as _,
+    path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
