@@ -319,18 +319,29 @@ fn dashboards_and_alerts_on_live_data() {
         .sum();
     assert!(calm_growths > 0.0, "the calm workload grew no map");
     let alerts = prom.api("/api/v1/alerts").unwrap();
-    let others: Vec<&Value> = alerts["alerts"]
+    let expected = |a: &&Value| {
+        (a["labels"]["alertname"] == "GoMapGrowthStorm"
+            && a["labels"]["pid"] == storm.pid().as_str())
+            || (a["labels"]["alertname"] == "GoForcedGCStorm"
+                && a["labels"]["pid"] == gc_storm.pid().as_str())
+    };
+    // A rule held `for:` minutes is only pending on a transient (one GC
+    // pause of 6 ms on this loaded 2-CPU machine puts the calm demo's p99
+    // over GoGCPauseP99High's 5 ms at the start): shown, not an alert. What
+    // fires is; the storm rules have no hold, so they fire at once.
+    let (firing, pending): (Vec<&Value>, Vec<&Value>) = alerts["alerts"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|a| {
-            (a["labels"]["alertname"] != "GoMapGrowthStorm"
-                || a["labels"]["pid"] != storm.pid().as_str())
-                && (a["labels"]["alertname"] != "GoForcedGCStorm"
-                    || a["labels"]["pid"] != gc_storm.pid().as_str())
-        })
-        .collect();
-    assert!(others.is_empty(), "alerts besides the storm: {others:#?}");
+        .filter(|a| !expected(a))
+        .partition(|a| a["state"] == "firing");
+    assert!(firing.is_empty(), "alerts besides the storms: {firing:#?}");
+    for a in pending {
+        eprintln!(
+            "RESULT pending, not firing: {} {}",
+            a["labels"]["alertname"], a["annotations"]["summary"]
+        );
+    }
     eprintln!("RESULT GoMapGrowthStorm fired: {summary}");
     drop(prom);
 
