@@ -283,8 +283,11 @@ pub struct GrowthCount {
 }
 
 /// Most directory entries a swiss growth probe reads to count the map's
-/// tables (in groups of 8): a map of up to 64 tables, 65,536 slots.
-pub const GROWTH_DIR_WALK: usize = 64;
+/// tables (in groups of 8): a map of up to 8 tables, 8,192 slots; a larger
+/// one's shape at growth is unknown (its live shape is read while it
+/// lives). Linux 6.1's verifier refuses the growth programs (E2BIG) with a
+/// walk of 32 or 64 entries.
+pub const GROWTH_DIR_WALK: usize = 8;
 
 /// Growth keys the kernel holds (all processes); past it growths are
 /// counted per process as unattributed.
